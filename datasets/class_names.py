@@ -1,0 +1,30 @@
+"""Class names used in the prompts."""
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+# CIFAR-100 fine labels in label order; "_" is read as a space in prompts.
+_CIFAR100_FINE = """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly
+camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin
+elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man
+maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain
+plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail snake spider
+squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor train trout tulip turtle
+wardrobe whale willow_tree wolf woman worm""".split()
+CIFAR100_CLASSES = [name.replace("_", " ") for name in _CIFAR100_FINE]
+
+# The CLIP authors' curated ImageNet names (as used by CLIP and TPT), in wnid-sorted class order.
+IMAGENET_CLASSES = list(IMAGENET_CLASSNAMES)
+
+# CLIP's 18 CIFAR templates and 80 ImageNet templates (CLIP.PROMPT_MODE ensemble).
+CIFAR_TEMPLATES = [
+    "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.",
+    "a low contrast photo of a {}.", "a high contrast photo of a {}.", "a bad photo of a {}.",
+    "a good photo of a {}.", "a photo of a small {}.", "a photo of a big {}.", "a photo of the {}.",
+    "a blurry photo of the {}.", "a black and white photo of the {}.", "a low contrast photo of the {}.",
+    "a high contrast photo of the {}.", "a bad photo of the {}.", "a good photo of the {}.",
+    "a photo of the small {}.", "a photo of the big {}.",
+]
+IMAGENET_TEMPLATES = [template("{}") for template in OPENAI_IMAGENET_TEMPLATES]
+
+assert len(CIFAR100_CLASSES) == 100 and len(IMAGENET_CLASSES) == 1000 and len(IMAGENET_TEMPLATES) == 80

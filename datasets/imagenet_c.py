@@ -1,0 +1,126 @@
+"""ImageNet-C: DATA_DIR/ImageNet-C/<corruption>/<severity>/<wnid>/<file>.JPEG (already 224x224).
+
+CORRUPTION.IMAGENET_C_LIST chooses the images:
+- robustbench_5000: RobustBench's canonical 5,000-image list (the paper's protocol), read from the installed
+  robustbench distribution's data files without importing the package (its import is broken today);
+- all: every image found under the severity folder (50,000 for the real data set);
+- a path to a text file in the same format (one ``wnid/file`` per line).
+The class index is the wnid's position in the sorted list of the 1000 ImageNet wnids.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from conf.defaults import CORRUPTIONS_15
+from datasets.base import BenchmarkDataset, DatasetError, register_dataset
+from datasets.class_names import IMAGENET_CLASSES, IMAGENET_TEMPLATES
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"}
+EXTRA_CORRUPTIONS = ["speckle_noise", "gaussian_blur", "spatter", "saturate"]
+_HELPER = "robustbench/helper_files/"
+
+
+def _robustbench_file(name: str) -> Path:
+    try:
+        dist = metadata.distribution("robustbench")
+    except metadata.PackageNotFoundError:
+        raise DatasetError(
+            f"The canonical ImageNet-C list ({_HELPER}{name}) comes from the robustbench package, which is not "
+            f"installed. Install it without its dependencies (its pins conflict with open_clip): "
+            f"'pip install --no-deps robustbench', or set CORRUPTION.IMAGENET_C_LIST to 'all' or to a list "
+            f"file.") from None
+    path = Path(dist.locate_file(_HELPER + name))
+    if not path.is_file():
+        raise DatasetError(f"robustbench is installed but its data file {path} is missing")
+    return path
+
+
+@lru_cache(maxsize=1)
+def imagenet_wnids() -> tuple[str, ...]:
+    """The 1000 ImageNet wnids in sorted order (class index = position)."""
+    mapping = json.loads(_robustbench_file("imagenet_class_to_id_map.json").read_text())
+    wnids = tuple(sorted(mapping))
+    assert len(wnids) == 1000 and all(mapping[w] == i for i, w in enumerate(wnids))
+    return wnids
+
+
+def read_image_list(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DatasetError(f"ImageNet-C image list {path} does not exist (CORRUPTION.IMAGENET_C_LIST)")
+    entries = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    bad = [e for e in entries if len(Path(e).parts) != 2]
+    if bad:
+        raise DatasetError(f"{path}: every line must be 'wnid/file.JPEG'; bad lines such as {bad[:3]}")
+    return entries
+
+
+class ImageFiles(Dataset):
+    def __init__(self, files: list[Path], labels: list[int], transform):
+        self.files, self.labels, self.transform = files, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            with Image.open(self.files[i]) as image:
+                image.load()
+        except Exception as err:  # noqa: BLE001
+            raise DatasetError(f"Cannot read image {self.files[i]}: {err}") from err
+        return self.transform(image), self.labels[i]
+
+
+@register_dataset
+class ImageNetC(BenchmarkDataset):
+    name = "imagenet_c"
+    folder = "ImageNet-C"
+    class_names = IMAGENET_CLASSES
+    ensemble_templates = IMAGENET_TEMPLATES
+    domains = CORRUPTIONS_15 + EXTRA_CORRUPTIONS
+
+    def image_list(self, cfg) -> tuple[str, list[str] | None]:
+        choice = cfg.CORRUPTION.IMAGENET_C_LIST
+        if choice == "all":
+            return "all", None
+        if choice == "robustbench_5000":
+            return choice, read_image_list(_robustbench_file("imagenet_test_image_ids.txt"))
+        return str(Path(choice).resolve()), read_image_list(Path(choice).expanduser())
+
+    def describe(self, cfg) -> dict:
+        return {"imagenet_c_list": cfg.CORRUPTION.IMAGENET_C_LIST}
+
+    def build_domain(self, cfg, domain: str, severity: int, transform) -> Dataset:
+        self.check_domain(domain)
+        base = Path(cfg.DATA_DIR).expanduser() / self.folder
+        root = base / domain / str(severity)
+        layout = f"{base}/<corruption>/<severity>/<wnid>/<image>.JPEG"
+        if not root.is_dir():
+            raise DatasetError(f"ImageNet-C: directory {root} does not exist. Expected the layout {layout}; set "
+                               f"DATA_DIR to the folder that contains 'ImageNet-C/'.")
+        wnid_index = {w: i for i, w in enumerate(imagenet_wnids())}
+        _, entries = self.image_list(cfg)
+        if entries is None:
+            entries = sorted(f"{d.name}/{f.name}" for d in root.iterdir() if d.is_dir()
+                             for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not entries:
+                raise DatasetError(f"ImageNet-C: no images found under {root} (expected {layout})")
+        n = len(entries) if cfg.CORRUPTION.NUM_EX < 0 else cfg.CORRUPTION.NUM_EX
+        if n > len(entries):
+            raise DatasetError(f"ImageNet-C {root}: CORRUPTION.NUM_EX {n} requested but the image list "
+                               f"({cfg.CORRUPTION.IMAGENET_C_LIST}) holds only {len(entries)}")
+        entries = entries[:n]
+        unknown = sorted({e.split("/")[0] for e in entries} - set(wnid_index))
+        if unknown:
+            raise DatasetError(f"ImageNet-C {root}: folders {unknown[:5]} are not ImageNet wnids")
+        files = [root / e for e in entries]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise DatasetError(f"ImageNet-C: {len(missing)} of {len(files)} listed images are missing, e.g. "
+                               f"{missing[0]} (layout {layout}; list {cfg.CORRUPTION.IMAGENET_C_LIST})")
+        return ImageFiles(files, [wnid_index[e.split("/")[0]] for e in entries], transform)

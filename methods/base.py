@@ -1,0 +1,171 @@
+"""What every test-time adaptation method shares.
+
+A method wraps the ZeroShotCLIP model. ``forward(x)`` returns the logits reported for the batch; for
+adapting methods they come from the forward pass taken before that batch's update (predict, then adapt).
+The base class owns: choosing and freeing parameters, the optimizer from OPTIM, OPTIM.STEPS updates per
+batch, episodic reset, and ``reset()``, which restores model, optimizer, gradient scaler and every other
+piece of method state (everything registered on the method as a module, parameter or buffer) exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+
+import torch
+import torch.nn as nn
+
+logger = logging.getLogger(__name__)
+
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class TTAMethod(nn.Module):
+    # Method-specific config: {"NODE": {"KEY": default, ...}}, merged into the defaults by conf.build_defaults.
+    config_defaults: dict = {}
+    method_name = "base"
+
+    def __init__(self, cfg, model: nn.Module, num_classes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+        self.num_classes = num_classes
+        self.steps = cfg.OPTIM.STEPS
+        if self.steps < 1:
+            raise ValueError(f"OPTIM.STEPS must be >= 1, got {self.steps}")
+        self.episodic = cfg.MODEL.EPISODIC
+        self.reset_after_num_updates = cfg.MODEL.RESET_AFTER_NUM_UPDATES
+        self.performed_updates = 0
+        self.configure_model()
+        self.params, self.param_names = self.collect_params()
+        self.optimizer = self.setup_optimizer() if self.params else None
+        self.scaler = self.setup_scaler()
+        self._snapshot = self._take_snapshot()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ the per-batch protocol
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.episodic:
+            self.reset()
+        outputs = None
+        for _ in range(self.steps):
+            # As in the anchor suite, the logits of the last step's forward are reported; with the
+            # default single step they are the pre-update predictions.
+            outputs = self.forward_and_adapt(x)
+            self.performed_updates += 1
+            if self.reset_after_num_updates > 0 and self.performed_updates % self.reset_after_num_updates == 0:
+                self.reset()
+        return outputs
+
+    def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ parameters and optimizer
+    def configure_model(self) -> None:
+        """Default: nothing adapts."""
+        self.model.eval()
+        self.model.requires_grad_(False)
+
+    def collect_params(self) -> tuple[list[nn.Parameter], list[str]]:
+        """Default: every parameter left trainable by ``configure_model``."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        return [p for _, p in named], [n for n, _ in named]
+
+    def setup_optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.OPTIM
+        if o.METHOD == "Adam":
+            return torch.optim.Adam(self.params, lr=o.LR, betas=(o.BETA, 0.999), weight_decay=o.WD)
+        if o.METHOD == "AdamW":
+            return torch.optim.AdamW(self.params, lr=o.LR, betas=(o.BETA, 0.999), weight_decay=o.WD)
+        if o.METHOD == "SGD":
+            return torch.optim.SGD(self.params, lr=o.LR, momentum=o.MOMENTUM, dampening=o.DAMPENING,
+                                   weight_decay=o.WD, nesterov=o.NESTEROV)
+        raise ValueError(f"Unknown OPTIM.METHOD '{o.METHOD}'; choose Adam, AdamW or SGD")
+
+    def setup_scaler(self):
+        """A torch.amp.GradScaler when the method trains under fp16 autocast, else None."""
+        return None
+
+    def autocast(self):
+        """fp16 autocast on CUDA when MIXED_PRECISION is set (anchor-suite behaviour); a no-op on the CPU."""
+        if self.cfg.MIXED_PRECISION and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        """zero_grad, backward and step, through the gradient scaler when there is one."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+
+    def num_trainable_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    # ------------------------------------------------------------------ reset
+    def _take_snapshot(self) -> dict:
+        return {
+            "module": copy.deepcopy(self.state_dict()),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None,
+            "scaler": copy.deepcopy(self.scaler.state_dict()) if self.scaler else None,
+        }
+
+    def reset(self) -> None:
+        """Back to the source state: model, optimizer, scaler and method state, exactly."""
+        snap = self._snapshot
+        self.load_state_dict(snap["module"], strict=True)
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
+        if self.scaler is not None:
+            self.scaler.load_state_dict(copy.deepcopy(snap["scaler"]))
+        self.performed_updates = 0
+        if hasattr(self.model, "invalidate_text_cache"):
+            self.model.invalidate_text_cache()
+        self.reset_extra_state()
+
+    def reset_extra_state(self) -> None:
+        """Override to reset method state that is not a parameter or buffer (python lists, counters)."""
+
+
+def configure_norm_adaptation(model: nn.Module, modules=None) -> None:
+    """Freeze everything, then free the affine parameters of the normalisation layers in ``modules``
+    (default: the whole model). BatchNorm2d uses batch statistics (train mode, no running stats), as in
+    the anchor suite; LayerNorm has no running statistics, so its mode does not matter."""
+    model.eval()
+    model.requires_grad_(False)
+    for module in (modules if modules is not None else model.modules()):
+        if isinstance(module, NORM_LAYERS):
+            module.requires_grad_(True)
+            if isinstance(module, nn.BatchNorm2d):
+                module.train()
+                module.track_running_stats = False
+                module.running_mean = None
+                module.running_var = None
+
+
+def norm_parameters(model: nn.Module, root: nn.Module | None = None) -> tuple[list[nn.Parameter], list[str]]:
+    """Affine weight and bias of every normalisation layer under ``root`` (default: the model), named
+    relative to ``model``."""
+    root = root if root is not None else model
+    prefix = {id(m): n for n, m in model.named_modules()}
+    params, names = [], []
+    for module in root.modules():
+        if isinstance(module, NORM_LAYERS):
+            for pname in ("weight", "bias"):
+                p = getattr(module, pname, None)
+                if isinstance(p, nn.Parameter):
+                    params.append(p)
+                    names.append(f"{prefix[id(module)]}.{pname}")
+    return params, names
+
+
+def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample Shannon entropy of softmax(logits)."""
+    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)

@@ -1,0 +1,200 @@
+"""CLIP as a zero-shot classifier: class names x prompt templates -> text features, and
+logits = logit_scale.exp() * cos(image feature, text feature).
+
+Images enter as [0, 1] tensors of the model's input size; the CLIP mean/std normalisation happens
+here, inside the model, as in the authors' suite.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import open_clip
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
+
+_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Register the project's own open_clip model configs (tiny CLIPs for tests and the demo)."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(_CONFIG_DIR)
+        _registered = True
+
+
+@dataclass
+class ClipOutput:
+    logits: torch.Tensor              # (B, C)
+    image_features: torch.Tensor      # (B, D) L2-normalised
+    text_features: torch.Tensor       # (C, D) L2-normalised (template ensemble: mean of normalised, renormalised)
+    image_pre_features: torch.Tensor  # (B, D) encode_image output, before normalisation
+    text_pre_features: torch.Tensor   # (C, D) encode_text output (ensemble: mean over templates)
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+class ZeroShotCLIP(nn.Module):
+    def __init__(self, clip: nn.Module, tokenizer, class_names: Sequence[str], templates: Sequence[str],
+                 mean: Sequence[float], std: Sequence[float], truncate_text: bool = True):
+        super().__init__()
+        if not templates:
+            raise ValueError("at least one prompt template is needed")
+        self.clip = clip
+        self.class_names = list(class_names)
+        self.templates = list(templates)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        texts = [t.format(c) for c in self.class_names for t in self.templates]   # class-major
+        tokens = tokenizer(texts)
+        self.truncate_text = truncate_text and self._text_is_causal_eot_pooled()
+        if self.truncate_text:
+            # CLIP's text transformer is causal and pools at the end-of-text token, so positions after
+            # the longest prompt's EOT never influence any feature: cutting them off is exact.
+            tokens = tokens[:, : int(self._pool_index(tokens).max()) + 1]
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.text_param_names = [n for n, _ in self.text_named_parameters()]
+        self._text_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ towers and parameters
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_size(self) -> int:
+        size = getattr(self.clip.visual, "image_size", 224)
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    def image_named_parameters(self):
+        return self.clip.visual.named_parameters(prefix="clip.visual")
+
+    def text_named_parameters(self):
+        """Every parameter of the text side: all of CLIP except the image tower and the logit scale/bias."""
+        for name, p in self.clip.named_parameters(prefix="clip"):
+            if not name.startswith("clip.visual.") and name not in ("clip.logit_scale", "clip.logit_bias"):
+                yield name, p
+
+    def text_tower_trainable(self) -> bool:
+        return any(p.requires_grad for _, p in self.text_named_parameters())
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.detach().exp()
+
+    # ------------------------------------------------------------------ text side
+    def _text_is_causal_eot_pooled(self) -> bool:
+        clip = self.clip
+        return (isinstance(clip, open_clip.model.CLIP) and getattr(clip, "attn_mask", None) is not None
+                and getattr(clip, "text_pool_type", "argmax") in ("argmax", "eos"))
+
+    def _pool_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        if getattr(self.clip, "text_pool_type", "argmax") == "eos":
+            return (tokens == self.clip.text_eos_id).int().argmax(dim=-1)
+        return tokens.argmax(dim=-1)
+
+    def encode_token_embeddings(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Run CLIP's text transformer on token embeddings (B, L, width) for ``tokens`` (B, L).
+
+        Shared by prompt-learning methods (TPT), which replace some embeddings by learned vectors.
+        Works for any L <= context length (exact for L >= the EOT position, see __init__)."""
+        clip = self.clip
+        length = tokens.shape[1]
+        cast = clip.transformer.get_cast_dtype()
+        x = embeddings.to(cast) + clip.positional_embedding[:length].to(cast)
+        x = clip.transformer(x, attn_mask=clip.attn_mask[:length, :length])
+        x = clip.ln_final(x)
+        x = text_global_pool(x, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+        if clip.text_projection is not None:
+            x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
+        return x
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.truncate_text:
+            return self.encode_token_embeddings(self.clip.token_embedding(tokens), tokens)
+        return self.clip.encode_text(tokens)
+
+    def _compute_text_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pre = self.encode_tokens(self.tokens).float()
+        pre = pre.view(self.num_classes, len(self.templates), -1)
+        normalised = F.normalize(F.normalize(pre, dim=-1).mean(dim=1), dim=-1)
+        return normalised, pre.mean(dim=1)
+
+    def text_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised (C, D), unnormalised (C, D)) text features.
+
+        Cached while no text-side parameter requires grad (nothing there can change); recomputed
+        with gradient at every call otherwise, so adapted text LayerNorms take effect."""
+        if self.text_tower_trainable():
+            self._text_cache = None
+            return self._compute_text_features()
+        if self._text_cache is None:
+            with torch.no_grad():
+                self._text_cache = self._compute_text_features()
+        return self._text_cache
+
+    def invalidate_text_cache(self) -> None:
+        self._text_cache = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.invalidate_text_cache()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    # ------------------------------------------------------------------ image side
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Unnormalised image embeddings of [0, 1] images (cast to the image tower's dtype, never half
+        against fp32 weights)."""
+        visual_dtype = _dtype_of(self.clip.visual)
+        return self.clip.encode_image(self.normalize(images.to(visual_dtype)))
+
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        out = self.logit_scale * image_features @ text_features.t().to(image_features.dtype)
+        bias = getattr(self.clip, "logit_bias", None)
+        return out + bias.detach() if bias is not None else out
+
+    def forward(self, images: torch.Tensor, return_features: bool = False):
+        image_pre = self.encode_image(images)
+        image_features = F.normalize(image_pre, dim=-1)
+        text_features, text_pre = self.text_features()
+        logits = self.logits(image_features, text_features)
+        if return_features:
+            return ClipOutput(logits, image_features, text_features, image_pre, text_pre)
+        return logits
+
+
+def build_zero_shot_clip(cfg, class_names: Sequence[str], templates: Sequence[str], device) -> tuple[ZeroShotCLIP, dict]:
+    """The one way to build the model: weights per MODEL.*, prompts per CLIP.*. Returns (model, provenance)."""
+    from models.weights import load_clip
+    weights = cfg.MODEL.WEIGHTS
+    if cfg.MODEL.CKPT_PATH and weights == "openai":
+        weights = cfg.MODEL.CKPT_PATH    # anchor-suite key for a local file
+    precision = cfg.CLIP.PRECISION
+    if str(torch.device(device).type) == "cpu" and precision != "fp32":
+        raise ValueError(f"CLIP.PRECISION {precision} needs CUDA; on the CPU use fp32.")
+    loaded = load_clip(cfg.MODEL.ARCH, weights, precision=precision, device=device, cache_dir=cfg.CKPT_DIR,
+                       allow_download=cfg.MODEL.ALLOW_DOWNLOAD, force_quick_gelu=cfg.MODEL.FORCE_QUICK_GELU)
+    pcfg = loaded.preprocess_cfg
+    mean = pcfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
+    std = pcfg.get("std", open_clip.OPENAI_DATASET_STD)
+    tokenizer = open_clip.get_tokenizer(cfg.MODEL.ARCH)
+    model = ZeroShotCLIP(loaded.model, tokenizer, class_names, templates, mean, std,
+                         truncate_text=cfg.CLIP.TRUNCATE_TEXT).to(device)
+    model.eval()
+    provenance = {
+        "arch": cfg.MODEL.ARCH, "weights": loaded.weights, "weights_source": loaded.weights_source,
+        "precision": precision, "image_size": model.image_size,
+        "interpolation": pcfg.get("interpolation", "bicubic"), "resize_mode": pcfg.get("resize_mode", "shortest"),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "num_templates": len(templates), "text_tokens_length": int(model.tokens.shape[1]),
+    }
+    return model, provenance

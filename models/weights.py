@@ -1,0 +1,143 @@
+"""Resolve MODEL.WEIGHTS to an open_clip model without ever hanging on the network or silently
+falling back to random weights.
+
+MODEL.WEIGHTS is one of
+- an open_clip pretrained tag (``openai``, ``laion2b_s34b_b88k``, ...): used from the local cache;
+  downloaded only when MODEL.ALLOW_DOWNLOAD is set and the hub answers a quick connection check;
+- a path to a local checkpoint (.pt, .pth, .bin, .safetensors);
+- ``none``: explicitly random weights (tests and demos only).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+
+logger = logging.getLogger(__name__)
+
+_HUB_HOST = ("huggingface.co", 443)
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+class WeightsError(RuntimeError):
+    """CLIP weights could not be loaded; the message says what to do."""
+
+
+@dataclass
+class LoadedClip:
+    model: "open_clip.model.CLIP"
+    preprocess_cfg: dict
+    weights: str           # what was asked for
+    weights_source: str    # tag@file, file path, or "random"
+
+
+def _looks_like_path(weights: str) -> bool:
+    return os.sep in weights or weights.endswith(_CHECKPOINT_SUFFIXES) or weights.startswith(".")
+
+
+def _hf_cache_dir(cache_dir: str | None) -> str:
+    if cache_dir:
+        return cache_dir
+    try:
+        from huggingface_hub import constants
+        return constants.HF_HUB_CACHE
+    except ImportError:  # pragma: no cover - huggingface_hub is an open_clip dependency
+        return os.path.expanduser("~/.cache/huggingface/hub")
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """Make huggingface_hub answer from its cache only (fails in milliseconds instead of retrying)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection(_HUB_HOST, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _cached_tag_file(pretrained_cfg: dict, cache_dir: str | None) -> str | None:
+    with _hub_offline():
+        try:
+            path = download_pretrained(pretrained_cfg, cache_dir=cache_dir or None)
+        except Exception:  # noqa: BLE001 - any failure here means "not in the cache"
+            return None
+    return path if path and os.path.isfile(path) else None
+
+
+def _tag_missing_message(arch: str, tag: str, cache_dir: str | None, why: str) -> str:
+    return (
+        f"CLIP weights '{arch}' / pretrained tag '{tag}' are not in the local cache "
+        f"({_hf_cache_dir(cache_dir)}) and {why}.\n"
+        f"Either run once on a machine with internet access (the tag is then cached), or download "
+        f"the checkpoint yourself and pass its path: MODEL.WEIGHTS /path/to/{arch}-{tag}.bin "
+        f"(for OpenAI weights also set MODEL.FORCE_QUICK_GELU True or use MODEL.ARCH {arch}-quickgelu)."
+    )
+
+
+def load_clip(arch: str, weights: str, *, precision: str = "fp32", device="cpu", cache_dir: str = "",
+              allow_download: bool = True, force_quick_gelu: bool = False) -> LoadedClip:
+    """Build an open_clip CLIP for ``arch`` with ``weights`` (see module docstring)."""
+    from models.clip import register_model_configs
+    register_model_configs()
+    if arch not in open_clip.list_models():
+        import difflib
+        near = difflib.get_close_matches(arch, open_clip.list_models(), n=5, cutoff=0.4)
+        raise WeightsError(f"Unknown CLIP architecture MODEL.ARCH '{arch}' (names are case-sensitive). "
+                           f"Nearest open_clip names: {near}")
+    kwargs = dict(precision=precision, device=device, force_quick_gelu=force_quick_gelu)
+    weights = str(weights)
+    if weights.lower() == "none":
+        logger.warning("MODEL.WEIGHTS none: CLIP '%s' with RANDOM weights, as explicitly requested.", arch)
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, **kwargs)
+        source = "random"
+    elif _looks_like_path(weights) or os.path.exists(weights):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"MODEL.WEIGHTS '{weights}' looks like a checkpoint path but {path.resolve()} "
+                               f"does not exist. Pass an existing .pt/.bin/.safetensors file, an open_clip "
+                               f"pretrained tag for '{arch}' "
+                               f"({open_clip.list_pretrained_tags_by_model(arch)}), or 'none'.")
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(path), **kwargs)
+        source = str(path.resolve())
+    else:
+        pretrained_cfg = get_pretrained_cfg(arch, weights)
+        if not pretrained_cfg:
+            tags = open_clip.list_pretrained_tags_by_model(arch)
+            raise WeightsError(f"'{weights}' is neither an existing checkpoint file nor an open_clip pretrained "
+                               f"tag of '{arch}'. Tags of '{arch}': {tags or 'none (pass a local file)'}")
+        cached = _cached_tag_file(pretrained_cfg, cache_dir)
+        if cached is None:
+            if not allow_download:
+                raise WeightsError(_tag_missing_message(arch, weights, cache_dir, "MODEL.ALLOW_DOWNLOAD is False"))
+            if not _hub_reachable():
+                raise WeightsError(_tag_missing_message(arch, weights, cache_dir, "the hub cannot be reached"))
+            logger.info("Downloading CLIP weights %s/%s ...", arch, weights)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                arch, pretrained=weights, cache_dir=cache_dir or None, **kwargs)
+        else:
+            with _hub_offline():
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    arch, pretrained=weights, cache_dir=cache_dir or None, **kwargs)
+        source = f"{weights}@{cached or 'downloaded'}"
+    preprocess_cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    return LoadedClip(model=model, preprocess_cfg=preprocess_cfg, weights=weights, weights_source=source)

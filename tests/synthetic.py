@@ -1,0 +1,48 @@
+"""Small synthetic data sets written in exactly the real on-disk layouts, and config helpers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from conf import load_cfg
+
+
+def write_cifar_c(root: Path, corruptions, per_severity: int = 20, num_classes: int = 10,
+                  folder: str = "CIFAR-10-C", seed: int = 0, size: int = 32) -> Path:
+    """DATA_DIR/<folder>/<corruption>.npy (5 severity blocks) + labels.npy, like RobustBench's files."""
+    rng = np.random.default_rng(seed)
+    out = Path(root) / folder
+    out.mkdir(parents=True, exist_ok=True)
+    labels = rng.integers(0, num_classes, per_severity).astype(np.uint8)
+    np.save(out / "labels.npy", np.tile(labels, 5))
+    for c in corruptions:
+        np.save(out / f"{c}.npy", rng.integers(0, 256, (5 * per_severity, size, size, 3), dtype=np.uint8))
+    return out
+
+
+def write_imagenet_c(root: Path, corruptions, severities=(5,), wnids=None, per_class: int = 2,
+                     size: int = 40, seed: int = 0) -> list[str]:
+    """DATA_DIR/ImageNet-C/<corruption>/<severity>/<wnid>/ILSVRC2012_val_XXXXXXXX.JPEG; returns the
+    'wnid/file' entries (the same files exist for every corruption and severity)."""
+    from datasets.imagenet_c import imagenet_wnids
+    rng = np.random.default_rng(seed)
+    wnids = list(wnids or imagenet_wnids()[:4])
+    entries = [f"{w}/ILSVRC2012_val_{1000 * k + j:08d}.JPEG" for k, w in enumerate(wnids) for j in range(per_class)]
+    for c in corruptions:
+        for s in severities:
+            for e in entries:
+                path = Path(root) / "ImageNet-C" / c / str(s) / e
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path, "JPEG")
+    return entries
+
+
+def tiny_cfg(cfg_file=None, **overrides):
+    """A config for the tiny CLIP with random weights, on CPU, no workers; overrides as KEY=value with
+    dots written as '__' (e.g. CORRUPTION__NUM_EX=8)."""
+    opts = ["MODEL.ARCH", "tiny-clip-test", "MODEL.WEIGHTS", "none", "TEST.NUM_WORKERS", "0", "DEVICE", "cpu"]
+    for key, value in overrides.items():
+        opts += [key.replace("__", "."), value if isinstance(value, str) else repr(value)]
+    return load_cfg(cfg_file, opts)
