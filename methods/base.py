@@ -110,9 +110,17 @@ class TTAMethod(nn.Module):
         return sum(p.numel() for p in self.params)
 
     # ------------------------------------------------------------------ reset
+    def _mutable_state(self) -> dict:
+        """What adaptation can change: the model's trainable parameters and buffers, and the whole state of
+        every other part of the method (teachers, prompt learners, memory buffers). Frozen model weights are
+        left out, so an episodic reset does not copy the whole CLIP; a method that edits frozen weights in
+        place must override this."""
+        frozen = {f"model.{n}" for n, p in self.model.named_parameters() if not p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k not in frozen}
+
     def _take_snapshot(self) -> dict:
         return {
-            "module": copy.deepcopy(self.state_dict()),
+            "module": copy.deepcopy(self._mutable_state()),
             "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None,
             "scaler": copy.deepcopy(self.scaler.state_dict()) if self.scaler else None,
         }
@@ -120,7 +128,8 @@ class TTAMethod(nn.Module):
     def reset(self) -> None:
         """Back to the source state: model, optimizer, scaler and method state, exactly."""
         snap = self._snapshot
-        self.load_state_dict(snap["module"], strict=True)
+        missing, unexpected = self.load_state_dict(snap["module"], strict=False)
+        assert not unexpected, unexpected
         if self.optimizer is not None:
             self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
         if self.scaler is not None:
