@@ -39,6 +39,21 @@ def write_imagenet_c(root: Path, corruptions, severities=(5,), wnids=None, per_c
     return entries
 
 
+def write_image_folders(root: Path, class_folders, per_class=2, seed=0, size=None) -> list[Path]:
+    """root/<class>/<image>.png with small random RGB images (size x size, or varying sizes when None); classes
+    written in reverse order so that nothing can rely on creation order. Returns the files written."""
+    rng = np.random.default_rng(seed)
+    files = []
+    for name in reversed(list(class_folders)):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for k in range(per_class):
+            h, w = (size, size) if size else rng.integers(5, 20, size=2)
+            path = root / name / f"img_{k:03d}.png"
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+            files.append(path)
+    return files
+
+
 def tiny_cfg(cfg_file=None, **overrides):
     """A config for the tiny CLIP with random weights, on CPU, no workers; overrides as KEY=value with
     dots written as '__' (e.g. CORRUPTION__NUM_EX=8)."""

@@ -1,0 +1,76 @@
+"""Shared reading of class-folder data sets (``<root>/<class folder>/<image>``): the domain-generalisation
+sets (DomainBed layout) and the ImageNet variants. Registers no data set.
+
+Every problem is reported as a DatasetError naming the path: a missing root, a missing or unexpected class
+folder, an empty class folder; an unreadable image is reported when it is read (datasets.imagenet_c.ImageFiles).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from datasets.base import DatasetError
+from datasets.imagenet_c import IMAGE_SUFFIXES
+
+# CORRUPTION.NUM_EX on a folder data set: a fixed random subset (this seed, independent of RNG_SEED, so every
+# run with the same NUM_EX sees the same images); the harness then orders them with its own permutation.
+SUBSET_SEED = 0
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name; hidden files (.DS_Store, macOS ._ forks) skipped."""
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+
+
+def read_class_folders(root: Path, class_folders: Sequence[str], what: str,
+                       layout: str) -> tuple[list[Path], list[int]]:
+    """All images under ``root/<class folder>/``, labelled by the folder's position in ``class_folders``.
+
+    ``root`` must hold exactly these class folders (hidden ones ignored), each with at least one image, so that
+    class indices cannot shift silently when a folder is missing (as they would with torchvision's ImageFolder).
+    """
+    if not root.is_dir():
+        raise DatasetError(f"{what}: directory {root} does not exist. Expected the layout {layout}; "
+                           f"set DATA_DIR to the folder that contains it.")
+    present = {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    missing = [c for c in class_folders if c not in present]
+    if missing:
+        raise DatasetError(f"{what}: {len(missing)} of {len(class_folders)} class folders are missing under "
+                           f"{root}, e.g. {root / missing[0]} (expected the layout {layout}; missing: "
+                           f"{missing[:10]})")
+    unexpected = sorted(present - set(class_folders))
+    if unexpected:
+        raise DatasetError(f"{what}: {root} holds folders that are not classes of this data set: "
+                           f"{unexpected[:10]} (expected exactly the {len(class_folders)} class folders of "
+                           f"{layout})")
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(class_folders):
+        images = list_images(root / name)
+        if not images:
+            raise DatasetError(f"{what}: class folder {root / name} holds no images (suffixes "
+                               f"{sorted(IMAGE_SUFFIXES)})")
+        files += images
+        labels += [label] * len(images)
+    return files, labels
+
+
+def check_no_severity(name: str, severity: int) -> None:
+    """Severity-less data sets run once per domain with severity 0 (harness.settings ignores
+    CORRUPTION.SEVERITY for them); any other value means a caller mistook the data set for a corruption one."""
+    if severity != 0:
+        raise DatasetError(f"{name} has no severities: its domains are read with severity 0, got {severity}")
+
+
+def take_subset(cfg, files: list[Path], labels: list[int], where: Path) -> tuple[list[Path], list[int]]:
+    """CORRUPTION.NUM_EX images (-1 = all): a fixed random subset, kept in listing order."""
+    n = cfg.CORRUPTION.NUM_EX
+    if n < 0:
+        return files, labels
+    if n > len(files):
+        raise DatasetError(f"{where}: CORRUPTION.NUM_EX {n} requested but it holds only {len(files)} images")
+    keep = np.sort(np.random.default_rng(SUBSET_SEED).permutation(len(files))[:n])
+    return [files[i] for i in keep], [labels[i] for i in keep]
