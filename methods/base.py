@@ -40,6 +40,7 @@ class TTAMethod(nn.Module):
         self.params, self.param_names = self.collect_params()
         self.optimizer = self.setup_optimizer() if self.params else None
         self.scaler = self.setup_scaler()
+        self.setup_state()
         self._snapshot = self._take_snapshot()
 
     @property
@@ -86,8 +87,15 @@ class TTAMethod(nn.Module):
         raise ValueError(f"Unknown OPTIM.METHOD '{o.METHOD}'; choose Adam, AdamW or SGD")
 
     def setup_scaler(self):
-        """A torch.amp.GradScaler when the method trains under fp16 autocast, else None."""
+        """A torch.amp.GradScaler when the method trains under fp16 autocast (MIXED_PRECISION on CUDA, see
+        ``autocast``), else None."""
+        if self.cfg.MIXED_PRECISION and self.device.type == "cuda":
+            return torch.amp.GradScaler("cuda")
         return None
+
+    def setup_state(self) -> None:
+        """Override to register method state (teachers, buffers) that needs the parameters; it runs before the
+        reset snapshot is taken, so reset() covers it."""
 
     def autocast(self):
         """fp16 autocast on CUDA when MIXED_PRECISION is set (anchor-suite behaviour); a no-op on the CPU."""
@@ -141,6 +149,34 @@ class TTAMethod(nn.Module):
 
     def reset_extra_state(self) -> None:
         """Override to reset method state that is not a parameter or buffer (python lists, counters)."""
+
+
+class NormAffineTTA(TTAMethod):
+    """The frame of the normalisation-based baselines (TENT, RPL, SAR, RoTTA): adapts the affine weight/bias of
+    the normalisation layers of the image tower (``model.clip.visual``) only; text features stay computed once
+    and frozen."""
+
+    def __init__(self, cfg, model: nn.Module, num_classes: int):
+        if not cfg.CLIP.FREEZE_TEXT_ENCODER:
+            raise ValueError(f"{type(self).__name__} adapts only the image tower's norm layers; "
+                             f"CLIP.FREEZE_TEXT_ENCODER must be True, got False")
+        super().__init__(cfg, model, num_classes)
+        if not self.params:
+            raise ValueError(f"{type(self).__name__}: the image tower of MODEL.ARCH={cfg.MODEL.ARCH} has no "
+                             f"normalisation layer left to adapt")
+
+    def adapted_norm_layers(self) -> list[nn.Module]:
+        """The norm layers whose affine parameters adapt (default: every one in the image tower)."""
+        return [m for m in self.model.clip.visual.modules() if isinstance(m, NORM_LAYERS)]
+
+    def configure_model(self) -> None:
+        configure_norm_adaptation(self.model, self.adapted_norm_layers())
+
+    def collect_params(self) -> tuple[list[nn.Parameter], list[str]]:
+        params, names = norm_parameters(self.model, self.model.clip.visual)
+        keep = {id(p) for m in self.adapted_norm_layers() for p in m.parameters(recurse=False)}
+        chosen = [(p, n) for p, n in zip(params, names) if id(p) in keep]
+        return [p for p, _ in chosen], [n for _, n in chosen]
 
 
 def configure_norm_adaptation(model: nn.Module, modules=None) -> None:

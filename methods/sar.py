@@ -1,0 +1,151 @@
+"""SAR, sharpness-aware and reliable entropy minimisation (Niu et al., ICLR 2023; code mr-eggplant/SAR) on CLIP.
+
+Per batch (as the original's forward_and_adapt_sar):
+1. forward; reliable samples are those with entropy < SAR.MARGIN_E0 * ln(C); loss = their mean entropy;
+2. SAM ascent: w -> w + rho * g / (||g|| + 1e-12), g the gradient of that loss (rho = SAR.RHO);
+3. forward the batch again at the perturbed weights; of the step-1 reliable samples, keep those whose
+   entropy is still below the margin; their mean entropy is the second loss;
+4. gradient of the second loss at the perturbed weights, back to w, one step of the base optimizer (OPTIM);
+5. moving average of the second loss, ema = 0.9 * ema + 0.1 * loss; when ema < SAR.RESET_CONSTANT_EM the
+   model is recovered (reset to the source state).
+The predictions are the logits of the first forward.
+
+Adapted: the image tower's norm affine parameters except those of the deepest residual blocks and the final
+norm, as the original does for ViT-Base (it skips blocks 9-11 and ``norm``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn as nn
+
+from methods.base import NormAffineTTA, softmax_entropy
+from methods.registry import register_method
+
+logger = logging.getLogger(__name__)
+
+EMA_DECAY = 0.9   # the original's update_ema: 0.9 * ema + (1 - 0.9) * loss
+
+
+@register_method("sar")
+class SAR(NormAffineTTA):
+    config_defaults = {"SAR": {
+        # Reliable-sample margin E_0 as a factor of ln(C): a sample is used when its entropy < MARGIN_E0 * ln(C).
+        "MARGIN_E0": 0.4,
+        # Model recovery threshold e_m on the moving average of the second (perturbed) loss.
+        "RESET_CONSTANT_EM": 0.2,
+        # SAM neighbourhood radius rho.
+        "RHO": 0.05,
+        # Norm layers of this many deepest residual blocks of the ViT image tower stay frozen (original: blocks
+        # 9-11 of ViT-Base, i.e. 3 of 12). 0 adapts every block.
+        "EXCLUDED_DEEPEST_BLOCKS": 3,
+        # Keep the final norm of the image tower (open_clip: visual.ln_post; timm: norm) frozen, as the original.
+        # (The BATCLIP authors' CLIP port adapts ln_post: its name test 'norm.' does not match 'ln_post'.)
+        "EXCLUDE_FINAL_NORM": True,
+        # After a recovery the original's SAR.forward re-assigns the old EMA (self.ema = ema after reset()), so
+        # the low average survives the reset; the anchor suite clears it. False = cleared (anchor suite).
+        "KEEP_EMA_AFTER_RECOVERY": False,
+    }}
+
+    def __init__(self, cfg, model: nn.Module, num_classes: int):
+        s = cfg.SAR
+        if s.MARGIN_E0 < 0 or s.RHO < 0 or s.EXCLUDED_DEEPEST_BLOCKS < 0:
+            raise ValueError(f"SAR.MARGIN_E0, SAR.RHO and SAR.EXCLUDED_DEEPEST_BLOCKS must be >= 0, got "
+                             f"{s.MARGIN_E0}, {s.RHO}, {s.EXCLUDED_DEEPEST_BLOCKS}")
+        super().__init__(cfg, model, num_classes)
+        self.margin = float(s.MARGIN_E0) * math.log(num_classes)
+        self.rho = float(s.RHO)
+        self.reset_constant_em = float(s.RESET_CONSTANT_EM)
+        self.keep_ema_after_recovery = bool(s.KEEP_EMA_AFTER_RECOVERY)
+        self.ema: float | None = None
+        self.num_recoveries = 0   # diagnostics only (not method state)
+        if cfg.MIXED_PRECISION:
+            logger.warning("SAR runs in fp32 (as the original and the anchor suite); MIXED_PRECISION is ignored")
+
+    # ------------------------------------------------------------------ parameters
+    def adapted_norm_layers(self) -> list[nn.Module]:
+        visual = self.model.clip.visual
+        excluded: set[int] = set()
+        depth = self.cfg.SAR.EXCLUDED_DEEPEST_BLOCKS
+        if depth > 0:
+            blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+            if blocks is None:
+                raise ValueError(f"SAR.EXCLUDED_DEEPEST_BLOCKS={depth} needs a ViT image tower with "
+                                 f"transformer.resblocks; MODEL.ARCH={self.cfg.MODEL.ARCH} has none (set it to 0)")
+            if depth > len(blocks):
+                raise ValueError(f"SAR.EXCLUDED_DEEPEST_BLOCKS={depth} exceeds the {len(blocks)} blocks of "
+                                 f"MODEL.ARCH={self.cfg.MODEL.ARCH}")
+            for block in list(blocks)[len(blocks) - depth:]:
+                excluded.update(id(m) for m in block.modules())
+        if self.cfg.SAR.EXCLUDE_FINAL_NORM:
+            final = getattr(visual, "ln_post", None)
+            if final is not None:
+                excluded.add(id(final))
+        return [m for m in super().adapted_norm_layers() if id(m) not in excluded]
+
+    def setup_scaler(self):
+        return None   # SAM's two gradient evaluations run in fp32 (self.autocast() is not used here)
+
+    # ------------------------------------------------------------------ SAM
+    @torch.no_grad()
+    def _ascend(self) -> list[torch.Tensor]:
+        """w -> w + rho * g / (||g|| + 1e-12); returns the original weights."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        grad_norm = torch.norm(torch.stack([g.norm(p=2) for g in grads]), p=2)
+        scale = self.rho / (grad_norm + 1e-12)
+        originals = [p.detach().clone() for p in self.params]
+        for p, g in zip(self.params, grads):
+            p.add_(g * scale.to(p))
+        return originals
+
+    @torch.no_grad()
+    def _restore(self, originals: list[torch.Tensor]) -> None:
+        for p, w in zip(self.params, originals):
+            p.copy_(w)
+
+    # ------------------------------------------------------------------ the step
+    @torch.enable_grad()
+    def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        outputs = logits.detach().float()
+        entropy = softmax_entropy(logits.float())
+        reliable = entropy < self.margin
+        if not bool(reliable.any()):
+            # Nothing reliable: no gradient, no perturbation, no step. (The original would still call the base
+            # optimizer on a zero gradient, which with momentum moves the weights; we do not update.)
+            return outputs
+        self.optimizer.zero_grad(set_to_none=True)
+        entropy[reliable].mean(0).backward()
+        originals = self._ascend()
+
+        entropy_perturbed = softmax_entropy(self.model(x).float())[reliable]
+        still_reliable = entropy_perturbed < self.margin
+        if not bool(still_reliable.any()):
+            # Nothing reliable at w + e: back to w, no step, the moving average unchanged (the original skips
+            # the EMA on a NaN loss and would step on a zero gradient, see above).
+            self._restore(originals)
+            self.optimizer.zero_grad(set_to_none=True)
+            return outputs
+        loss = entropy_perturbed[still_reliable].mean(0)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._restore(originals)          # the gradient taken at w + e updates w
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        value = float(loss.item())
+        self.ema = value if self.ema is None else EMA_DECAY * self.ema + (1.0 - EMA_DECAY) * value
+        if self.ema < self.reset_constant_em:
+            logger.info("SAR: loss moving average %.4f < %.4f, recovering the model", self.ema,
+                        self.reset_constant_em)
+            ema = self.ema
+            self.reset()
+            self.num_recoveries += 1
+            if self.keep_ema_after_recovery:
+                self.ema = ema
+        return outputs
+
+    def reset_extra_state(self) -> None:
+        self.ema = None
