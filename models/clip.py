@@ -53,13 +53,8 @@ class ZeroShotCLIP(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         texts = [t.format(c) for c in self.class_names for t in self.templates]   # class-major
-        tokens = tokenizer(texts)
         self.truncate_text = truncate_text and self._text_is_causal_eot_pooled()
-        if self.truncate_text:
-            # CLIP's text transformer is causal and pools at the end-of-text token, so positions after
-            # the longest prompt's EOT never influence any feature: cutting them off is exact.
-            tokens = tokens[:, : int(self._pool_index(tokens).max()) + 1]
-        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("tokens", self.truncate_tokens(tokenizer(texts)), persistent=False)
         self.text_param_names = [n for n, _ in self.text_named_parameters()]
         self._text_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -95,10 +90,17 @@ class ZeroShotCLIP(nn.Module):
         return (isinstance(clip, open_clip.model.CLIP) and getattr(clip, "attn_mask", None) is not None
                 and getattr(clip, "text_pool_type", "argmax") in ("argmax", "eos"))
 
-    def _pool_index(self, tokens: torch.Tensor) -> torch.Tensor:
+    def eot_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Position of each sequence's end-of-text token (where CLIP pools the text feature)."""
         if getattr(self.clip, "text_pool_type", "argmax") == "eos":
             return (tokens == self.clip.text_eos_id).int().argmax(dim=-1)
         return tokens.argmax(dim=-1)
+
+    def truncate_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens cut after the longest prompt's end-of-text token when truncation is on. CLIP's text
+        transformer is causal and pools at that token, so later positions never influence any feature:
+        cutting them off is exact."""
+        return tokens[:, : int(self.eot_index(tokens).max()) + 1] if self.truncate_text else tokens
 
     def encode_token_embeddings(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Run CLIP's text transformer on token embeddings (B, L, width) for ``tokens`` (B, L).

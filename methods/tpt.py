@@ -1,0 +1,181 @@
+"""TPT: test-time prompt tuning (Shu et al., NeurIPS 2022; code azshue/TPT; CLIP version in the anchor suite,
+mariodoebler/test-time-adaptation ``methods/tpt.py`` and ``models/custom_clip.py``).
+
+Per test image: the image and TEST.N_AUGMENTATIONS - 1 random views of it (methods/augmentations.py); the
+views' logits under the current prompt; the TPT.SELECTION_P fraction of views with the lowest softmax entropy;
+OPTIM.STEPS AdamW steps on the N_CTX learnable context token embeddings (initialised from "a photo of a")
+minimising the entropy of the selected views' averaged probabilities; then the original image is classified
+with the tuned prompt. Both CLIP encoders stay frozen, so the image features of the views are computed once.
+
+Episodic as in the reference: with MODEL.EPISODIC (set in every TPT YAML) the prompt and the optimizer state
+go back to their initial values before every image; a batch of several images is processed image by image,
+each from the initial prompt. As in the reference, the gradient scaler of the mixed-precision path is not
+part of that per-image reset; ``reset()`` restores everything (prompt, optimizer, scaler, view stream).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import open_clip
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from methods.augmentations import AugmentedViews, lowest_entropy_views, n_confident_views
+from methods.base import TTAMethod
+from methods.registry import register_method
+
+
+def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the average of softmax(logits) over dim 0 (TPT's ``avg_entropy``), computed in log space:
+    log mean_i p_i = logsumexp_i log_softmax_i - log N."""
+    log_probs = logits.log_softmax(dim=-1)
+    log_mean = torch.logsumexp(log_probs, dim=0) - torch.log(torch.tensor(float(logits.shape[0])))
+    log_mean = log_mean.clamp(min=torch.finfo(log_mean.dtype).min)   # as the reference: avoids 0 * -inf
+    return -(log_mean.exp() * log_mean).sum(dim=-1)
+
+
+class PromptContext(nn.Module):
+    """CoOp-style prompts "[SOT] ctx_1 ... ctx_n <class name>. [EOT]" for every class, with the n context token
+    embeddings learnable and shared by all classes. The class-name, full-stop and end tokens keep their
+    frozen embeddings (non-persistent buffers: they never change, so reset never copies them)."""
+
+    def __init__(self, model, tokenizer, ctx_init: str, n_ctx: int):
+        super().__init__()
+        phrase = ctx_init.replace("_", " ").strip()
+        if not phrase:
+            raise ValueError("TPT.CTX_INIT is empty; give the words the context starts from, e.g. 'a_photo_of_a' "
+                             "(random context initialisation is not implemented)")
+        phrase_tokens = tokenizer([phrase])
+        n_phrase = int(model.eot_index(phrase_tokens)[0]) - 1          # tokens between SOT and EOT
+        if n_phrase != n_ctx:
+            raise ValueError(f"TPT.N_CTX = {n_ctx}, but TPT.CTX_INIT '{ctx_init}' is {n_phrase} tokens; "
+                             f"set TPT.N_CTX {n_phrase}")
+        names = [name.replace("_", " ") for name in model.class_names]
+        tokens = tokenizer([f"{phrase} {name}." for name in names])
+        if not torch.equal(tokens[:, 1:1 + n_ctx], phrase_tokens[:, 1:1 + n_ctx].expand(len(names), -1)):
+            raise ValueError(f"TPT.CTX_INIT '{ctx_init}' is not tokenised identically in front of every class name")
+        tokens = model.truncate_tokens(tokens)
+        device = model.clip.token_embedding.weight.device
+        tokens = tokens.to(device)
+        with torch.no_grad():
+            embeddings = model.clip.token_embedding(tokens)
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("prefix", embeddings[:, :1].clone(), persistent=False)             # SOT
+        self.register_buffer("suffix", embeddings[:, 1 + n_ctx:].clone(), persistent=False)     # name . EOT pad
+        self.register_buffer("ctx_init", embeddings[0, 1:1 + n_ctx].clone(), persistent=False)
+        self.ctx = nn.Parameter(self.ctx_init.clone())
+
+    def forward(self) -> torch.Tensor:
+        """Token embeddings (C, L, width) of all class prompts with the current context."""
+        ctx = self.ctx.unsqueeze(0).expand(self.prefix.shape[0], -1, -1)
+        return torch.cat([self.prefix, ctx.to(self.prefix.dtype), self.suffix], dim=1)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        self.ctx.copy_(self.ctx_init)
+
+
+@register_method("tpt")
+class TPT(TTAMethod):
+    config_defaults = {"TPT": {
+        # Fraction of the views with the lowest entropy whose averaged prediction is tuned (reference: 0.1).
+        "SELECTION_P": 0.1,
+        # Number of learnable context tokens; must equal the token count of CTX_INIT.
+        "N_CTX": 4,
+        # Words the context is initialised from, "_" for spaces (reference: "a_photo_of_a").
+        "CTX_INIT": "a_photo_of_a",
+        # Where the class name goes; only "end" (the reference's setting for TPT) is implemented.
+        "CLASS_TOKEN_POS": "end",
+        # How the views are made: "crop_flip" = RandomResizedCrop + horizontal flip, what the TPT authors and
+        # the anchor suite use for ImageNet(-C) and CIFAR-C (AugMix only for fine-grained sets; not implemented).
+        "VIEW_AUGMENTATION": "crop_flip",
+        # The reference always runs TPT under CUDA fp16 autocast with a GradScaler (init_scale 1000); ignored on CPU.
+        "MIXED_PRECISION": True,
+    }}
+
+    def __init__(self, cfg, model, num_classes):
+        super().__init__(cfg, model, num_classes)
+        self.views = AugmentedViews(cfg.TEST.N_AUGMENTATIONS, cfg.TPT.VIEW_AUGMENTATION, cfg.RNG_SEED,
+                                    keys=("TEST.N_AUGMENTATIONS", "TPT.VIEW_AUGMENTATION"))
+        # Cost per image, for the results' provenance: image-encoder passes (views) per test image.
+        self.views_per_image = self.views.n_views
+        self.n_selected = n_confident_views(self.views_per_image, cfg.TPT.SELECTION_P, "TPT.SELECTION_P")
+
+    def cost_info(self) -> dict:
+        """Per test image: the views through the image encoder (once, encoders frozen), OPTIM.STEPS forward +
+        backward passes of the text encoder over all class prompts, and one more forward to predict."""
+        return {"views_per_image": self.views_per_image, "text_forward_passes_per_image": self.steps + 1,
+                "backward_passes_per_image": self.steps}
+
+    # ------------------------------------------------------------------ setup
+    def configure_model(self) -> None:
+        """Freeze all of CLIP and build the learnable prompt (here, because the base class collects the
+        parameters right after this call)."""
+        cfg = self.cfg.TPT
+        if cfg.CLASS_TOKEN_POS != "end":
+            raise ValueError(f"TPT.CLASS_TOKEN_POS '{cfg.CLASS_TOKEN_POS}' is not implemented; use 'end'")
+        self.model.eval()
+        self.model.requires_grad_(False)
+        tokenizer = open_clip.get_tokenizer(self.cfg.MODEL.ARCH)
+        self.prompt_learner = PromptContext(self.model, tokenizer, cfg.CTX_INIT, cfg.N_CTX)
+
+    def collect_params(self):
+        return [self.prompt_learner.ctx], ["prompt_learner.ctx"]
+
+    def _mixed_precision(self) -> bool:
+        return (self.cfg.TPT.MIXED_PRECISION or self.cfg.MIXED_PRECISION) and self.device.type == "cuda"
+
+    def autocast(self):
+        if self._mixed_precision():
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def setup_scaler(self):
+        return torch.amp.GradScaler("cuda", init_scale=1000) if self._mixed_precision() else None
+
+    # ------------------------------------------------------------------ state
+    def restore_prompt(self) -> None:
+        """The per-image episodic reset: only the context tokens and the optimizer state (cheap)."""
+        self.prompt_learner.restore()
+        self.optimizer.load_state_dict(copy.deepcopy(self._snapshot["optimizer"]))
+
+    def reset_extra_state(self) -> None:
+        self.views.reset()
+
+    # ------------------------------------------------------------------ adaptation
+    def text_features(self) -> torch.Tensor:
+        pre = self.model.encode_token_embeddings(self.prompt_learner(), self.prompt_learner.tokens)
+        return F.normalize(pre, dim=-1)
+
+    @torch.enable_grad()
+    def adapt(self, view_features: torch.Tensor, selected: torch.Tensor | None) -> torch.Tensor:
+        """One step on the prompt; the confident views are chosen at the first step and kept (as the reference)."""
+        with self.autocast():
+            logits = self.model.logits(view_features, self.text_features())
+        logits = logits.float()
+        if selected is None:
+            selected = lowest_entropy_views(logits, self.n_selected)
+        loss = marginal_entropy(logits[selected])
+        self.optimizer_step(loss)
+        return selected
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        views = self.views(x)                                             # (B, V, C, H, W); view 0 = x
+        with torch.no_grad(), self.autocast():
+            features = F.normalize(self.model.encode_image(views.flatten(0, 1)), dim=-1)
+        features = features.view(views.shape[0], views.shape[1], -1)
+        outputs = []
+        for view_features in features:                                    # image by image
+            if self.episodic:
+                self.restore_prompt()
+            selected = None
+            for _ in range(self.steps):
+                selected = self.adapt(view_features, selected)
+                self.performed_updates += 1
+                if self.reset_after_num_updates > 0 and self.performed_updates % self.reset_after_num_updates == 0:
+                    self.restore_prompt()
+            with torch.no_grad(), self.autocast():
+                outputs.append(self.model.logits(view_features[:1], self.text_features()).float())
+        return torch.cat(outputs)

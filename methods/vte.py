@@ -1,0 +1,59 @@
+"""VTE: vision-text-space ensemble (Döbler et al., "A Lost Opportunity for Vision-Language Models", ECCV 2024
+workshop; anchor suite mariodoebler/test-time-adaptation ``methods/vte.py``). Nothing is trained.
+
+Text space: the prompt-template ensemble (CLIP.PROMPT_MODE ensemble in the VTE YAMLs: 18 CIFAR / 80 ImageNet
+templates; the model averages the normalised template features per class and renormalises). Image space: the
+image and TEST.N_AUGMENTATIONS - 1 random views of it; the VTE.SELECTION_P fraction of these views with the
+lowest softmax entropy (the original competes like any view) is kept and their L2-normalised image features are
+averaged. As in the reference, the average is not renormalised: logits = logit_scale * mean @ text.T, which
+scales every class logit of an image by the same factor (same prediction as renormalising).
+
+Every image of a batch is handled independently, so the batch size changes nothing but the memory used
+(B x N_AUGMENTATIONS views are encoded at once). MODEL.EPISODIC and OPTIM.* have nothing to act on.
+"""
+from __future__ import annotations
+
+import torch
+
+from methods.augmentations import AugmentedViews, lowest_entropy_views, n_confident_views
+from methods.base import TTAMethod
+from methods.registry import register_method
+
+
+@register_method("vte")
+class VTE(TTAMethod):
+    config_defaults = {"VTE": {
+        # Fraction of the views (lowest entropy first) whose image features are averaged. The anchor suite reads
+        # this value from TPT.SELECTION_P (default 0.1, never set in its VTE configs); here VTE owns it.
+        "SELECTION_P": 0.1,
+        # How the views are made; "crop_flip" = RandomResizedCrop + horizontal flip, as the anchor suite does for
+        # the corruption benchmarks (see methods/augmentations.py).
+        "VIEW_AUGMENTATION": "crop_flip",
+    }}
+
+    def __init__(self, cfg, model, num_classes):
+        super().__init__(cfg, model, num_classes)
+        self.views = AugmentedViews(cfg.TEST.N_AUGMENTATIONS, cfg.VTE.VIEW_AUGMENTATION, cfg.RNG_SEED,
+                                    keys=("TEST.N_AUGMENTATIONS", "VTE.VIEW_AUGMENTATION"))
+        # Cost per image, for the results' provenance: image-encoder passes (views) per test image.
+        self.views_per_image = self.views.n_views
+        self.n_selected = n_confident_views(self.views_per_image, cfg.VTE.SELECTION_P, "VTE.SELECTION_P")
+
+    def cost_info(self) -> dict:
+        """Per test image: the views through the image encoder; text features are computed once at start-up."""
+        return {"views_per_image": self.views_per_image, "backward_passes_per_image": 0}
+
+    def reset_extra_state(self) -> None:
+        self.views.reset()
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        views = self.views(x)                                             # (B, V, C, H, W); view 0 = x
+        batch, n_views = views.shape[:2]
+        with self.autocast():
+            out = self.model(views.flatten(0, 1), return_features=True)
+        logits = out.logits.float().view(batch, n_views, -1)
+        features = out.image_features.float().view(batch, n_views, -1)
+        selected = lowest_entropy_views(logits, self.n_selected)         # (B, k)
+        ensembled = features.gather(1, selected.unsqueeze(-1).expand(-1, -1, features.shape[-1])).mean(dim=1)
+        return self.model.logits(ensembled, out.text_features.float())

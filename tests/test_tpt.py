@@ -1,0 +1,169 @@
+import copy
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+import methods
+from harness.run import evaluate
+from methods.augmentations import AugmentedViews
+from methods.tpt import marginal_entropy
+from tests.synthetic import tiny_cfg, write_cifar_c
+
+CFG_FILE = "conf/cifar10_c/tpt.yaml"
+N_VIEWS, SELECTION_P = 8, 0.25          # keeps 2 views; the YAMLs' 64 / 0.1 keep 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """The tiny model is far faster on one thread than with threads fighting over a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cfg(**overrides):
+    return tiny_cfg(CFG_FILE, **{"TEST__N_AUGMENTATIONS": N_VIEWS, "TPT__SELECTION_P": SELECTION_P, **overrides})
+
+
+def _reference_text_features(clip, ctx):
+    """CLIP's text tower written out on the full, untruncated 77 tokens, with positions 1..n of
+    "a photo of a <name>." replaced by ctx."""
+    tokenizer = open_clip.get_tokenizer("tiny-clip-test")
+    from datasets.class_names import CIFAR10_CLASSES
+    tokens = tokenizer([f"a photo of a {c}." for c in CIFAR10_CLASSES])
+    x = clip.token_embedding(tokens)
+    x = torch.cat([x[:, :1], ctx.unsqueeze(0).expand(len(tokens), -1, -1), x[:, 1 + ctx.shape[0]:]], dim=1)
+    x = clip.transformer(x + clip.positional_embedding, attn_mask=clip.attn_mask)
+    x = clip.ln_final(x)[torch.arange(len(tokens)), tokens.argmax(-1)] @ clip.text_projection
+    return F.normalize(x, dim=-1)
+
+
+def _reference_tpt(model, images, seed, steps, episodic, lr=5e-3, wd=0.01, k=2):
+    """TPT written out plainly: per image, views (same seed), features one view at a time, python-sorted
+    entropies, entropy of the mean probability, hand-written AdamW, prediction of the original view."""
+    clip = model.clip
+    views = AugmentedViews(N_VIEWS, seed=seed)(images)
+    ctx0 = clip.token_embedding(open_clip.get_tokenizer("tiny-clip-test")(["a photo of a"]))[0, 1:5].detach()
+    ctx, m, v, t = ctx0.clone(), torch.zeros_like(ctx0), torch.zeros_like(ctx0), 0
+    scale = clip.logit_scale.exp().item()
+    outputs = []
+    for image_views in views:
+        if episodic:
+            ctx, m, v, t = ctx0.clone(), torch.zeros_like(ctx0), torch.zeros_like(ctx0), 0
+        feats = torch.stack([F.normalize(model.encode_image(view[None])[0], dim=-1) for view in image_views])
+        feats = feats.detach()
+        selected = None
+        for _ in range(steps):
+            ctx_var = ctx.clone().requires_grad_(True)
+            logits = scale * feats @ _reference_text_features(clip, ctx_var).t()
+            if selected is None:
+                ent = [-(p * p.log()).sum().item() for p in logits.detach().softmax(-1)]
+                selected = sorted(range(N_VIEWS), key=lambda i: ent[i])[:k]
+            mean_p = logits[selected].softmax(-1).mean(0)
+            loss = -(mean_p * mean_p.log()).sum()
+            (grad,) = torch.autograd.grad(loss, ctx_var)
+            t += 1
+            ctx = ctx * (1 - lr * wd)
+            m = 0.9 * m + 0.1 * grad
+            v = 0.999 * v + 0.001 * grad ** 2
+            ctx = ctx - lr * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
+        with torch.no_grad():
+            outputs.append(scale * feats[:1] @ _reference_text_features(clip, ctx).t())
+    return torch.cat(outputs), ctx
+
+
+def test_marginal_entropy_is_entropy_of_mean_probability():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 7) * 4
+    p = logits.softmax(-1).mean(0)
+    assert torch.allclose(marginal_entropy(logits), -(p * p.log()).sum(), atol=1e-6)
+    assert torch.allclose(marginal_entropy(logits[:1]), -(logits[0].softmax(-1) * logits[0].log_softmax(-1)).sum())
+
+
+def test_initial_prompt_gives_the_zero_shot_text_features(tiny_clip):
+    method = methods.build_method(_cfg(), tiny_clip, 10)
+    assert method.prompt_learner.ctx.shape == (4, 32)
+    assert method.prompt_learner.tokens.shape[1] < 77                 # truncated to the longest prompt
+    zero_shot = tiny_clip.text_features()[0]
+    torch.testing.assert_close(method.text_features(), zero_shot, atol=1e-6, rtol=0)
+    ctx0 = method.prompt_learner.ctx.detach()
+    torch.testing.assert_close(_reference_text_features(tiny_clip.clip, ctx0), zero_shot, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("episodic,steps", [(True, 1), (False, 1), (True, 2)])
+def test_tpt_matches_plain_reference(tiny_clip, episodic, steps):
+    reference_model = copy.deepcopy(tiny_clip)
+    cfg = _cfg(MODEL__EPISODIC=episodic, OPTIM__STEPS=steps, RNG_SEED=3)
+    method = methods.build_method(cfg, tiny_clip, 10)
+    assert method.views_per_image == N_VIEWS and method.n_selected == 2
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 32, 32)
+    out = method(images)
+    ref_out, ref_ctx = _reference_tpt(reference_model, images, seed=3, steps=steps, episodic=episodic)
+    torch.testing.assert_close(out, ref_out, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(method.prompt_learner.ctx.detach(), ref_ctx, atol=1e-6, rtol=1e-5)
+
+
+def test_only_the_context_tokens_change(tiny_clip):
+    method = methods.build_method(_cfg(), tiny_clip, 10)
+    before = {k: v.clone() for k, v in tiny_clip.state_dict().items()}
+    ctx0 = method.prompt_learner.ctx.detach().clone()
+    assert method.param_names == ["prompt_learner.ctx"] and method.num_trainable_params() == 4 * 32
+    method(torch.rand(2, 3, 32, 32))
+    after = tiny_clip.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)       # every CLIP parameter bit-identical
+    assert not torch.equal(method.prompt_learner.ctx.detach(), ctx0)
+    assert all(not p.requires_grad for p in tiny_clip.parameters())
+
+
+def test_reset_restores_all_state_exactly(tiny_clip):
+    cfg = _cfg()
+    fresh = methods.build_method(cfg, copy.deepcopy(tiny_clip), 10)
+    method = methods.build_method(cfg, tiny_clip, 10)
+    images = torch.rand(1, 3, 32, 32)
+    expected = fresh(images)
+    method(torch.rand(3, 3, 32, 32))
+    method(torch.rand(1, 3, 32, 32))
+    assert method.optimizer.state_dict()["state"]                      # something to restore
+    method.reset()
+    assert torch.equal(method.prompt_learner.ctx, methods.build_method(cfg, copy.deepcopy(tiny_clip), 10)
+                       .prompt_learner.ctx)
+    assert method.optimizer.state_dict()["state"] == {}
+    assert torch.equal(method.views.rng_state(), AugmentedViews(N_VIEWS, seed=cfg.RNG_SEED).rng_state())
+    assert method.performed_updates == 0
+    assert torch.equal(method(images), expected)                       # behaves exactly as a fresh method
+
+
+def test_per_image_reset_is_cheap(tiny_clip):
+    method = methods.build_method(_cfg(), tiny_clip, 10)
+    assert list(method._snapshot["module"]) == ["prompt_learner.ctx"]  # no frozen CLIP weight, no token buffer
+
+
+def test_bad_tpt_config_is_refused(tiny_clip):
+    with pytest.raises(ValueError, match="TPT.N_CTX"):
+        methods.build_method(_cfg(TPT__N_CTX=3), copy.deepcopy(tiny_clip), 10)
+    with pytest.raises(ValueError, match="TPT.CLASS_TOKEN_POS"):
+        methods.build_method(_cfg(TPT__CLASS_TOKEN_POS="front"), copy.deepcopy(tiny_clip), 10)
+    with pytest.raises(ValueError, match="TPT.SELECTION_P"):
+        methods.build_method(_cfg(TPT__SELECTION_P=0.1), copy.deepcopy(tiny_clip), 10)
+    with pytest.raises(ValueError, match="TPT.VIEW_AUGMENTATION"):
+        methods.build_method(_cfg(TPT__VIEW_AUGMENTATION="augmix"), copy.deepcopy(tiny_clip), 10)
+
+
+def test_tpt_end_to_end_on_synthetic_cifar10c(tmp_path):
+    write_cifar_c(tmp_path, ["gaussian_noise"], per_severity=5)
+    payloads = []
+    for run in range(2):
+        cfg = _cfg(DATA_DIR=str(tmp_path), SAVE_DIR=str(tmp_path / f"out{run}"), CORRUPTION__TYPE=["gaussian_noise"],
+                   TEST__BATCH_SIZE=2)
+        payloads.append(evaluate(cfg, progress=False))
+    records = payloads[0]["records"]
+    assert [(r["domain"], r["n"]) for r in records] == [("gaussian_noise", 5)]
+    assert payloads[0]["provenance"]["adapted_parameters"] == 4 * 32
+    assert payloads[0]["provenance"]["method_cost"] == {
+        "views_per_image": N_VIEWS, "text_forward_passes_per_image": 2, "backward_passes_per_image": 1}
+    assert records == payloads[1]["records"]                            # reproducible under the seed
