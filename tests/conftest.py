@@ -6,6 +6,16 @@ import torch
 from tests.synthetic import tiny_cfg
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread():
+    """The tests' tiny CLIP runs far faster on one thread than with threads contending for a small CPU (and one
+    thread keeps CPU results bit-reproducible across machines with different core counts)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def _tiny_clip_session():
     from models import build_zero_shot_clip

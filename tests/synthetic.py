@@ -9,6 +9,37 @@ from PIL import Image
 from conf import load_cfg
 
 
+# A YAML exactly as written for the authors' BATCLIP suite (their cfgs/cifar10_c/ours.yaml format and keys).
+AUTHORS_OURS_YAML = """
+CORRUPTION:
+  DATASET: cifar10_c
+  SEVERITY:
+    - 5
+  TYPE:
+    - gaussian_noise
+    - shot_noise
+MODEL:
+  ADAPTATION: ours
+  ARCH: ViT-B-16
+  WEIGHTS: openai
+  USE_CLIP: True
+  EPISODIC: False
+OPTIM:
+  LR: 1e-3
+  METHOD: AdamW  #1e-3, AdamW for vit-b16, 32
+  STEPS: 1
+  BETA: 0.9
+  WD: 0.01
+TEST:
+  BATCH_SIZE: 200
+CLIP:
+  PRECISION: "fp32"
+  FREEZE_TEXT_ENCODER: False
+  PROMPT_MODE: "custom"
+  PROMPT_TEMPLATE: ["a photo of a {}."]
+"""
+
+
 def write_cifar_c(root: Path, corruptions, per_severity: int = 20, num_classes: int = 10,
                   folder: str = "CIFAR-10-C", seed: int = 0, size: int = 32) -> Path:
     """DATA_DIR/<folder>/<corruption>.npy (5 severity blocks) + labels.npy, like RobustBench's files."""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import methods
 from conf import load_cfg
 from methods.batclip import Batclip, BatclipLossOptions, batclip_loss, precision_plan
-from tests.synthetic import tiny_cfg, write_cifar_c
+from tests.synthetic import AUTHORS_OURS_YAML, tiny_cfg, write_cifar_c
 
 BATCLIP_YAML = "conf/cifar10_c/batclip.yaml"
 
@@ -287,33 +287,6 @@ def test_reset_restores_model_optimizer_and_scaler_exactly(tiny_clip, method_cla
 
 
 # ---------------------------------------------------------------------------------------------- configs and run
-AUTHORS_OURS_YAML = """
-CORRUPTION:
-  DATASET: cifar10_c
-  SEVERITY:
-    - 5
-  TYPE:
-    - gaussian_noise
-MODEL:
-  ADAPTATION: ours
-  ARCH: ViT-B-16
-  WEIGHTS: openai
-  USE_CLIP: True
-  EPISODIC: False
-OPTIM:
-  LR: 1e-3
-  METHOD: AdamW
-  STEPS: 1
-  BETA: 0.9
-  WD: 0.01
-TEST:
-  BATCH_SIZE: 200
-CLIP:
-  PRECISION: "fp32"
-  FREEZE_TEXT_ENCODER: False
-  PROMPT_MODE: "custom"
-  PROMPT_TEMPLATE: ["a photo of a {}."]
-"""
 
 
 def test_authors_yaml_with_adaptation_ours_builds_batclip(tmp_path, tiny_clip):

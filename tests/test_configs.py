@@ -1,37 +1,7 @@
 import pytest
 
 from conf import ConfigError, all_config_files, load_cfg
-from tests.synthetic import tiny_cfg
-
-# A YAML exactly as written for the authors' BATCLIP suite (their cfgs/cifar10_c/ours.yaml format and keys).
-AUTHORS_YAML = """
-CORRUPTION:
-  DATASET: cifar10_c
-  SEVERITY:
-    - 5
-  TYPE:
-    - gaussian_noise
-    - shot_noise
-MODEL:
-  ADAPTATION: source
-  ARCH: ViT-B-16
-  WEIGHTS: openai
-  USE_CLIP: True
-  EPISODIC: False
-OPTIM:
-  LR: 1e-3
-  METHOD: AdamW  #1e-3, AdamW for vit-b16, 32
-  STEPS: 1
-  BETA: 0.9
-  WD: 0.01
-TEST:
-  BATCH_SIZE: 200
-CLIP:
-  PRECISION: "fp32"
-  FREEZE_TEXT_ENCODER: False
-  PROMPT_MODE: "custom"
-  PROMPT_TEMPLATE: ["a photo of a {}."]
-"""
+from tests.synthetic import AUTHORS_OURS_YAML, tiny_cfg
 
 
 @pytest.mark.parametrize("path", all_config_files(), ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -48,7 +18,7 @@ def test_there_are_configs_for_the_three_corruption_benchmarks():
 
 def test_authors_yaml_loads_unchanged_and_means_the_same(tmp_path):
     path = tmp_path / "ours.yaml"
-    path.write_text(AUTHORS_YAML)
+    path.write_text(AUTHORS_OURS_YAML)
     cfg = load_cfg(path)
     assert cfg.OPTIM.LR == pytest.approx(1e-3) and cfg.OPTIM.METHOD == "AdamW" and cfg.OPTIM.WD == 0.01
     assert cfg.CORRUPTION.TYPE == ["gaussian_noise", "shot_noise"] and cfg.CORRUPTION.SEVERITY == [5]

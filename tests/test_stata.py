@@ -17,14 +17,6 @@ from tests.synthetic import tiny_cfg, write_cifar_c
 N, C, D = 7, 3, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model is far faster on one thread than on a contended pool (shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def tiny():

@@ -15,14 +15,6 @@ CFG_FILE = "conf/cifar10_c/tpt.yaml"
 N_VIEWS, SELECTION_P = 8, 0.25          # keeps 2 views; the YAMLs' 64 / 0.1 keep 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The tiny model is far faster on one thread than with threads fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _cfg(**overrides):
     return tiny_cfg(CFG_FILE, **{"TEST__N_AUGMENTATIONS": N_VIEWS, "TPT__SELECTION_P": SELECTION_P, **overrides})

@@ -17,14 +17,6 @@ TWO_TEMPLATES = ["a photo of a {}.", "art of the {}."]
 LR = 1e-2   # large enough that one step visibly moves the weights of the tiny model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model is far faster on one thread than on a contended pool (shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_watt(model, mode="parallel", templates=TWO_TEMPLATES, iterations=1, repeats=1, **overrides):
     cfg_file = "conf/cifar10_c/watt_p.yaml" if mode == "parallel" else "conf/cifar10_c/watt_s.yaml"
