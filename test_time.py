@@ -2,7 +2,9 @@
 
     python test_time.py --cfg conf/cifar10_c/source.yaml DATA_DIR /data MODEL.WEIGHTS openai
 
-Overrides follow yacs: KEY VALUE pairs after the config file."""
+Overrides follow yacs: KEY VALUE pairs after the config file. An interrupted run resumes where it stopped when the
+same command is run again (--restart starts over); --domains / --shard K/N run part of the domains, e.g. on
+several machines (reset_each_shift only; see docs/comparison.md)."""
 from __future__ import annotations
 
 import argparse
@@ -10,22 +12,68 @@ import logging
 import sys
 
 from conf import ConfigError, load_cfg
+from harness.cli import split_list_options
+from harness.progress import ResumeError
 from harness.run import evaluate
+from harness.settings import SettingError
+
+
+def shard_domains(domains: list[str], shard: str) -> list[str]:
+    """Domains of shard 'K/N' (K = 1..N): every N-th domain starting at the K-th."""
+    try:
+        k, n = (int(v) for v in shard.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard expects K/N with integers, e.g. 2/4; got '{shard}'") from None
+    if not 1 <= k <= n:
+        raise ConfigError(f"--shard K/N needs 1 <= K <= N; got '{shard}'")
+    return list(domains)[k - 1::n]
+
+
+def build_run_cfg(cfg_file, opts, restart: bool = False, domains=None, shard: str | None = None):
+    """load_cfg plus the command-line flags that become RESUME / RUN_DOMAINS."""
+    cfg = load_cfg(cfg_file, opts, freeze=False)
+    if restart:
+        cfg.RESUME = False
+    if domains and shard:
+        raise ConfigError("give either --domains or --shard, not both")
+    if domains:
+        cfg.RUN_DOMAINS = list(domains)
+    elif shard:
+        cfg.RUN_DOMAINS = shard_domains(cfg.CORRUPTION.TYPE, shard)
+    unknown = [d for d in cfg.RUN_DOMAINS if d not in cfg.CORRUPTION.TYPE]
+    if unknown:
+        raise ConfigError(f"RUN_DOMAINS / --domains {unknown} are not in CORRUPTION.TYPE {list(cfg.CORRUPTION.TYPE)}")
+    cfg.freeze()
+    return cfg
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true", help="hide the per-domain progress bars")
+    parser.add_argument("--restart", action="store_true",
+                        help="start over instead of resuming finished tasks (RESUME False)")
+    parser.add_argument("--domains", nargs="+", metavar="DOMAIN",
+                        help="run only these domains of CORRUPTION.TYPE (RUN_DOMAINS)")
+    parser.add_argument("--shard", metavar="K/N", help="run the K-th of N interleaved parts of CORRUPTION.TYPE")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", dest="cfg_file", required=True, help="YAML config, e.g. conf/cifar10_c/batclip.yaml")
-    parser.add_argument("--no-progress", action="store_true", help="hide the per-domain progress bars")
+    add_run_flags(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
     args = parser.parse_args(argv)
+    split_list_options(args, ("domains",))
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        cfg = load_cfg(args.cfg_file, args.opts)
+        cfg = build_run_cfg(args.cfg_file, args.opts, args.restart, args.domains, args.shard)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    payload = evaluate(cfg, progress=not args.no_progress)   # logs the per-domain table
+    try:
+        payload = evaluate(cfg, progress=not args.no_progress)   # logs the per-domain table (and the paper's row)
+    except (SettingError, ResumeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"results: {payload['provenance']['save_dir']}/results.json")
     return 0
 

@@ -22,6 +22,11 @@ _C.DATA_DIR = "./data"
 # Cache directory for downloaded CLIP weights; "" = open_clip / Hugging Face default cache.
 _C.CKPT_DIR = ""
 _C.SAVE_DIR = "./output"
+# Skip tasks whose records an earlier run of the same config already wrote (SAVE_DIR/.../tasks/); False = start over.
+_C.RESUME = True
+# Run only these domains of CORRUPTION.TYPE in this process ([] = all); the others' records may come from other
+# processes writing to the same run directory. Only for settings whose domains are independent (reset_each_shift).
+_C.RUN_DOMAINS = []
 # Results go to SAVE_DIR/<dataset>/<method>/<RUN_NAME>; "" = <arch>_<weights>_<setting>_seed<seed>_<config hash>.
 _C.RUN_NAME = ""
 _C.LOG_DEST = "log.txt"
@@ -91,7 +96,11 @@ _C.TEST.NUM_WORKERS = 4
 _C.TEST.BATCH_SIZE = 128
 _C.TEST.WINDOW_LENGTH = 1
 _C.TEST.N_AUGMENTATIONS = 32
+# Correlated settings: 0 = sort by label, > 0 = concentration of the Dirichlet class shares.
 _C.TEST.DELTA_DIRICHLET = 0.0
+# Who splits the classes for DELTA_DIRICHLET > 0: "anchor" (the anchor suite's sort_by_dirichlet, as for the
+# *_correlated settings there) or "stata" (StatA's online sampler; the StatA paper's gamma).
+_C.TEST.CORRELATION_SAMPLER = "anchor"
 _C.TEST.DEBUG = False
 
 _C.CUDNN = CN()

@@ -30,20 +30,127 @@ class SegmentStream(Dataset):
         return image, label, segment
 
 
-def stream_order(sizes: list[int], order: str, seed: int, task_index: int = 0) -> np.ndarray:
+def stream_order(sizes: list[int], order: str, seed: int, task_index: int = 0, labels: np.ndarray | None = None,
+                 correlation: str = "none", dirichlet_delta: float = 0.0, batch_size: int = 1) -> np.ndarray:
     """Sequential: each segment shuffled on its own, segments one after another. Shuffled: all samples of all
-    segments in one permutation. Seeded by RNG_SEED only (and, for "shuffled", by nothing else either), so every
-    method sees the identical stream."""
+    segments in one permutation. Seeded by RNG_SEED only (and, for "shuffled", the task index), so every method
+    sees the identical stream.
+
+    correlation "label" / "dirichlet" then reorders the shuffled samples by their class ``labels`` (one label per
+    sample of the concatenated segments): per segment for "sequential", over the whole task for "shuffled", as the
+    anchor suite sorts each loader's (possibly mixed) sample list."""
     rng_seed = [int(seed) & 0xFFFFFFFF, 0x5EED]
-    offsets = np.cumsum([0] + sizes)
+    offsets = np.cumsum([0] + list(sizes))
     if order == "sequential":
-        return np.concatenate([offsets[k] + np.random.default_rng(rng_seed).permutation(n)
-                               for k, n in enumerate(sizes)]) if sizes else np.zeros(0, dtype=np.int64)
+        pieces = [offsets[k] + np.random.default_rng(rng_seed).permutation(n) for k, n in enumerate(sizes)]
+        if correlation != "none":
+            pieces = [correlate(piece, labels, correlation, dirichlet_delta, rng_seed + [k], batch_size)
+                      for k, piece in enumerate(pieces)]
+        return np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, dtype=np.int64)
     if order == "shuffled":
-        return np.random.default_rng(rng_seed + [task_index]).permutation(int(offsets[-1]))
+        flat = np.random.default_rng(rng_seed + [task_index]).permutation(int(offsets[-1]))
+        if correlation != "none":
+            flat = correlate(flat, labels, correlation, dirichlet_delta, rng_seed + [task_index, 1],
+                             batch_size)
+        return flat
     if order == "as_is":
         return np.arange(int(offsets[-1]))
     raise ValueError(f"unknown stream order '{order}'")
+
+
+def correlate(indices: np.ndarray, labels: np.ndarray | None, correlation: str, delta: float,
+              rng_seed: list[int], batch_size: int = 1) -> np.ndarray:
+    """Reorder ``indices`` (already shuffled) so that classes come in runs: "label" sorts by label, keeping the
+    shuffled order within a class; "dirichlet" follows the anchor suite's Dirichlet ordering."""
+    if labels is None:
+        raise ValueError("a correlated stream needs the class label of every sample")
+    labels = np.asarray(labels)
+    if correlation == "label":
+        return indices[np.argsort(labels[indices], kind="stable")]
+    if correlation == "dirichlet":
+        return indices[dirichlet_order(labels[indices], delta, np.random.default_rng(rng_seed))]
+    if correlation == "stata":
+        return indices[stata_online_order(labels[indices], delta, batch_size, np.random.default_rng(rng_seed))]
+    raise ValueError(f"unknown correlation '{correlation}' (expected none, label, dirichlet or stata)")
+
+
+def stata_online_order(labels: np.ndarray, gamma: float, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions 0..N-1 of ``labels`` ordered as StatA's online sampler (MaxZanella/StatA) orders a test set: there
+    are min(N // batch_size, C) consecutive slots; each class's samples are split over the slots in
+    Dirichlet(gamma)-distributed shares; each slot is shuffled; the stream is slot after slot. Small gamma: each
+    batch holds few classes (the StatA paper's realistic setting)."""
+    if gamma <= 0:
+        raise ValueError(f"TEST.DELTA_DIRICHLET (StatA's gamma) must be > 0 for the StatA sampler, got {gamma}")
+    labels = np.asarray(labels, dtype=np.int64)
+    classes = np.unique(labels)
+    n_slots = max(1, min(len(labels) // max(1, int(batch_size)), len(classes)))
+    slots: list[list[int]] = [[] for _ in range(n_slots)]
+    for c in classes:
+        members = np.flatnonzero(labels == c)
+        cuts = (np.cumsum(rng.dirichlet(np.full(n_slots, float(gamma))))[:-1] * len(members)).astype(np.int64)
+        for slot, part in zip(slots, np.split(members, cuts)):
+            slot.extend(part.tolist())
+    return np.concatenate([rng.permutation(np.asarray(slot, dtype=np.int64)) for slot in slots])
+
+
+# The anchor suite redraws the class split until every chunk holds at least this many samples.
+DIRICHLET_MIN_CHUNK = 10
+DIRICHLET_MAX_ATTEMPTS = 10_000
+
+
+def dirichlet_order(labels: np.ndarray, delta: float, rng: np.random.Generator) -> np.ndarray:
+    """Positions 0..N-1 of ``labels`` in a temporally correlated order, as the anchor suite's sort_by_dirichlet
+    (after NOTE, Gong et al. 2022) defines it: there are C chunks (C = max label + 1); the samples of each class,
+    shuffled, are split over the chunks in Dirichlet(delta)-distributed proportions, where chunks that already
+    hold N/C samples get no more; the split is redrawn until every chunk holds at least 10 samples. The stream
+    is then chunk after chunk, and within a chunk class after class in a random class order. Small delta gives
+    long single-class runs, large delta nearly i.i.d. batches."""
+    if delta <= 0:
+        raise ValueError(f"TEST.DELTA_DIRICHLET must be > 0 for the Dirichlet order, got {delta}")
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    num_classes = int(labels.max()) + 1
+    chunks = num_classes
+    attempts = DIRICHLET_MAX_ATTEMPTS if n >= chunks * DIRICHLET_MIN_CHUNK else 0   # else impossible
+    for _ in range(attempts):
+        chunk_sizes = np.zeros(chunks, dtype=np.int64)
+        parts = [[None] * num_classes for _ in range(chunks)]   # parts[chunk][class] = positions
+        for k in range(num_classes):
+            members = rng.permutation(np.flatnonzero(labels == k))
+            proportions = rng.dirichlet(np.full(chunks, float(delta)))
+            proportions = proportions * (chunk_sizes < n / chunks)   # balance: full chunks take no more
+            total = proportions.sum()
+            if total <= 0:
+                break
+            cuts = (np.cumsum(proportions / total) * len(members)).astype(np.int64)[:-1]
+            for j, piece in enumerate(np.split(members, cuts)):
+                parts[j][k] = piece
+                chunk_sizes[j] += len(piece)
+        else:
+            if chunk_sizes.min() >= DIRICHLET_MIN_CHUNK:
+                order = []
+                for j in range(chunks):
+                    for k in rng.permutation(num_classes):
+                        order.append(parts[j][k])
+                return np.concatenate(order).astype(np.int64)
+    raise ValueError(f"Could not build a Dirichlet-correlated stream with TEST.DELTA_DIRICHLET={delta} for "
+                     f"{n} samples of {num_classes} classes (every one of the {chunks} chunks needs at least "
+                     f"{DIRICHLET_MIN_CHUNK} samples); use more samples or another delta")
+
+
+def segment_labels(part) -> np.ndarray:
+    """The class label of every sample of one domain's Dataset without decoding images: its ``labels``
+    (datasets of this suite), ``targets`` or ``samples`` (torchvision folders); otherwise read item by item."""
+    for attr in ("labels", "targets"):
+        if hasattr(part, attr):
+            values = np.asarray(getattr(part, attr), dtype=np.int64)
+            if len(values) == len(part):
+                return values
+    if hasattr(part, "samples"):
+        return np.asarray([s[1] for s in part.samples], dtype=np.int64)
+    return np.asarray([int(part[i][1]) for i in range(len(part))], dtype=np.int64)
 
 
 def make_loader(stream: Dataset, cfg, device: torch.device) -> DataLoader:

@@ -1,0 +1,70 @@
+"""What makes two runs the same experiment: the config minus the keys that cannot change results.
+
+Used for the run directory's hash, for resuming a run, and for refusing to average or merge results whose configs
+differ."""
+from __future__ import annotations
+
+import hashlib
+
+import yaml
+
+# Top-level keys that do not change results and so do not enter the run's identity. RESUME and RUN_DOMAINS only
+# say which tasks this process runs, so shards and resumed runs of one experiment share one identity.
+NON_RESULT_KEYS = {"DATA_DIR", "SAVE_DIR", "RUN_NAME", "LOG_DEST", "LOG_TIME", "PRINT_EVERY", "DESC",
+                   "RESUME", "RUN_DOMAINS"}
+# Nested keys alike.
+NON_RESULT_NESTED = {"TEST.NUM_WORKERS"}
+
+
+def _plain(node):
+    if isinstance(node, dict):
+        return {k: _plain(v) for k, v in sorted(node.items())}
+    return node
+
+
+def config_hash(cfg) -> str:
+    """Eight hex digits identifying the config's result-relevant keys (unchanged for configs that existed before
+    RESUME / RUN_DOMAINS were added: those keys are left out)."""
+    identity = {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}
+    identity["TEST"] = {k: v for k, v in cfg.TEST.items() if f"TEST.{k}" not in NON_RESULT_NESTED}
+    return hashlib.sha1(repr(sorted(_plain(identity).items())).encode()).hexdigest()[:8]
+
+
+def flatten(node, prefix: str = "") -> dict:
+    """{"A.B.C": value} for every leaf of a nested mapping."""
+    flat = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def identity_keys(config, ignore: tuple[str, ...] = ()) -> dict:
+    """The flattened result-relevant keys of a config given as a CfgNode, a dict or a YAML dump (as stored in
+    provenance.config); ``ignore`` names further keys to leave out (e.g. RNG_SEED when pooling seeds)."""
+    if isinstance(config, str):
+        config = yaml.safe_load(config) or {}
+    flat = flatten(dict(config))
+    return {k: v for k, v in flat.items()
+            if k.split(".")[0] not in NON_RESULT_KEYS and k not in NON_RESULT_NESTED and k not in ignore}
+
+
+def differing_keys(configs: list, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The result-relevant keys on which the configs do not all agree (a key missing in one counts)."""
+    flats = [identity_keys(c, ignore) for c in configs]
+    keys = sorted(set().union(*flats)) if flats else []
+    missing = object()
+    return [k for k in keys if len({repr(f.get(k, missing)) for f in flats}) > 1]
+
+
+def describe_differences(configs: list, labels: list[str], ignore: tuple[str, ...] = (), limit: int = 12) -> str:
+    """'KEY: a=..., b=...' lines for the keys that differ, for error messages."""
+    flats = [identity_keys(c, ignore) for c in configs]
+    lines = []
+    for key in differing_keys(configs, ignore)[:limit]:
+        values = ", ".join(f"{label}={f.get(key, '<missing>')!r}" for label, f in zip(labels, flats))
+        lines.append(f"  {key}: {values}")
+    return "\n".join(lines)

@@ -1,0 +1,168 @@
+"""The BATCLIP paper's reported accuracies (%), read from the project's own copy of its tables
+(harness/paper_results/*.csv), in this suite's names for data sets, methods and domains.
+
+All renaming lives in the four tables below: edit them when a name on our side changes."""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+PAPER_DIR = Path(__file__).resolve().parent / "paper_results"
+MAIN_TABLE = PAPER_DIR / "batclip_paper_main_table.csv"
+DG_TABLE = PAPER_DIR / "batclip_paper_dg_table.csv"
+
+# Paper data set -> CORRUPTION.DATASET.
+DATASETS = {
+    "CIFAR-10C": "cifar10_c",
+    "CIFAR-100C": "cifar100_c",
+    "ImageNet-C": "imagenet_c",
+    "OfficeHome": "office_home",
+    "PACS": "pacs",
+    "VLCS": "vlcs",
+    "TerraIncognita": "terra_incognita",
+}
+
+# Paper method -> registered method name (MODEL.ADAPTATION) or, for a method the paper runs in two
+# configurations, the name of our config for that configuration (conf/<dataset>/<name>.yaml).
+METHODS = {
+    "ZS": "source",
+    "TENT": "tent",
+    "RoTTA": "rotta",
+    "RPL": "rpl",
+    "SAR": "sar",
+    "TPT": "tpt",
+    "VTE": "vte",
+    "WATT-P*": "watt_p",
+    "WATT-S*": "watt_s",
+    "StatA (γ=0.1)": "stata",
+    "StatA (γ=-1)": "stata_gamma_m1",
+    "BATCLIP": "batclip",
+}
+
+# Main-table column -> corruption (CORRUPTION.TYPE).
+CORRUPTION_COLUMNS = {
+    "gaussian": "gaussian_noise", "shot": "shot_noise", "impulse": "impulse_noise",
+    "defocus": "defocus_blur", "glass": "glass_blur", "motion": "motion_blur", "zoom": "zoom_blur",
+    "snow": "snow", "frost": "frost", "fog": "fog", "brightness": "brightness", "contrast": "contrast",
+    "elastic": "elastic_transform", "pixelate": "pixelate", "jpeg": "jpeg_compression",
+}
+
+# (paper data set, paper domain) -> domain folder name in the DomainBed layout (CORRUPTION.TYPE).
+DG_DOMAINS = {
+    ("OfficeHome", "Art"): "Art",
+    ("OfficeHome", "Clipart"): "Clipart",
+    ("OfficeHome", "Product"): "Product",
+    ("OfficeHome", "Real World"): "Real World",
+    ("PACS", "Art"): "art_painting",
+    ("PACS", "Cartoon"): "cartoon",
+    ("PACS", "Photo"): "photo",
+    ("PACS", "Sketch"): "sketch",
+    ("VLCS", "Caltech101"): "Caltech101",
+    ("VLCS", "LabelMe"): "LabelMe",
+    ("VLCS", "SUN09"): "SUN09",
+    ("VLCS", "VOC2007"): "VOC2007",
+    ("TerraIncognita", "L38"): "location_38",
+    ("TerraIncognita", "L43"): "location_43",
+    ("TerraIncognita", "L46"): "location_46",
+    ("TerraIncognita", "L100"): "location_100",
+}
+
+# What the paper's numbers were measured with (batclip.md: ViT-B/16, OpenAI weights, reset_each_shift, severity 5
+# for the corruption benchmarks; one task per domain for domain generalisation).
+PROTOCOL = {"arch": "ViT-B-16", "weights": "openai", "setting": "reset_each_shift", "severity": 5}
+DG_PROTOCOL = {"arch": "ViT-B-16", "weights": "openai", "setting": "reset_each_shift", "severity": 0}
+
+
+@dataclass
+class PaperRow:
+    dataset: str                      # our data set name
+    method: str                       # our method / config name
+    paper_method: str                 # as printed in the paper
+    accuracy: dict[str, float]        # our domain name -> accuracy %
+    reported_mean: float | None       # the paper's printed mean (None where the table prints none)
+    venue: str = ""
+    protocol: dict = field(default_factory=dict)
+
+    def mean_of(self, domains) -> float:
+        return sum(self.accuracy[d] for d in domains) / len(domains)
+
+
+class PaperMappingError(KeyError):
+    pass
+
+
+def _lookup(table: dict, key, what: str):
+    if key not in table:
+        raise PaperMappingError(f"the paper's {what} {key!r} has no entry in harness/paper.py; add it there")
+    return table[key]
+
+
+@lru_cache(maxsize=1)
+def paper_rows() -> tuple[PaperRow, ...]:
+    """Every row of both CSV tables, in file order."""
+    rows = []
+    with MAIN_TABLE.open(newline="", encoding="utf-8") as f:
+        for line in csv.DictReader(f):
+            accuracy = {_lookup(CORRUPTION_COLUMNS, col, "column"): float(line[col]) for col in CORRUPTION_COLUMNS}
+            extra = set(line) - set(CORRUPTION_COLUMNS) - {"dataset", "method", "venue", "mean"}
+            if extra:
+                raise PaperMappingError(f"{MAIN_TABLE}: columns {sorted(extra)} have no entry in CORRUPTION_COLUMNS")
+            rows.append(PaperRow(_lookup(DATASETS, line["dataset"], "data set"),
+                                 _lookup(METHODS, line["method"], "method"), line["method"], accuracy,
+                                 float(line["mean"]), line["venue"], dict(PROTOCOL)))
+    with DG_TABLE.open(newline="", encoding="utf-8") as f:
+        by_key: dict[tuple[str, str], PaperRow] = {}
+        for line in csv.DictReader(f):
+            dataset = _lookup(DATASETS, line["dataset"], "data set")
+            domain = _lookup(DG_DOMAINS, (line["dataset"], line["domain"]), "domain")
+            for paper_method in line:
+                if paper_method in ("dataset", "domain"):
+                    continue
+                method = _lookup(METHODS, paper_method, "method")
+                row = by_key.get((dataset, method))
+                if row is None:
+                    row = by_key[(dataset, method)] = PaperRow(dataset, method, paper_method, {}, None, "",
+                                                               dict(DG_PROTOCOL))
+                    rows.append(row)
+                row.accuracy[domain] = float(line[paper_method])
+    return tuple(rows)
+
+
+def paper_row(dataset: str, method: str) -> PaperRow | None:
+    """The paper's row for our data set and method (or config) name, or None if the paper has none."""
+    for row in paper_rows():
+        if row.dataset == dataset and row.method == method:
+            return row
+    return None
+
+
+def paper_methods(dataset: str) -> list[str]:
+    return [row.method for row in paper_rows() if row.dataset == dataset]
+
+
+def protocol_mismatch(row: PaperRow, arch: str, weights: str, setting: str) -> list[str]:
+    """Human-readable differences between a run and the paper's protocol (empty if none)."""
+    notes = []
+    if arch != row.protocol["arch"]:
+        notes.append(f"arch {arch} (paper: {row.protocol['arch']})")
+    if str(weights) != row.protocol["weights"]:
+        notes.append(f"weights {weights} (paper: {row.protocol['weights']})")
+    if setting != row.protocol["setting"]:
+        notes.append(f"setting {setting} (paper: {row.protocol['setting']})")
+    return notes
+
+
+def comparable_reference(row: PaperRow | None, records: list[dict]) -> dict | None:
+    """{domain: paper accuracy %} for the records it can be compared with: one record per domain, at the paper's
+    severity. None when nothing is comparable."""
+    if row is None:
+        return None
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["domain"]] = counts.get(r["domain"], 0) + 1
+    reference = {r["domain"]: row.accuracy[r["domain"]] for r in records
+                 if r["domain"] in row.accuracy and int(r["severity"]) == row.protocol["severity"]
+                 and counts[r["domain"]] == 1}
+    return reference or None

@@ -1,0 +1,110 @@
+"""Compare test-time adaptation methods side by side: one table, rows = methods, columns = domains + mean.
+
+Run several methods on the same data, stream and backbone (method names resolve to conf/<dataset>/<name>.yaml;
+config files are accepted too), each seed in turn, and tabulate:
+
+    python scripts/compare.py --cfg conf/cifar10_c/source.yaml --methods source tent batclip DATA_DIR /data
+
+Tabulate existing results (runs of one config with different seeds become one row, mean ± std):
+
+    python scripts/compare.py --results output/cifar10_c
+
+Merge the shards of one run (e.g. from several machines) into one results.json, then tabulate it:
+
+    python scripts/compare.py --merge host1/output/.../results.json host2/output/.../results.json --out merged/
+
+The table is printed as Markdown; with --out (always, for a run of methods) it is also written as Markdown, CSV,
+LaTeX and a PNG figure. The paper's row and the difference per cell follow every method the paper reports.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from conf import ConfigError  # noqa: E402
+from harness import compare  # noqa: E402
+from harness.cli import split_list_options  # noqa: E402
+from harness.progress import ResumeError  # noqa: E402
+from harness.results import atomic_write  # noqa: E402
+from harness.settings import SettingError  # noqa: E402
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--methods", nargs="+", metavar="METHOD", help="method names or config files to run")
+    mode.add_argument("--results", nargs="+", metavar="PATH", help="results.json files or folders to tabulate")
+    mode.add_argument("--merge", nargs="+", metavar="PATH", help="results.json files (shards of one run) to merge")
+    parser.add_argument("--cfg", dest="cfg_file", help="base config: data set, setting, stream and backbone for "
+                                                       "every method (default: the first method's config)")
+    parser.add_argument("--seeds", nargs="+", help="run every method with each of these RNG_SEEDs")
+    parser.add_argument("--metric", choices=["accuracy", "error"], default="accuracy")
+    parser.add_argument("--no-paper", action="store_true", help="leave out the paper's rows")
+    parser.add_argument("--figure", choices=["bars", "heatmap", "none"], default="bars")
+    parser.add_argument("--out", help="folder for comparison.md/.csv/.tex/.png (and the merged results.json)")
+    parser.add_argument("--restart", action="store_true", help="start every run over instead of resuming")
+    parser.add_argument("--domains", nargs="+", metavar="DOMAIN", help="run only these domains (RUN_DOMAINS)")
+    parser.add_argument("--progress", action="store_true", help="show per-domain progress bars")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every method")
+    args = parser.parse_args(argv)
+    # "--methods a b DATA_DIR /data": the overrides after a list option belong to opts.
+    split_list_options(args, ("methods", "domains", "seeds"))
+    if args.seeds:
+        try:
+            args.seeds = [int(s) for s in args.seeds]
+        except ValueError:
+            parser.error(f"--seeds takes integers, got {args.seeds}")
+    if args.methods is None and not (args.results or args.merge):
+        parser.error("--methods needs at least one method name or config file")
+    return args
+
+
+def _print_and_write(tables, out, figure) -> None:
+    for i, table in enumerate(tables):
+        print(compare.to_markdown(table))
+        if out:
+            stem = "comparison" if len(tables) == 1 else f"comparison_{table.dataset}"
+            for path in compare.write_table(table, Path(out), stem, figure):
+                print(f"wrote {path}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    with_paper = not args.no_paper
+    try:
+        if args.results:
+            payloads = compare.load_results(args.results)
+            _print_and_write(compare.tables_from_results(payloads, args.metric, with_paper), args.out, args.figure)
+        elif args.merge:
+            merged = compare.merge(compare.load_results(args.merge))
+            out = Path(args.out) if args.out else Path(merged["provenance"]["save_dir"])
+            atomic_write(out / "results.json", json.dumps(merged, indent=2, default=str) + "\n")
+            print(f"merged {len(args.merge)} results into {out / 'results.json'}"
+                  + ("" if merged["complete"] else " (some domains of CORRUPTION.TYPE are still missing)"))
+            table = compare.build_table([(merged["method"], [merged])], args.metric, with_paper)
+            _print_and_write([table], args.out, args.figure)
+        else:
+            overrides = {}
+            if args.restart:
+                overrides["RESUME"] = False
+            if args.domains:
+                overrides["RUN_DOMAINS"] = list(args.domains)
+            configs = compare.method_configs(args.methods, args.cfg_file, args.opts, args.seeds, overrides)
+            groups = compare.run_comparison(configs, progress=args.progress)
+            table = compare.build_table(groups, args.metric, with_paper)
+            out = args.out or compare.comparison_dir(configs[0][1][0], [label for label, _ in configs])
+            _print_and_write([table], out, args.figure)
+    except (compare.CompareError, ConfigError, SettingError, ResumeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

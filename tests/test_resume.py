@@ -1,0 +1,168 @@
+"""Interrupted runs resume to the same records as uninterrupted ones; domain subsets (shards) merge into one run;
+per-method cost info reaches the provenance."""
+import json
+from pathlib import Path
+
+import pytest
+
+import methods
+from harness import compare
+from harness.progress import ResumeError
+from harness.run import evaluate
+from harness.settings import SettingError
+from tests.synthetic import tiny_cfg, write_cifar_c
+
+# An adapting, stochastic method (noise from torch's global RNG, entropy minimisation on the image LayerNorms)
+# that can be told to crash after a number of batches, to simulate a killed run.
+PROBE = '''
+import torch
+from methods.base import TTAMethod, configure_norm_adaptation, norm_parameters, softmax_entropy
+from methods.registry import register_method
+
+@register_method("resume_probe")
+class ResumeProbe(TTAMethod):
+    crash_after_batches = None     # set by the test
+    batches = 0
+
+    def configure_model(self):
+        configure_norm_adaptation(self.model, self.model.clip.visual.modules())
+
+    def collect_params(self):
+        return norm_parameters(self.model, self.model.clip.visual)
+
+    def cost_info(self):
+        return {"forward_passes_per_batch": 1, "views_per_image": 1}
+
+    @torch.enable_grad()
+    def forward_and_adapt(self, x):
+        cls = type(self)
+        cls.batches += 1
+        if cls.crash_after_batches is not None and cls.batches > cls.crash_after_batches:
+            raise RuntimeError("simulated kill")
+        logits = self.model(x + 0.05 * torch.randn_like(x))
+        self.optimizer_step(softmax_entropy(logits).mean())
+        return logits.detach()
+'''
+
+DOMAINS = ["gaussian_noise", "shot_noise", "fog", "snow"]
+PER_DOMAIN, BATCH = 12, 6          # 2 batches per domain
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    path = tmp_path_factory.mktemp("probe") / "resume_probe_method.py"
+    path.write_text(PROBE)
+    methods.import_extra_modules([str(path)])
+    cls = methods.METHODS["resume_probe"]
+    yield str(path), cls
+    cls.crash_after_batches = None
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_cifar_c(root, DOMAINS, per_severity=PER_DOMAIN)
+    return root
+
+
+def run(probe, data, save_dir, crash_after=None, **kw):
+    path, cls = probe
+    cls.crash_after_batches, cls.batches = crash_after, 0
+    kw.setdefault("OPTIM__LR", 0.05)
+    cfg = tiny_cfg("conf/cifar10_c/source.yaml", MODEL__EXTRA_MODULES=[path], MODEL__ADAPTATION="resume_probe",
+                   DATA_DIR=str(data), SAVE_DIR=str(save_dir), CORRUPTION__TYPE=DOMAINS,
+                   TEST__BATCH_SIZE=BATCH, **kw)
+    try:
+        return evaluate(cfg, progress=False)
+    finally:
+        cls.crash_after_batches = None
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(probe, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    return {s: run(probe, data, out, SETTING=s) for s in ("reset_each_shift", "continual")}
+
+
+@pytest.mark.parametrize("setting", ["reset_each_shift", "continual"])
+def test_killed_run_resumes_to_the_uninterrupted_records(probe, data, tmp_path, uninterrupted, setting):
+    expected = uninterrupted[setting]
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(probe, data, tmp_path, crash_after=5, SETTING=setting)    # dies in the 3rd domain
+    partial = json.loads(next(tmp_path.rglob("results.json")).read_text())
+    assert [r["domain"] for r in partial["records"]] == DOMAINS[:2] and not partial["complete"]
+    resumed = run(probe, data, tmp_path, SETTING=setting)
+    assert resumed["records"] == expected["records"] and resumed["complete"]
+    if setting == "reset_each_shift":
+        # exact skip: the two finished domains are read back, only the rest runs (2 batches per domain)
+        assert resumed["provenance"]["resumed_tasks"] == [0, 1]
+        assert probe[1].batches == 2 * (len(DOMAINS) - 2)
+    else:
+        # the adapted state is not saved: continual re-runs from the start (and says so in the log)
+        assert resumed["provenance"]["resumed_tasks"] == []
+        assert probe[1].batches == 2 * len(DOMAINS)
+        assert "re-running finished tasks" in next(tmp_path.rglob("log.txt")).read_text()
+        return
+    # a finished run is not run again
+    again = run(probe, data, tmp_path, SETTING=setting)
+    assert again["records"] == expected["records"] and probe[1].batches == 0
+
+
+def test_restart_runs_everything_again(probe, data, tmp_path, uninterrupted):
+    run(probe, data, tmp_path, RUN_DOMAINS=["fog"])
+    restarted = run(probe, data, tmp_path, RUN_DOMAINS=["fog"], RESUME=False)
+    assert probe[1].batches == 2 and restarted["provenance"]["resumed_tasks"] == []
+    assert restarted["records"] == uninterrupted["reset_each_shift"]["records"][2:3]
+
+
+def test_domain_subsets_then_full_list_and_merging_shards(probe, data, tmp_path, uninterrupted):
+    expected = uninterrupted["reset_each_shift"]["records"]
+    # two shards into one run directory, then the full command: nothing left to run
+    first = run(probe, data, tmp_path / "shared", RUN_DOMAINS=["shot_noise", "snow"])
+    assert [r["domain"] for r in first["records"]] == ["shot_noise", "snow"] and not first["complete"]
+    second = run(probe, data, tmp_path / "shared", RUN_DOMAINS=["gaussian_noise", "fog"])
+    assert second["records"] == expected and second["complete"]
+    full = run(probe, data, tmp_path / "shared")
+    assert full["records"] == expected and probe[1].batches == 0
+    # shards on two machines (two directories), merged by compare.merge
+    other_machine = run(probe, data, tmp_path / "m2", RUN_DOMAINS=["gaussian_noise", "fog"])
+    merged = compare.merge([first, other_machine])
+    assert merged["records"] == expected and merged["complete"]
+
+
+def test_subsets_of_dependent_settings_and_foreign_records_are_refused(probe, data, tmp_path):
+    with pytest.raises(SettingError, match="carries the adapted state"):
+        run(probe, data, tmp_path, SETTING="continual", RUN_DOMAINS=["fog"])
+    with pytest.raises(SettingError, match="cannot split"):
+        run(probe, data, tmp_path, SETTING="mixed_domains", RUN_DOMAINS=["fog"])
+    run(probe, data, tmp_path, RUN_NAME="mine", RUN_DOMAINS=["fog"])
+    with pytest.raises(ResumeError, match="OPTIM.LR"):
+        run(probe, data, tmp_path, RUN_NAME="mine", OPTIM__LR=0.5)
+
+
+def test_method_cost_info_is_recorded(probe, data, tmp_path):
+    payload = run(probe, data, tmp_path, RUN_DOMAINS=["fog"])
+    assert payload["provenance"]["method_cost"] == {"forward_passes_per_batch": 1, "views_per_image": 1}
+    saved = json.loads((Path(payload["provenance"]["save_dir"]) / "results.json").read_text())
+    assert saved["provenance"]["method_cost"]["views_per_image"] == 1
+
+
+def test_command_line_shards_and_overrides_after_list_options():
+    import argparse
+
+    import test_time
+    assert test_time.shard_domains(DOMAINS, "1/2") == ["gaussian_noise", "fog"]
+    assert test_time.shard_domains(DOMAINS, "2/2") == ["shot_noise", "snow"]
+    with pytest.raises(Exception, match="K/N"):
+        test_time.shard_domains(DOMAINS, "3/2")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cfg", dest="cfg_file")
+    test_time.add_run_flags(parser)
+    parser.add_argument("opts", nargs=argparse.REMAINDER)
+    args = parser.parse_args(["--cfg", "x.yaml", "--restart", "--domains", "fog", "snow", "DATA_DIR", "/d",
+                              "MODEL.ARCH", "tiny-clip-test"])
+    test_time.split_list_options(args, ("domains",))
+    assert args.domains == ["fog", "snow"] and args.opts == ["DATA_DIR", "/d", "MODEL.ARCH", "tiny-clip-test"]
+    cfg = test_time.build_run_cfg("conf/cifar10_c/source.yaml", ["CORRUPTION.TYPE", str(DOMAINS)], restart=True,
+                                  shard="2/2")
+    assert cfg.RUN_DOMAINS == ["shot_noise", "snow"] and cfg.RESUME is False
