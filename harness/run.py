@@ -16,7 +16,7 @@ import datasets
 import methods
 from datasets.transforms import clip_image_transform
 from harness import paper
-from harness.identity import NON_RESULT_KEYS, config_hash
+from harness.identity import config_hash
 from harness.progress import clear_tasks, read_tasks, write_task
 from harness.results import (command_line, format_table, git_commit, make_record, package_versions,
                              summarise, write_results)
@@ -25,10 +25,6 @@ from harness.stream import SegmentStream, make_loader, segment_labels, stream_or
 from models import build_zero_shot_clip
 
 logger = logging.getLogger("tta")
-
-# Kept for callers of the former private name; the set lives in harness.identity.
-_NON_RESULT_KEYS = NON_RESULT_KEYS
-
 
 def resolve_device(cfg) -> torch.device:
     if cfg.DEVICE == "auto":
@@ -144,6 +140,7 @@ def _evaluate(cfg, save_dir: Path, progress: bool) -> dict:
         "versions": package_versions(),
         "model": model_info,
         "adapted_parameters": method.num_trainable_params(),
+        "method_precision": method.precision_info(),
         "device": device_name,
         "torch_threads": torch.get_num_threads(),
         "data": {"data_dir": str(Path(cfg.DATA_DIR).resolve()), **dataset.describe(cfg)},

@@ -103,6 +103,15 @@ class TTAMethod(nn.Module):
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
+    def precision_info(self) -> dict:
+        """The precision this method computes in (recorded in the results' provenance)."""
+        context = self.autocast()
+        weights = {str(p.dtype).replace("torch.", "") for p in self.model.parameters()}
+        return {"weights": sorted(weights),
+                "autocast": str(context.fast_dtype).replace("torch.", "") if isinstance(context, torch.autocast)
+                else None,
+                "grad_scaler_init": self.scaler.get_scale() if self.scaler is not None else None}
+
     def optimizer_step(self, loss: torch.Tensor) -> None:
         """zero_grad, backward and step, through the gradient scaler when there is one."""
         self.optimizer.zero_grad(set_to_none=True)

@@ -15,6 +15,8 @@ norm, as the original does for ViT-Base (it skips blocks 9-11 and ``norm``).
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import math
 
@@ -86,7 +88,10 @@ class SAR(NormAffineTTA):
         return [m for m in super().adapted_norm_layers() if id(m) not in excluded]
 
     def setup_scaler(self):
-        return None   # SAM's two gradient evaluations run in fp32 (self.autocast() is not used here)
+        return None   # SAM's two gradient evaluations run in fp32
+
+    def autocast(self):
+        return contextlib.nullcontext()   # fp32 always (see __init__), also for what precision_info reports
 
     # ------------------------------------------------------------------ SAM
     @torch.no_grad()

@@ -124,11 +124,6 @@ class WATT(TTAMethod):
             if isinstance(module, nn.LayerNorm):
                 module.requires_grad_(True)
 
-    def setup_scaler(self):
-        if self.cfg.MIXED_PRECISION and self.device.type == "cuda":
-            return torch.amp.GradScaler("cuda")
-        return None
-
     @torch.no_grad()
     def _template_text_features(self, arch: str) -> torch.Tensor:
         """Normalised text features (T, C, D) of every WATT template for every class."""

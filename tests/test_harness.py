@@ -122,6 +122,7 @@ def test_results_files_and_provenance(tmp_path, checkpoint):
     assert prov["model"]["weights_source"] == str(checkpoint.resolve()) and prov["model"]["precision"] == "fp32"
     assert prov["versions"]["torch"] == torch.__version__.split("+")[0] or prov["versions"]["torch"]
     assert prov["images"] == 10 and "MODEL:" in prov["config"]
+    assert prov["method_precision"] == {"weights": ["float32"], "autocast": None, "grad_scaler_init": None}
     rows = list(csv.DictReader((run_dir / "results.csv").open()))
     assert rows[0]["domain"] == "fog" and int(rows[0]["n"]) == 10 and rows[-1]["domain"] == "mean"
     assert float(rows[0]["accuracy"]) == pytest.approx(payload["records"][0]["accuracy"])
