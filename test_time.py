@@ -12,10 +12,12 @@ import logging
 import sys
 
 from conf import ConfigError, load_cfg
+from datasets import DatasetError
 from harness.cli import split_list_options
 from harness.progress import ResumeError
 from harness.run import evaluate
 from harness.settings import SettingError
+from models import WeightsError
 
 
 def shard_domains(domains: list[str], shard: str) -> list[str]:
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
         return 2
     try:
         payload = evaluate(cfg, progress=not args.no_progress)   # logs the per-domain table (and the paper's row)
-    except (SettingError, ResumeError) as err:
+    except (SettingError, ResumeError, DatasetError, WeightsError) as err:   # bad input: a message, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"results: {payload['provenance']['save_dir']}/results.json")
