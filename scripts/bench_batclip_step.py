@@ -197,17 +197,20 @@ def bench_shape(name, args, device, argv):
           f"vs 77, median of {args.repeats} step(s) after {args.warmup} warm-up")
     print(f"  cross-check (fp32): loss ours {ours_loss:.6f} vs straightforward {plain_loss:.6f}")
     results = {}
+    mib = 2 ** 20
     for impl in ("straightforward", "ours"):
         run = subprocess.run([sys.executable, __file__, *argv, "--worker", f"{name}:{impl}"], capture_output=True,
                              text=True, cwd=ROOT)
         if run.returncode:
-            print(f"  {impl}: failed (exit {run.returncode}):\n{run.stderr[-2000:]}")
-            return
-        results[impl] = json.loads(run.stdout.strip().splitlines()[-1])
-    mib = 2 ** 20
-    for impl, r in results.items():
+            # e.g. out of memory: say so and still measure the other implementation
+            last = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else ""
+            print(f"  {impl:16s} failed (exit {run.returncode}): {last[:300]}")
+            continue
+        r = results[impl] = json.loads(run.stdout.strip().splitlines()[-1])
         print(f"  {impl:16s} {r['seconds'] * 1e3:9.1f} ms/step  {batch / r['seconds']:9.1f} images/s  "
               f"peak memory {r['peak_bytes'] / mib:9.1f} MiB{r['note']}")
+    if len(results) < 2:
+        return
     plain_r, ours_r = results["straightforward"], results["ours"]
     print(f"  speed-up {plain_r['seconds'] / ours_r['seconds']:.2f}x, peak memory straightforward / ours "
           f"{plain_r['peak_bytes'] / max(ours_r['peak_bytes'], 1):.2f}x")
