@@ -112,6 +112,9 @@ def load_clip(arch: str, weights: str, *, precision: str = "fp32", device="cpu",
         source = "random"
     elif _looks_like_path(weights) or os.path.exists(weights):
         path = Path(weights).expanduser()
+        repo_path = Path(__file__).resolve().parent.parent / path
+        if not path.is_absolute() and not path.exists() and repo_path.is_file():
+            path = repo_path   # the suite's own configs name committed checkpoints relative to the repository
         if not path.is_file():
             raise WeightsError(f"MODEL.WEIGHTS '{weights}' looks like a checkpoint path but {path.resolve()} "
                                f"does not exist. Pass an existing .pt/.bin/.safetensors file, an open_clip "

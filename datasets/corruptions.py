@@ -1,0 +1,243 @@
+"""Make a corrupted benchmark (the RobustBench CIFAR-C layout) from any clean image set.
+
+    <out>/<name>-C/<corruption>.npy : uint8 (5N, H, W, 3), severity s in rows [(s-1)N, sN)
+    <out>/<name>-C/labels.npy       : (5N,) labels (uint8 when they fit, as in the real files), N repeated 5x
+    <out>/<name>-C/meta.json        : how it was made (seed, source, class names, library version)
+
+The corruption functions are Hendrycks' ImageNet-C ones, from the maintained ``imagecorruptions-imaug``
+package (imported as ``imagecorruptions``; install with ``pip install '.[corruptions]'``). They draw their
+randomness from numpy's global RNG, so the global RNG is seeded once per (corruption, severity) from the
+user's seed (and restored afterwards); glass_blur and impulse_noise take an explicit per-image seed instead
+(they would otherwise draw fresh OS entropy), which is drawn from that same seeded RNG. The result is a
+pure function of (images, corruption, severity, seed), whichever other corruptions are made beside it.
+
+Note: the severity constants are ImageNet-C's (the library has no CIFAR-10-C set); on 32x32 images the
+blurs are relatively stronger than in CIFAR-10-C.
+
+This module lives in ``datasets`` (auto-imported), so imagecorruptions and tqdm are imported lazily.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from conf.defaults import CORRUPTIONS_15
+
+NUM_SEVERITIES = 5
+# Every corruption the library implements, in its order; a corruption's index here enters its seed, so adding
+# or removing corruptions from a run never changes the images of the others.
+ALL_CORRUPTIONS = CORRUPTIONS_15 + ["speckle_noise", "gaussian_blur", "spatter", "saturate"]
+# Corruptions whose library code ignores numpy's global RNG and takes a ``seed`` argument instead.
+_SEED_ARGUMENT = {"glass_blur", "impulse_noise"}
+# The library refuses images smaller than this (its blur kernels and frost crops assume it).
+MIN_SIZE = 32
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+class CorruptionError(ValueError):
+    """Bad input to the corruption generator; the message names what was expected."""
+
+
+def _corrupt_fn():
+    try:
+        from imagecorruptions import corrupt
+    except ImportError as err:
+        raise CorruptionError("The corruption generator needs the 'imagecorruptions' module: "
+                              "pip install imagecorruptions-imaug (or pip install '.[corruptions]')") from err
+    return corrupt
+
+
+def check_images(images: np.ndarray, labels: np.ndarray | None = None) -> None:
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise CorruptionError(f"images must be a uint8 numpy array (N, H, W, 3); got "
+                              f"{getattr(images, 'dtype', type(images))} {getattr(images, 'shape', '')}")
+    if len(images) == 0:
+        raise CorruptionError("images: the array holds no image")
+    if min(images.shape[1:3]) < MIN_SIZE:
+        raise CorruptionError(f"images are {images.shape[1]}x{images.shape[2]}; the ImageNet-C corruption "
+                              f"functions need at least {MIN_SIZE}x{MIN_SIZE} pixels")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+            raise CorruptionError(f"labels must be integers of shape ({len(images)},) to match the images; got "
+                                  f"{labels.dtype} {labels.shape}")
+        if len(labels) and labels.min() < 0:
+            raise CorruptionError(f"labels must be >= 0; found {labels.min()}")
+
+
+def check_corruption(name: str, severity: int | None = None) -> None:
+    if name not in ALL_CORRUPTIONS:
+        import difflib
+        near = difflib.get_close_matches(name, ALL_CORRUPTIONS, n=3, cutoff=0.4)
+        raise CorruptionError(f"unknown corruption '{name}'. Nearest: {near}; available: {ALL_CORRUPTIONS}")
+    if severity is not None and severity not in range(1, NUM_SEVERITIES + 1):
+        raise CorruptionError(f"severity must be an integer in 1..{NUM_SEVERITIES}, got {severity!r}")
+
+
+def corruption_seed(seed: int, corruption: str, severity: int) -> int:
+    """The 32-bit seed of numpy's global RNG for one (corruption, severity)."""
+    check_corruption(corruption, severity)
+    entropy = [int(seed) & 0xFFFFFFFF, ALL_CORRUPTIONS.index(corruption), int(severity)]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+def corrupt_images(images: np.ndarray, corruption: str, severity: int, seed: int = 0, progress=None) -> np.ndarray:
+    """All ``images`` (N, H, W, 3) uint8 corrupted with one corruption at one severity; same shape, uint8.
+
+    ``progress``: an optional tqdm bar, advanced by one per image."""
+    check_images(images)
+    corrupt = _corrupt_fn()
+    rng_seed = corruption_seed(seed, corruption, severity)
+    saved = np.random.get_state()
+    np.random.seed(rng_seed)
+    try:
+        out = np.empty_like(images)
+        for i, image in enumerate(images):
+            kwargs = {"seed": int(np.random.randint(2 ** 31))} if corruption in _SEED_ARGUMENT else {}
+            result = np.asarray(corrupt(np.ascontiguousarray(image), severity=severity,
+                                        corruption_name=corruption, **kwargs))
+            if result.shape != image.shape:
+                raise CorruptionError(f"{corruption} severity {severity} returned shape {result.shape} for an "
+                                      f"image of shape {image.shape}")
+            out[i] = result
+            if progress is not None:
+                progress.update(1)
+    finally:
+        np.random.set_state(saved)
+    return out
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    """Write to a temporary file then rename: an interrupted run never leaves a truncated .npy behind."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
+    os.close(fd)
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_WORKER_IMAGES: np.ndarray | None = None
+
+
+def _init_worker(images: np.ndarray) -> None:
+    global _WORKER_IMAGES
+    _WORKER_IMAGES = images
+
+
+def _corrupt_job(corruption: str, severity: int, seed: int) -> tuple[str, int, np.ndarray]:
+    return corruption, severity, corrupt_images(_WORKER_IMAGES, corruption, severity, seed)
+
+
+def write_corrupted(images: np.ndarray, labels: np.ndarray, out_dir: str | Path,
+                    corruptions: Sequence[str] = CORRUPTIONS_15, seed: int = 0,
+                    class_names: Sequence[str] | None = None, source: str = "", progress: bool = True,
+                    overwrite: bool = True, workers: int = 1) -> Path:
+    """Write ``out_dir/<corruption>.npy`` (5 severity blocks) and ``out_dir/labels.npy``; returns ``out_dir``.
+
+    With ``overwrite`` False, corruption files that already exist are kept (resuming an interrupted run).
+    ``workers`` > 1 corrupts (corruption, severity) blocks in that many processes; every block is seeded on
+    its own, so the files are identical whatever the number of workers."""
+    images = np.asarray(images)
+    labels = np.asarray(labels)
+    check_images(images, labels)
+    corruptions = list(corruptions)
+    if not corruptions:
+        raise CorruptionError("no corruption requested")
+    for name in corruptions:
+        check_corruption(name)
+    if workers < 1:
+        raise CorruptionError(f"workers must be >= 1, got {workers}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [c for c in corruptions if overwrite or not (out_dir / f"{c}.npy").is_file()]
+    jobs = [(name, severity) for name in todo for severity in range(1, NUM_SEVERITIES + 1)]
+
+    from tqdm import tqdm
+    n = len(images)
+    with tqdm(total=len(jobs) * n, desc=f"corrupting -> {out_dir}", unit="img", disable=not progress) as bar:
+        if workers == 1:
+            for name in todo:
+                blocks = []
+                for severity in range(1, NUM_SEVERITIES + 1):
+                    bar.set_postfix_str(f"{name} s{severity}")
+                    blocks.append(corrupt_images(images, name, severity, seed, progress=bar))
+                _atomic_save(out_dir / f"{name}.npy", np.concatenate(blocks))
+        else:
+            _corrupt_in_processes(images, jobs, seed, workers, out_dir, bar)
+    label_dtype = np.uint8 if labels.max() < 256 else np.int64
+    _atomic_save(out_dir / "labels.npy", np.tile(labels.astype(label_dtype), NUM_SEVERITIES))
+    from importlib import metadata
+    try:
+        version = metadata.version("imagecorruptions-imaug")
+    except metadata.PackageNotFoundError:
+        version = None
+    meta = {"seed": int(seed), "images_per_severity": n, "image_shape": list(images.shape[1:]),
+            "severities": NUM_SEVERITIES, "corruptions": sorted(set(corruptions) | _existing(out_dir)),
+            "class_names": list(class_names) if class_names is not None else None, "source": source,
+            "library": f"imagecorruptions-imaug {version}"}
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out_dir
+
+
+def _corrupt_in_processes(images, jobs, seed, workers, out_dir: Path, bar) -> None:
+    """Blocks in worker processes; each corruption's file is written once its five blocks are back."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    done: dict[str, dict[int, np.ndarray]] = {}
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(images,)) as pool:
+        futures = [pool.submit(_corrupt_job, name, severity, seed) for name, severity in jobs]
+        for future in as_completed(futures):
+            name, severity, block = future.result()
+            bar.update(len(block))
+            blocks = done.setdefault(name, {})
+            blocks[severity] = block
+            if len(blocks) == NUM_SEVERITIES:
+                _atomic_save(out_dir / f"{name}.npy", np.concatenate([blocks[s] for s in sorted(blocks)]))
+                del done[name]
+
+
+def _existing(out_dir: Path) -> set[str]:
+    return {p.stem for p in out_dir.glob("*.npy") if p.stem in ALL_CORRUPTIONS}
+
+
+def load_image_folder(root: str | Path, size: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``root/<class>/<image>`` -> (images (N, H, W, 3) uint8, labels (N,), class names = sorted folder names).
+
+    Images must share one size unless ``size`` is given: then each is resized (shortest side, bicubic) and
+    centre-cropped to size x size."""
+    from PIL import Image
+    root = Path(root)
+    if not root.is_dir():
+        raise CorruptionError(f"image folder {root} does not exist (expected <root>/<class>/<image>)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise CorruptionError(f"{root} has no class sub-folders (expected <root>/<class>/<image>)")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).iterdir()):
+            if path.suffix.lower() not in _IMAGE_SUFFIXES:
+                continue
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+                if size is not None:
+                    scale = size / min(img.size)
+                    img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))),
+                                     Image.BICUBIC)
+                    left, top = (img.width - size) // 2, (img.height - size) // 2
+                    img = img.crop((left, top, left + size, top + size))
+                array = np.asarray(img, dtype=np.uint8)
+            if images and array.shape != images[0].shape:
+                raise CorruptionError(f"{path} is {array.shape[1]}x{array.shape[0]} but earlier images are "
+                                      f"{images[0].shape[1]}x{images[0].shape[0]}; pass a size to resize them all")
+            images.append(array)
+            labels.append(label)
+    if not images:
+        raise CorruptionError(f"no image files ({sorted(_IMAGE_SUFFIXES)}) under {root}/<class>/")
+    return np.stack(images), np.asarray(labels, dtype=np.int64), classes

@@ -1,0 +1,155 @@
+"""The suite end to end on a fresh machine, with nothing to download: zero-shot CLIP, TENT and BATCLIP on
+Shapes-C, the embedded corruption benchmark (docs/demo.md).
+
+    python scripts/demo.py      # about 4 minutes on 2 CPU cores, after a one-off set-up of 5-10 minutes
+
+1. If DATA_DIR/Shapes-C is missing, it is generated: the seeded synthetic Shapes test split, corrupted with
+   the 15 ImageNet-C corruptions at 5 severities (scripts/make_corrupted.py does the same for any data).
+2. Each method runs through the suite's one harness (harness.run.evaluate) with its config
+   conf/shapes_c/<method>.yaml: the committed tiny CLIP (models/checkpoints/tiny-clip-shapes.pt), severity 5,
+   reset at every corruption. Nothing here is special-cased; real runs differ only in their config.
+3. A table of accuracies (%) is printed, one row per method, one column per corruption, and their mean;
+   every run's records are written under SAVE_DIR as usual, and the table to SAVE_DIR/demo_table.md
+   (.csv, .tex, .png), by the suite's comparison code (harness/compare.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from conf.defaults import CORRUPTIONS_15  # noqa: E402
+
+CONFIG_DIR = REPO_ROOT / "conf" / "shapes_c"
+DEFAULT_METHODS = ["source", "tent", "batclip"]
+# Clean test images per severity in the generated Shapes-C, and the demo evaluates all of them: 10,000 per
+# corruption, as CIFAR-10-C in the paper (50 updates of batch 200 per corruption).
+DEFAULT_IMAGES_PER_SEVERITY = 10000
+GENERATOR_SEED = 0
+
+
+def ensure_shapes_c(data_dir: Path, corruptions: list[str], images_per_severity: int, seed: int = GENERATOR_SEED,
+                    progress: bool = True, workers: int = 1) -> Path:
+    """Generate DATA_DIR/Shapes-C (the corruptions it lacks) from the seeded Shapes test split."""
+    from datasets.corruptions import write_corrupted
+    from datasets.shapes import SHAPE_CLASSES, SPLIT_SEEDS, ShapesC, clean_split
+    root = data_dir / ShapesC.folder
+    source = f"datasets.shapes.clean_split('test', {images_per_severity}) (seed {SPLIT_SEEDS['test']})"
+    meta_path = root / "meta.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if (meta.get("source"), meta.get("seed")) != (source, seed):
+            raise SystemExit(f"{root} was generated differently ({meta.get('source')}, seed {meta.get('seed')}) "
+                             f"from what was asked ({source}, seed {seed}). Delete that folder to regenerate it, "
+                             f"or pass --images-per-severity {meta.get('images_per_severity')}.")
+    missing = [c for c in corruptions if not (root / f"{c}.npy").is_file()]
+    if missing or not (root / "labels.npy").is_file():
+        print(f"Generating Shapes-C in {root}: {len(missing)} corruption(s) x 5 severities x "
+              f"{images_per_severity} images (one-off set-up)", flush=True)
+        images, labels = clean_split("test", images_per_severity)
+        write_corrupted(images, labels, root, missing, seed=seed, class_names=SHAPE_CLASSES, source=source,
+                        progress=progress, overwrite=False, workers=workers)
+    return root
+
+
+def run_methods(methods_wanted: list[str], opts: list[str], progress: bool = True) -> list[tuple[str, list[dict]]]:
+    """(method, [payload]) from the suite's comparison runner (harness.compare: every method on the identical
+    data and stream, through harness.run.evaluate); methods without a config or registration are skipped."""
+    import methods
+    from harness.compare import method_configs, run_comparison
+    runnable = []
+    for name in methods_wanted:
+        if not (CONFIG_DIR / f"{name}.yaml").is_file():
+            print(f"[skip] {name}: no config {CONFIG_DIR / name}.yaml", flush=True)
+        elif name not in methods.METHODS and name not in methods.ALIASES:
+            print(f"[skip] {name}: method '{name}' is not registered in this checkout (methods/{name}.py)",
+                  flush=True)
+        else:
+            runnable.append(name)
+    if not runnable:
+        return []
+    configs = method_configs([str(CONFIG_DIR / f"{name}.yaml") for name in runnable], opts=opts)
+    groups = []
+    for (name, (_, cfgs)) in zip(runnable, configs):
+        start = time.perf_counter()
+        (label, payloads), = run_comparison([(name, cfgs)], progress=progress)
+        print(f"{name}: mean accuracy {100 * payloads[0]['summary']['mean_accuracy']:.2f}% "
+              f"({time.perf_counter() - start:.0f} s) -> {payloads[0]['provenance']['save_dir']}", flush=True)
+        groups.append((label, payloads))
+    return groups
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="./data", help="DATA_DIR; Shapes-C is generated there if missing")
+    parser.add_argument("--save-dir", default="./output/demo", help="SAVE_DIR for the results records")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="configs of conf/shapes_c/ to run")
+    parser.add_argument("--corruptions", nargs="+", default=CORRUPTIONS_15)
+    parser.add_argument("--num-ex", type=int, default=DEFAULT_IMAGES_PER_SEVERITY,
+                        help="test images per corruption (CORRUPTION.NUM_EX)")
+    parser.add_argument("--batch-size", type=int, default=200, help="TEST.BATCH_SIZE (the paper's CIFAR value)")
+    parser.add_argument("--images-per-severity", type=int, default=DEFAULT_IMAGES_PER_SEVERITY,
+                        help="clean test images corrupted when Shapes-C is generated")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="processes generating Shapes-C (the files do not depend on it)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--verbose", action="store_true", help="log every domain's result as it finishes")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="further KEY VALUE config overrides")
+    args = parser.parse_args(argv)
+    if args.num_ex > args.images_per_severity:
+        parser.error(f"--num-ex {args.num_ex} exceeds --images-per-severity {args.images_per_severity}")
+    # The console handler's level, not the root's: the harness lowers the root level to INFO for its log file.
+    console = logging.StreamHandler()
+    console.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    console.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)s: %(message)s", "%H:%M:%S"))
+    logging.getLogger().addHandler(console)
+    try:
+        return run_demo(args)
+    finally:
+        logging.getLogger().removeHandler(console)
+
+
+def run_demo(args) -> int:
+    if args.threads > 0:
+        import torch
+        torch.set_num_threads(args.threads)
+
+    data_dir = Path(args.data_dir)
+    start = time.perf_counter()
+    ensure_shapes_c(data_dir, args.corruptions, args.images_per_severity, progress=not args.no_progress,
+                    workers=args.workers)
+    setup_seconds = time.perf_counter() - start
+
+    opts = ["DATA_DIR", str(data_dir), "SAVE_DIR", args.save_dir, "CORRUPTION.NUM_EX", str(args.num_ex),
+            "TEST.BATCH_SIZE", str(args.batch_size), "CORRUPTION.TYPE", repr(list(args.corruptions)), *args.opts]
+    start = time.perf_counter()
+    groups = run_methods(args.methods, opts, progress=not args.no_progress)
+    run_seconds = time.perf_counter() - start
+    if not groups:
+        print("No method ran.", file=sys.stderr)
+        return 1
+
+    from harness.compare import build_table, to_markdown, write_table
+    table = build_table(groups, with_paper=False)
+    print("\n" + to_markdown(table))
+    print(f"set-up {setup_seconds:.0f} s, evaluation {run_seconds:.0f} s")
+    save_dir = Path(args.save_dir)
+    write_table(table, save_dir, stem="demo_table")
+    (save_dir / "demo.json").write_text(json.dumps(
+        {"methods": {m: {"summary": p[0]["summary"], "records": p[0]["records"],
+                         "save_dir": p[0]["provenance"]["save_dir"]} for m, p in groups},
+         "num_ex": args.num_ex, "batch_size": args.batch_size, "corruptions": list(args.corruptions),
+         "setup_seconds": setup_seconds, "evaluation_seconds": run_seconds}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
