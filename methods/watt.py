@@ -133,7 +133,7 @@ class WATT(TTAMethod):
         names = self.model.class_names
         features = []
         for template in self.templates:
-            tokens = tokenizer([template.format(c) for c in names]).to(self.device)
+            tokens = self.model.truncate_tokens(tokenizer([template.format(c) for c in names])).to(self.device)
             chunks = [self.model.encode_tokens(tokens[i:i + 1000]).float() for i in range(0, len(tokens), 1000)]
             features.append(F.normalize(torch.cat(chunks), dim=-1))
         return torch.stack(features)
