@@ -137,6 +137,14 @@ def n_confident_views(n_views: int, fraction: float, key: str) -> int:
     return k
 
 
+def confident_views_setup(cfg, node: str) -> tuple[AugmentedViews, int]:
+    """The views of a view-ensembling method configured under ``node`` (TPT, VTE): TEST.N_AUGMENTATIONS views
+    made as <node>.VIEW_AUGMENTATION says, and how many of them <node>.SELECTION_P keeps."""
+    views = AugmentedViews(cfg.TEST.N_AUGMENTATIONS, cfg[node].VIEW_AUGMENTATION, cfg.RNG_SEED,
+                           keys=("TEST.N_AUGMENTATIONS", f"{node}.VIEW_AUGMENTATION"))
+    return views, n_confident_views(views.n_views, cfg[node].SELECTION_P, f"{node}.SELECTION_P")
+
+
 def lowest_entropy_views(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (..., k) of the k views with the lowest softmax entropy along dim -2 of logits (..., V, C)."""
     entropy = softmax_entropy(logits.reshape(-1, logits.shape[-1]).float()).view(logits.shape[:-1])

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.augmentations import AugmentedViews, lowest_entropy_views, n_confident_views
+from methods.augmentations import confident_views_setup, lowest_entropy_views
 from methods.base import TTAMethod
 from methods.registry import register_method
 
@@ -97,11 +97,9 @@ class TPT(TTAMethod):
 
     def __init__(self, cfg, model, num_classes):
         super().__init__(cfg, model, num_classes)
-        self.views = AugmentedViews(cfg.TEST.N_AUGMENTATIONS, cfg.TPT.VIEW_AUGMENTATION, cfg.RNG_SEED,
-                                    keys=("TEST.N_AUGMENTATIONS", "TPT.VIEW_AUGMENTATION"))
+        self.views, self.n_selected = confident_views_setup(cfg, "TPT")
         # Cost per image, for the results' provenance: image-encoder passes (views) per test image.
         self.views_per_image = self.views.n_views
-        self.n_selected = n_confident_views(self.views_per_image, cfg.TPT.SELECTION_P, "TPT.SELECTION_P")
 
     def cost_info(self) -> dict:
         """Per test image: the views through the image encoder (once, encoders frozen), OPTIM.STEPS forward +

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from methods.augmentations import AugmentedViews, lowest_entropy_views, n_confident_views
+from methods.augmentations import confident_views_setup, lowest_entropy_views
 from methods.base import TTAMethod
 from methods.registry import register_method
 
@@ -33,11 +33,9 @@ class VTE(TTAMethod):
 
     def __init__(self, cfg, model, num_classes):
         super().__init__(cfg, model, num_classes)
-        self.views = AugmentedViews(cfg.TEST.N_AUGMENTATIONS, cfg.VTE.VIEW_AUGMENTATION, cfg.RNG_SEED,
-                                    keys=("TEST.N_AUGMENTATIONS", "VTE.VIEW_AUGMENTATION"))
+        self.views, self.n_selected = confident_views_setup(cfg, "VTE")
         # Cost per image, for the results' provenance: image-encoder passes (views) per test image.
         self.views_per_image = self.views.n_views
-        self.n_selected = n_confident_views(self.views_per_image, cfg.VTE.SELECTION_P, "VTE.SELECTION_P")
 
     def cost_info(self) -> dict:
         """Per test image: the views through the image encoder; text features are computed once at start-up."""

@@ -174,6 +174,16 @@ class ZeroShotCLIP(nn.Module):
         return logits
 
 
+def zero_shot_head(loaded, arch: str, class_names: Sequence[str], templates: Sequence[str],
+                   truncate_text: bool = True) -> ZeroShotCLIP:
+    """ZeroShotCLIP around a loaded open_clip model (models.weights.LoadedClip), with the model's own
+    normalisation constants and tokenizer."""
+    mean = loaded.preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
+    std = loaded.preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD)
+    return ZeroShotCLIP(loaded.model, open_clip.get_tokenizer(arch), class_names, templates, mean, std,
+                        truncate_text=truncate_text)
+
+
 def build_zero_shot_clip(cfg, class_names: Sequence[str], templates: Sequence[str], device) -> tuple[ZeroShotCLIP, dict]:
     """The one way to build the model: weights per MODEL.*, prompts per CLIP.*. Returns (model, provenance)."""
     from models.weights import load_clip
@@ -186,11 +196,7 @@ def build_zero_shot_clip(cfg, class_names: Sequence[str], templates: Sequence[st
     loaded = load_clip(cfg.MODEL.ARCH, weights, precision=precision, device=device, cache_dir=cfg.CKPT_DIR,
                        allow_download=cfg.MODEL.ALLOW_DOWNLOAD, force_quick_gelu=cfg.MODEL.FORCE_QUICK_GELU)
     pcfg = loaded.preprocess_cfg
-    mean = pcfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
-    std = pcfg.get("std", open_clip.OPENAI_DATASET_STD)
-    tokenizer = open_clip.get_tokenizer(cfg.MODEL.ARCH)
-    model = ZeroShotCLIP(loaded.model, tokenizer, class_names, templates, mean, std,
-                         truncate_text=cfg.CLIP.TRUNCATE_TEXT).to(device)
+    model = zero_shot_head(loaded, cfg.MODEL.ARCH, class_names, templates, cfg.CLIP.TRUNCATE_TEXT).to(device)
     model.eval()
     provenance = {
         "arch": cfg.MODEL.ARCH, "weights": loaded.weights, "weights_source": loaded.weights_source,

@@ -41,15 +41,10 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def build_model(arch: str, class_names, templates, weights: str = "none"):
-    """A ZeroShotCLIP around an open_clip model of ``arch``: the same normalisation and text path as the
-    harness."""
-    import open_clip
-    from models.clip import ZeroShotCLIP
+    """The harness' zero-shot model (same normalisation and text path) around an open_clip ``arch``."""
+    from models.clip import zero_shot_head
     from models.weights import load_clip
-    loaded = load_clip(arch, weights)
-    mean = loaded.preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
-    std = loaded.preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD)
-    return ZeroShotCLIP(loaded.model, open_clip.get_tokenizer(arch), class_names, templates, mean, std)
+    return zero_shot_head(load_clip(arch, weights), arch, class_names, templates)
 
 
 @torch.no_grad()
