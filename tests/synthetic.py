@@ -92,3 +92,57 @@ def tiny_cfg(cfg_file=None, **overrides):
     for key, value in overrides.items():
         opts += [key.replace("__", "."), value if isinstance(value, str) else repr(value)]
     return load_cfg(cfg_file, opts)
+
+
+# Every data-set layout the suite reads, small enough for one test run of every shipped config: the data set
+# name -> the domains written for it (each with GOLDEN_IMAGES_PER_DOMAIN images or more).
+ALL_LAYOUT_DOMAINS = {
+    "cifar10_c": ["gaussian_noise", "fog"],
+    "cifar100_c": ["gaussian_noise", "fog"],
+    "shapes_c": ["gaussian_noise", "fog"],
+    "imagenet_c": ["gaussian_noise", "fog"],
+    "office_home": ["Art", "Clipart"],
+    "pacs": ["art_painting", "cartoon"],
+    "vlcs": ["Caltech101", "LabelMe"],
+    "terra_incognita": ["location_38", "location_43"],
+    "imagenet_a": ["ImageNet-A"],
+    "imagenet_r": ["ImageNet-R"],
+    "imagenet_v2": ["ImageNet-V2"],
+    "imagenet_sketch": ["ImageNet-Sketch"],
+}
+
+
+def write_all_layouts(root: Path) -> Path:
+    """One DATA_DIR holding a small synthetic copy of every data set in its real on-disk layout (the domains of
+    ALL_LAYOUT_DOMAINS; severity 5 for the corruption sets). Deterministic: the same files on every call."""
+    import datasets
+    root = Path(root)
+    for seed, (name, folder, classes) in enumerate([("cifar10_c", "CIFAR-10-C", 10), ("cifar100_c", "CIFAR-100-C", 100),
+                                                    ("shapes_c", "Shapes-C", 10)]):
+        write_cifar_c(root, ALL_LAYOUT_DOMAINS[name], per_severity=8, num_classes=classes, folder=folder, seed=seed)
+    write_imagenet_c(root, ALL_LAYOUT_DOMAINS["imagenet_c"], severities=(5,), per_class=2, size=40, seed=3)
+    folders = {"office_home": "office_home", "pacs": "PACS", "vlcs": "VLCS", "terra_incognita": "terra_incognita"}
+    for seed, (name, folder) in enumerate(folders.items(), start=4):
+        ds = datasets.get_dataset(name)
+        for k, domain in enumerate(ALL_LAYOUT_DOMAINS[name]):
+            write_image_folders(root / folder / domain, ds.class_folders, per_class=2, seed=10 * seed + k, size=16)
+    for seed, name in enumerate(["imagenet_a", "imagenet_r", "imagenet_v2", "imagenet_sketch"], start=8):
+        ds = datasets.get_dataset(name)
+        write_image_folders(root / ds.folder, ds.class_folders(), per_class=1, seed=seed, size=16)
+    return root
+
+
+def small_run_overrides(dataset: str, config: str) -> dict:
+    """What a shipped config needs besides the tiny model and the ALL_LAYOUT_DOMAINS data to run in a test: the
+    domains written, 8 images per domain in batches of 4, every ImageNet-C image found, and three cost cuts on the
+    tiny model (SAR's 3 excluded blocks exceed its 2; WATT-P's 50 repeats and ImageNet-C VTE's 80 x 1000
+    ensemble prompts would cost a minute each)."""
+    overrides = {"CORRUPTION__TYPE": ALL_LAYOUT_DOMAINS[dataset], "CORRUPTION__NUM_EX": 8, "TEST__BATCH_SIZE": 4,
+                 "CORRUPTION__IMAGENET_C_LIST": "all"}
+    if config == "sar":
+        overrides["SAR__EXCLUDED_DEEPEST_BLOCKS"] = 1
+    if config == "watt_p":
+        overrides["WATT__REPEATS"] = 2
+    if (dataset, config) == ("imagenet_c", "vte"):
+        overrides["CLIP__PROMPT_MODE"] = "custom"
+    return overrides
