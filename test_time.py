@@ -2,22 +2,19 @@
 
     python test_time.py --cfg conf/cifar10_c/source.yaml DATA_DIR /data MODEL.WEIGHTS openai
 
-Overrides follow yacs: KEY VALUE pairs after the config file. An interrupted run resumes where it stopped when the
-same command is run again (--restart starts over); --domains / --shard K/N run part of the domains, e.g. on
-several machines (reset_each_shift only; see docs/comparison.md)."""
+Overrides follow yacs: KEY VALUE pairs, before or after the flags. An interrupted run resumes where it stopped
+when the same command is run again (--restart starts over); --domains / --shard K/N run part of the domains, e.g.
+on several machines (reset_each_shift only; see docs/comparison.md)."""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
 
-from conf import ConfigError, load_cfg
-from datasets import DatasetError
-from harness.cli import split_list_options
-from harness.progress import ResumeError
+from conf import ConfigError
+from harness.build import check_config, load_cfg
+from harness.cli import entry_point, parse_command_line
 from harness.run import evaluate
-from harness.settings import SettingError
-from models import WeightsError
 
 
 def shard_domains(domains: list[str], shard: str) -> list[str]:
@@ -42,9 +39,7 @@ def build_run_cfg(cfg_file, opts, restart: bool = False, domains=None, shard: st
         cfg.RUN_DOMAINS = list(domains)
     elif shard:
         cfg.RUN_DOMAINS = shard_domains(cfg.CORRUPTION.TYPE, shard)
-    unknown = [d for d in cfg.RUN_DOMAINS if d not in cfg.CORRUPTION.TYPE]
-    if unknown:
-        raise ConfigError(f"RUN_DOMAINS / --domains {unknown} are not in CORRUPTION.TYPE {list(cfg.CORRUPTION.TYPE)}")
+    check_config(cfg)
     cfg.freeze()
     return cfg
 
@@ -58,24 +53,16 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard", metavar="K/N", help="run the K-th of N interleaved parts of CORRUPTION.TYPE")
 
 
+@entry_point
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="%(prog)s --cfg CONFIG [flags] [KEY VALUE ...]")
     parser.add_argument("--cfg", dest="cfg_file", required=True, help="YAML config, e.g. conf/cifar10_c/batclip.yaml")
     add_run_flags(parser)
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
-    args = parser.parse_args(argv)
-    split_list_options(args, ("domains",))
+    args = parse_command_line(parser, argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        cfg = build_run_cfg(args.cfg_file, args.opts, args.restart, args.domains, args.shard)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    try:
-        payload = evaluate(cfg, progress=not args.no_progress)   # logs the per-domain table (and the paper's row)
-    except (SettingError, ResumeError, DatasetError, WeightsError) as err:   # bad input: a message, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = build_run_cfg(args.cfg_file, args.opts, args.restart, args.domains, args.shard)
+    payload = evaluate(cfg, progress=not args.no_progress)   # logs the per-domain table (and the paper's row)
     print(f"results: {payload['provenance']['save_dir']}/results.json")
     return 0
 

@@ -2,21 +2,25 @@
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Sequence
+from typing import Sequence
 
 from torch.utils.data import Dataset
 
+from conf.errors import UserError
+from conf.registry import Registry
 
-class DatasetError(RuntimeError):
+
+class DatasetError(UserError):
     """A data set is missing or malformed; the message names the path and what was expected."""
 
 
 class BenchmarkDataset:
     """One benchmark (CIFAR-10-C, ImageNet-C, PACS, ...): its classes, its domains, and how to read one
-    domain (at one severity) from DATA_DIR as a torch Dataset of (image tensor, label) pairs.
+    domain (at one severity) from DATA_DIR as a torch Dataset of (PIL image, class index) pairs. The harness
+    applies the model's image transform; a data set only reads.
 
     Subclasses set the class attributes and implement ``build_domain``; register them with
-    ``@register_dataset``."""
+    ``@register_dataset`` (docs/adding_a_dataset.md)."""
     name: str = ""
     class_names: Sequence[str] = ()
     # Templates for CLIP.PROMPT_MODE ensemble.
@@ -33,7 +37,9 @@ class BenchmarkDataset:
             raise DatasetError(f"'{domain}' is not a domain of {self.name} (CORRUPTION.TYPE). "
                                f"Nearest: {near}; all: {list(self.domains)}")
 
-    def build_domain(self, cfg, domain: str, severity: int, transform: Callable) -> Dataset:
+    def build_domain(self, cfg, domain: str, severity: int) -> Dataset:
+        """The images of one domain at one severity, checked: every file this needs exists and has the expected
+        layout, or a DatasetError names the path. Reading an image happens later, in the DataLoader."""
         raise NotImplementedError
 
     def describe(self, cfg) -> dict:
@@ -41,19 +47,14 @@ class BenchmarkDataset:
         return {}
 
 
-DATASETS: dict[str, BenchmarkDataset] = {}
+DATASETS = Registry("data set", "CORRUPTION.DATASET")
 
 
 def register_dataset(cls: type[BenchmarkDataset]) -> type[BenchmarkDataset]:
-    if cls.name in DATASETS:
-        raise ValueError(f"data set '{cls.name}' is registered twice")
-    DATASETS[cls.name] = cls()
+    """Class decorator: registers one instance under ``cls.name``."""
+    DATASETS.add(cls.name, cls())
     return cls
 
 
 def get_dataset(name: str) -> BenchmarkDataset:
-    if name not in DATASETS:
-        near = difflib.get_close_matches(name, list(DATASETS), n=3, cutoff=0.4)
-        raise DatasetError(f"Unknown data set CORRUPTION.DATASET '{name}'. Nearest: {near}; "
-                           f"registered: {sorted(DATASETS)}")
-    return DATASETS[name]
+    return DATASETS.get(name)

@@ -12,21 +12,17 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from conf.defaults import CORRUPTIONS_15
 from datasets.base import BenchmarkDataset, DatasetError, register_dataset
 from datasets.class_names import CIFAR10_CLASSES, CIFAR100_CLASSES, CIFAR_TEMPLATES
-
-# Both CIFAR-10-C and CIFAR-100-C ship these four beside the 15 benchmark corruptions.
-CIFAR_EXTRA = ["speckle_noise", "gaussian_blur", "spatter", "saturate"]
-NUM_SEVERITIES = 5
+from datasets.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS, NUM_SEVERITIES
 
 
 class NpyImages(Dataset):
-    """Rows ``indices`` of a memory-mapped (N, H, W, 3) uint8 array; the file is opened lazily so the
-    dataset pickles cheaply into DataLoader workers."""
+    """(PIL image, label) for rows ``indices`` of a memory-mapped (N, H, W, 3) uint8 array; the file is opened
+    lazily so the dataset pickles cheaply into DataLoader workers."""
 
-    def __init__(self, path: Path, indices: np.ndarray, labels: np.ndarray, transform):
-        self.path, self.indices, self.labels, self.transform = path, indices, labels, transform
+    def __init__(self, path: Path, indices: np.ndarray, labels: np.ndarray):
+        self.path, self.indices, self.labels = path, indices, labels
         self._images = None
 
     def __len__(self) -> int:
@@ -35,8 +31,7 @@ class NpyImages(Dataset):
     def __getitem__(self, i: int):
         if self._images is None:
             self._images = np.load(self.path, mmap_mode="r")
-        image = Image.fromarray(np.asarray(self._images[self.indices[i]]))
-        return self.transform(image), int(self.labels[i])
+        return Image.fromarray(np.asarray(self._images[self.indices[i]])), int(self.labels[i])
 
     def __getstate__(self):
         return {**self.__dict__, "_images": None}
@@ -59,7 +54,7 @@ class CifarC(BenchmarkDataset):
         return (f"{root}/<corruption>.npy as uint8 (N, 32, 32, 3) with N = 5 x images per severity "
                 f"(severity s in rows [(s-1)N/5, sN/5)), and {root}/labels.npy as (N,)")
 
-    def build_domain(self, cfg, domain: str, severity: int, transform) -> Dataset:
+    def build_domain(self, cfg, domain: str, severity: int) -> Dataset:
         self.check_domain(domain)
         root = Path(cfg.DATA_DIR).expanduser() / self.folder
         if not root.is_dir():
@@ -90,7 +85,7 @@ class CifarC(BenchmarkDataset):
         if block_labels.min() < 0 or block_labels.max() >= len(self.class_names):
             raise DatasetError(f"{root / 'labels.npy'}: labels must lie in [0, {len(self.class_names)}), "
                                f"found [{block_labels.min()}, {block_labels.max()}]")
-        return NpyImages(root / f"{domain}.npy", rows, block_labels, transform)
+        return NpyImages(root / f"{domain}.npy", rows, block_labels)
 
 
 @register_dataset
@@ -98,7 +93,7 @@ class Cifar10C(CifarC):
     name = "cifar10_c"
     folder = "CIFAR-10-C"
     class_names = CIFAR10_CLASSES
-    domains = CORRUPTIONS_15 + CIFAR_EXTRA
+    domains = CORRUPTIONS + EXTRA_CORRUPTIONS
 
 
 @register_dataset
@@ -106,6 +101,6 @@ class Cifar100C(CifarC):
     name = "cifar100_c"
     folder = "CIFAR-100-C"
     class_names = CIFAR100_CLASSES
-    domains = CORRUPTIONS_15 + CIFAR_EXTRA
+    domains = CORRUPTIONS + EXTRA_CORRUPTIONS
 
 

@@ -14,7 +14,8 @@ pure function of (images, corruption, severity, seed), whichever other corruptio
 Note: the severity constants are ImageNet-C's (the library has no CIFAR-10-C set); on 32x32 images the
 blurs are relatively stronger than in CIFAR-10-C.
 
-This module lives in ``datasets`` (auto-imported), so imagecorruptions and tqdm are imported lazily.
+The corruption names live here: CORRUPTIONS (the benchmark's 15) and EXTRA_CORRUPTIONS (the 4 more that CIFAR-C and
+ImageNet-C ship). imagecorruptions and tqdm are imported lazily.
 """
 from __future__ import annotations
 
@@ -26,12 +27,20 @@ from typing import Sequence
 
 import numpy as np
 
-from conf.defaults import CORRUPTIONS_15
+from conf.errors import UserError
 
+# The 15 ImageNet-C corruptions of the benchmark (Hendrycks & Dietterich, 2019), in the order of the papers' tables.
+CORRUPTIONS = [
+    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
+    "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
+    "elastic_transform", "pixelate", "jpeg_compression",
+]
+# The 4 held-out corruptions that CIFAR-10-C, CIFAR-100-C and ImageNet-C ship beside them.
+EXTRA_CORRUPTIONS = ["speckle_noise", "gaussian_blur", "spatter", "saturate"]
 NUM_SEVERITIES = 5
 # Every corruption the library implements, in its order; a corruption's index here enters its seed, so adding
 # or removing corruptions from a run never changes the images of the others.
-ALL_CORRUPTIONS = CORRUPTIONS_15 + ["speckle_noise", "gaussian_blur", "spatter", "saturate"]
+ALL_CORRUPTIONS = CORRUPTIONS + EXTRA_CORRUPTIONS
 # Corruptions whose library code ignores numpy's global RNG and takes a ``seed`` argument instead.
 _SEED_ARGUMENT = {"glass_blur", "impulse_noise"}
 # The library refuses images smaller than this (its blur kernels and frost crops assume it).
@@ -39,7 +48,7 @@ MIN_SIZE = 32
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-class CorruptionError(ValueError):
+class CorruptionError(UserError):
     """Bad input to the corruption generator; the message names what was expected."""
 
 
@@ -137,7 +146,7 @@ def _corrupt_job(corruption: str, severity: int, seed: int) -> tuple[str, int, n
 
 
 def write_corrupted(images: np.ndarray, labels: np.ndarray, out_dir: str | Path,
-                    corruptions: Sequence[str] = CORRUPTIONS_15, seed: int = 0,
+                    corruptions: Sequence[str] = CORRUPTIONS, seed: int = 0,
                     class_names: Sequence[str] | None = None, source: str = "", progress: bool = True,
                     overwrite: bool = True, workers: int = 1) -> Path:
     """Write ``out_dir/<corruption>.npy`` (5 severity blocks) and ``out_dir/labels.npy``; returns ``out_dir``.

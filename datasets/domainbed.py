@@ -14,8 +14,7 @@ from torch.utils.data import Dataset
 
 from datasets.base import BenchmarkDataset, DatasetError, register_dataset
 from datasets.class_names import IMAGENET_TEMPLATES
-from datasets.imagenet_c import ImageFiles
-from datasets.folders import check_no_severity, read_class_folders, take_subset
+from datasets.folders import ImageFiles, check_no_severity, read_class_folders, take_subset
 
 
 def readable(folder_name: str) -> str:
@@ -52,7 +51,7 @@ class DomainBedDataset(BenchmarkDataset):
                 return base / name
         return base / domain
 
-    def build_domain(self, cfg, domain: str, severity: int, transform) -> Dataset:
+    def build_domain(self, cfg, domain: str, severity: int) -> Dataset:
         self.check_domain(domain)
         check_no_severity(self.name, severity)
         base = Path(cfg.DATA_DIR).expanduser() / self.folder
@@ -63,7 +62,7 @@ class DomainBedDataset(BenchmarkDataset):
         files, labels = read_class_folders(root, self.class_folders, f"{self.name} domain '{domain}'",
                                            self.layout(base))
         files, labels = take_subset(cfg, files, labels, root)
-        return ImageFiles(files, labels, transform)
+        return ImageFiles(files, labels)
 
 
 @register_dataset

@@ -1,8 +1,8 @@
-"""Shared reading of class-folder data sets (``<root>/<class folder>/<image>``): the domain-generalisation
-sets (DomainBed layout) and the ImageNet variants. Registers no data set.
+"""Shared reading of image files and of class-folder data sets (``<root>/<class folder>/<image>``): ImageNet-C,
+the domain-generalisation sets (DomainBed layout) and the ImageNet variants. Registers no data set.
 
 Every problem is reported as a DatasetError naming the path: a missing root, a missing or unexpected class
-folder, an empty class folder; an unreadable image is reported when it is read (datasets.imagenet_c.ImageFiles).
+folder, an empty class folder; an unreadable image is reported when it is read (``ImageFiles``).
 """
 from __future__ import annotations
 
@@ -10,13 +10,34 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
 
 from datasets.base import DatasetError
-from datasets.imagenet_c import IMAGE_SUFFIXES
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"}
 
 # CORRUPTION.NUM_EX on a folder data set: a fixed random subset (this seed, independent of RNG_SEED, so every
 # run with the same NUM_EX sees the same images); the harness then orders them with its own permutation.
 SUBSET_SEED = 0
+
+
+class ImageFiles(Dataset):
+    """(PIL image, label) for a list of image files, decoded when read."""
+
+    def __init__(self, files: list[Path], labels: list[int]):
+        self.files, self.labels = files, labels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            with Image.open(self.files[i]) as image:
+                image.load()
+        except Exception as err:  # noqa: BLE001
+            raise DatasetError(f"Cannot read image {self.files[i]}: {err}") from err
+        return image, self.labels[i]
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -14,15 +14,13 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-from PIL import Image
 from torch.utils.data import Dataset
 
-from conf.defaults import CORRUPTIONS_15
 from datasets.base import BenchmarkDataset, DatasetError, register_dataset
 from datasets.class_names import IMAGENET_CLASSES, IMAGENET_TEMPLATES
+from datasets.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS
+from datasets.folders import IMAGE_SUFFIXES, ImageFiles
 
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"}
-EXTRA_CORRUPTIONS = ["speckle_noise", "gaussian_blur", "spatter", "saturate"]
 _HELPER = "robustbench/helper_files/"
 
 
@@ -60,29 +58,13 @@ def read_image_list(path: Path) -> list[str]:
     return entries
 
 
-class ImageFiles(Dataset):
-    def __init__(self, files: list[Path], labels: list[int], transform):
-        self.files, self.labels, self.transform = files, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int):
-        try:
-            with Image.open(self.files[i]) as image:
-                image.load()
-        except Exception as err:  # noqa: BLE001
-            raise DatasetError(f"Cannot read image {self.files[i]}: {err}") from err
-        return self.transform(image), self.labels[i]
-
-
 @register_dataset
 class ImageNetC(BenchmarkDataset):
     name = "imagenet_c"
     folder = "ImageNet-C"
     class_names = IMAGENET_CLASSES
     ensemble_templates = IMAGENET_TEMPLATES
-    domains = CORRUPTIONS_15 + EXTRA_CORRUPTIONS
+    domains = CORRUPTIONS + EXTRA_CORRUPTIONS
 
     def image_list(self, cfg) -> tuple[str, list[str] | None]:
         choice = cfg.CORRUPTION.IMAGENET_C_LIST
@@ -95,7 +77,7 @@ class ImageNetC(BenchmarkDataset):
     def describe(self, cfg) -> dict:
         return {"imagenet_c_list": cfg.CORRUPTION.IMAGENET_C_LIST}
 
-    def build_domain(self, cfg, domain: str, severity: int, transform) -> Dataset:
+    def build_domain(self, cfg, domain: str, severity: int) -> Dataset:
         self.check_domain(domain)
         base = Path(cfg.DATA_DIR).expanduser() / self.folder
         root = base / domain / str(severity)
@@ -123,4 +105,4 @@ class ImageNetC(BenchmarkDataset):
         if missing:
             raise DatasetError(f"ImageNet-C: {len(missing)} of {len(files)} listed images are missing, e.g. "
                                f"{missing[0]} (layout {layout}; list {cfg.CORRUPTION.IMAGENET_C_LIST})")
-        return ImageFiles(files, [wnid_index[e.split("/")[0]] for e in entries], transform)
+        return ImageFiles(files, [wnid_index[e.split("/")[0]] for e in entries])

@@ -20,8 +20,7 @@ from torch.utils.data import Dataset
 
 from datasets.base import BenchmarkDataset, register_dataset
 from datasets.class_names import IMAGENET_CLASSES, IMAGENET_TEMPLATES
-from datasets.imagenet_c import ImageFiles
-from datasets.folders import check_no_severity, read_class_folders, take_subset
+from datasets.folders import ImageFiles, check_no_severity, read_class_folders, take_subset
 from datasets.imagenet_c import imagenet_wnids
 
 # The 200 ImageNet-A classes (Hendrycks et al., "Natural Adversarial Examples"), sorted.
@@ -90,14 +89,14 @@ class ImageNetVariant(BenchmarkDataset):
         # Computed on first use: the wnid order comes from the robustbench data files.
         return [IMAGENET_CLASSES[i] for i in self.imagenet_indices()]
 
-    def build_domain(self, cfg, domain: str, severity: int, transform) -> Dataset:
+    def build_domain(self, cfg, domain: str, severity: int) -> Dataset:
         self.check_domain(domain)
         check_no_severity(self.name, severity)
         root = Path(cfg.DATA_DIR).expanduser() / self.folder
         layout = f"{root}/<{'class index' if self.name == 'imagenet_v2' else 'wnid'}>/<image>"
         files, labels = read_class_folders(root, self.class_folders(), self.name, layout)
         files, labels = take_subset(cfg, files, labels, root)
-        return ImageFiles(files, labels, transform)
+        return ImageFiles(files, labels)
 
 
 class WnidSubset(ImageNetVariant):

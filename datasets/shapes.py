@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from conf.defaults import CORRUPTIONS_15
 from datasets.base import register_dataset
-from datasets.cifar_c import CIFAR_EXTRA, CifarC
+from datasets.cifar_c import CifarC
+from datasets.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS
 
 # Names chosen to read well in a prompt ("a photo of a crescent.").
 SHAPE_CLASSES = ["circle", "square", "triangle", "star", "cross", "heart", "diamond", "arrow", "crescent", "ring"]
@@ -155,7 +155,7 @@ class ShapesC(CifarC):
     folder = "Shapes-C"
     class_names = SHAPE_CLASSES
     # imagecorruptions implements the CIFAR extras too, so they can be generated and evaluated alike.
-    domains = CORRUPTIONS_15 + CIFAR_EXTRA
+    domains = CORRUPTIONS + EXTRA_CORRUPTIONS
 
     def describe(self, cfg) -> dict:
         """The generator's record (seed, source, library version) when the folder has one."""

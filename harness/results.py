@@ -64,7 +64,6 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-_atomic_write = atomic_write
 
 
 def write_results(save_dir: Path, payload: dict) -> None:
@@ -80,47 +79,6 @@ def write_results(save_dir: Path, payload: dict) -> None:
                      "severity": "", "n": summary["n_total"], "correct": "",
                      "accuracy": summary["mean_accuracy"], "error": summary["mean_error"]})
     atomic_write(save_dir / "results.csv", buf.getvalue())
-
-
-def format_table(records: list[dict], domain_label: str = "corruption", show_severity: bool | None = None,
-                 reference: dict | None = None, reference_label: str = "paper") -> str:
-    """Per-domain accuracy and error (%), with the mean, as a fixed-width text table.
-
-    show_severity: None = only when some record has a severity (data sets without severities record 0).
-    reference: {domain: accuracy in %} (e.g. the paper's row): adds that column and the difference
-    (measured - reference, in accuracy points) for the domains it has; its mean is over those domains."""
-    if show_severity is None:
-        show_severity = any(int(r["severity"]) != 0 for r in records)
-    width = max([len(domain_label), 4] + [len(r["domain"]) for r in records]) + 2
-    sev = (lambda v: f"{v:>4}") if show_severity else (lambda v: "")
-    ref_width = len(reference_label) + 9
-    head = f"{domain_label:<{width}}{sev('sev')}{'n':>8}{'acc %':>9}{'err %':>9}"
-    if reference is not None:
-        head += f"{reference_label + ' acc %':>{ref_width}}{'diff':>8}"
-    lines = [head]
-    matched = []
-    for r in records:
-        line = (f"{r['domain']:<{width}}{sev(r['severity'])}{r['n']:>8}{100 * r['accuracy']:>9.2f}"
-                f"{100 * r['error']:>9.2f}")
-        if reference is not None:
-            value = reference.get(r["domain"])
-            if value is None:
-                line += f"{'-':>{ref_width}}{'-':>8}"
-            else:
-                matched.append((100 * r["accuracy"], value))
-                line += f"{value:>{ref_width}.2f}{100 * r['accuracy'] - value:>+8.2f}"
-        lines.append(line)
-    s = summarise(records)
-    line = (f"{'mean':<{width}}{sev('')}{s['n_total']:>8}{100 * s['mean_accuracy']:>9.2f}"
-            f"{100 * s['mean_error']:>9.2f}")
-    if reference is not None and matched:
-        ours = sum(m for m, _ in matched) / len(matched)
-        theirs = sum(p for _, p in matched) / len(matched)
-        line += f"{theirs:>{ref_width}.2f}{ours - theirs:>+8.2f}"
-        if len(matched) < len(records):
-            line += f"  (over the {len(matched)} domains with a {reference_label} value)"
-    lines.append(line)
-    return "\n".join(lines)
 
 
 def command_line() -> str:

@@ -27,14 +27,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import datasets
+from conf.errors import UserError
+from conf.registry import Registry
+
 # The anchor suite's per-domain severity sequence for SETTING gradual (CORRUPTION.SEVERITY with one value).
 GRADUAL_SEVERITIES = [1, 2, 3, 4, 5, 4, 3, 2, 1]
 # Severity recorded for domains of data sets that have no severities.
 NO_SEVERITY = 0
 
 
-class SettingError(ValueError):
-    pass
+class SettingError(UserError):
+    """A SETTING cannot run as configured (e.g. gradual on a data set without severities)."""
+
+
+SETTINGS = Registry("setting", "SETTING")
+
+
+def register_setting(name: str):
+    """Decorator for a function (cfg, has_severities) -> list[Task]."""
+    return SETTINGS.register(name)
 
 
 @dataclass(frozen=True)
@@ -54,13 +66,6 @@ class Task:
     dirichlet_delta: float = 0.0
 
 
-def _has_severities(cfg, dataset) -> bool:
-    if dataset is None:
-        import datasets
-        dataset = datasets.get_dataset(cfg.CORRUPTION.DATASET)
-    return bool(getattr(dataset, "has_severities", True))
-
-
 def _severities(cfg, has_severities: bool) -> list[int]:
     return [int(s) for s in cfg.CORRUPTION.SEVERITY] if has_severities else [NO_SEVERITY]
 
@@ -69,6 +74,7 @@ def _domain_major(cfg, has_severities: bool) -> list[Segment]:
     return [Segment(d, s) for d in cfg.CORRUPTION.TYPE for s in _severities(cfg, has_severities)]
 
 
+@register_setting("reset_each_shift")
 def reset_each_shift(cfg, has_severities: bool) -> list[Task]:
     # Reset when a new domain starts; several severities of one domain share its adaptation (anchor suite).
     tasks, previous = [], None
@@ -78,10 +84,12 @@ def reset_each_shift(cfg, has_severities: bool) -> list[Task]:
     return tasks
 
 
+@register_setting("continual")
 def continual(cfg, has_severities: bool) -> list[Task]:
     return [Task([seg], reset=(i == 0)) for i, seg in enumerate(_domain_major(cfg, has_severities))]
 
 
+@register_setting("gradual")
 def gradual(cfg, has_severities: bool) -> list[Task]:
     if not has_severities:
         raise SettingError(f"SETTING gradual varies the severity, but data set '{cfg.CORRUPTION.DATASET}' has no "
@@ -92,6 +100,7 @@ def gradual(cfg, has_severities: bool) -> list[Task]:
     return [Task([seg], reset=(i == 0)) for i, seg in enumerate(segments)]
 
 
+@register_setting("mixed_domains")
 def mixed_domains(cfg, has_severities: bool) -> list[Task]:
     return [Task([Segment(d, s) for d in cfg.CORRUPTION.TYPE], reset=(i == 0), order="shuffled")
             for i, s in enumerate(_severities(cfg, has_severities))]
@@ -100,37 +109,26 @@ def mixed_domains(cfg, has_severities: bool) -> list[Task]:
 def _correlated(base):
     def build(cfg, has_severities: bool) -> list[Task]:
         delta = float(cfg.TEST.DELTA_DIRICHLET)
-        if delta < 0:
-            raise SettingError(f"TEST.DELTA_DIRICHLET must be >= 0 (0 = sort by label), got {delta}")
-        sampler = cfg.TEST.CORRELATION_SAMPLER
-        if sampler not in ("anchor", "stata"):
-            raise SettingError(f"TEST.CORRELATION_SAMPLER must be 'anchor' or 'stata', got '{sampler}'")
         tasks = base(cfg, has_severities)
         for task in tasks:
-            task.correlation = ("stata" if sampler == "stata" else "dirichlet") if delta > 0 else "label"
+            task.correlation = ("stata" if cfg.TEST.CORRELATION_SAMPLER == "stata" else "dirichlet") if delta > 0 \
+                else "label"
             task.dirichlet_delta = delta
         return tasks
     build.__name__ = f"{base.__name__}_correlated"
     return build
 
 
-SETTINGS = {
-    "reset_each_shift": reset_each_shift,
-    "continual": continual,
-    "gradual": gradual,
-    "mixed_domains": mixed_domains,
-    # The anchor suite's "correlated" never resets between domains (only reset_each_shift* does).
-    "correlated": _correlated(continual),
-    "reset_each_shift_correlated": _correlated(reset_each_shift),
-    "gradual_correlated": _correlated(gradual),
-    "mixed_domains_correlated": _correlated(mixed_domains),
-}
+# The anchor suite's "correlated" never resets between domains (only reset_each_shift* does).
+SETTINGS.add("correlated", _correlated(continual))
+for _base in (reset_each_shift, gradual, mixed_domains):
+    SETTINGS.add(f"{_base.__name__}_correlated", _correlated(_base))
 
 
 def build_tasks(cfg, dataset=None) -> list[Task]:
-    if cfg.SETTING not in SETTINGS:
-        raise SettingError(f"Unknown SETTING '{cfg.SETTING}'; available: {sorted(SETTINGS)}")
-    return SETTINGS[cfg.SETTING](cfg, _has_severities(cfg, dataset))
+    """The tasks of cfg's SETTING on cfg's data set (or on ``dataset``, when given)."""
+    dataset = dataset if dataset is not None else datasets.get_dataset(cfg.CORRUPTION.DATASET)
+    return SETTINGS.get(cfg.SETTING)(cfg, bool(getattr(dataset, "has_severities", True)))
 
 
 def tasks_to_run(tasks: list[Task], wanted: set[int]) -> list[int]:

@@ -9,12 +9,13 @@ from torch.utils.data import DataLoader, Dataset
 
 
 class SegmentStream(Dataset):
-    """(image, label, segment index) for every sample of the task's segments, in ``order``."""
+    """(transformed image, label, segment index) for every sample of the task's segments, in ``order``."""
 
-    def __init__(self, parts: list[Dataset], order: np.ndarray):
+    def __init__(self, parts: list[Dataset], order: np.ndarray, transform):
         self.parts = parts
         self.offsets = np.cumsum([0] + [len(p) for p in parts])
         self.order = order
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.order)
@@ -27,7 +28,7 @@ class SegmentStream(Dataset):
     def __getitem__(self, i: int):
         segment, j = self.locate(i)
         image, label = self.parts[segment][j]
-        return image, label, segment
+        return self.transform(image), label, segment
 
 
 def stream_order(sizes: list[int], order: str, seed: int, task_index: int = 0, labels: np.ndarray | None = None,

@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from conf.errors import ConfigError
 from methods.base import softmax_entropy
 
 VIEW_AUGMENTATIONS = ("crop_flip",)
@@ -95,10 +96,10 @@ class AugmentedViews:
                  keys: tuple[str, str] = ("TEST.N_AUGMENTATIONS", "VIEW_AUGMENTATION")):
         n_key, aug_key = keys
         if int(n_views) != n_views or n_views < 1:
-            raise ValueError(f"{n_key} must be an integer >= 1 (the original image plus n - 1 augmented views), "
+            raise ConfigError(f"{n_key} must be an integer >= 1 (the original image plus n - 1 augmented views), "
                              f"got {n_views}")
         if augmentation not in VIEW_AUGMENTATIONS:
-            raise ValueError(f"{aug_key} must be one of {list(VIEW_AUGMENTATIONS)}, got '{augmentation}'")
+            raise ConfigError(f"{aug_key} must be one of {list(VIEW_AUGMENTATIONS)}, got '{augmentation}'")
         self.n_views = int(n_views)
         self.augmentation = augmentation
         self.generator = torch.Generator(device="cpu")
@@ -129,10 +130,10 @@ def n_confident_views(n_views: int, fraction: float, key: str) -> int:
     """How many views are kept: int(n_views * fraction), as TPT's ``select_confident_samples``. Zero views
     would make the average undefined (NaN in the reference), so that is refused."""
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"{key} must be in (0, 1], got {fraction}")
+        raise ConfigError(f"{key} must be in (0, 1], got {fraction}")
     k = int(n_views * fraction)
     if k < 1:
-        raise ValueError(f"{key} = {fraction} keeps int({n_views} * {fraction}) = 0 of TEST.N_AUGMENTATIONS = "
+        raise ConfigError(f"{key} = {fraction} keeps int({n_views} * {fraction}) = 0 of TEST.N_AUGMENTATIONS = "
                          f"{n_views} views; raise either so that at least one view is kept")
     return k
 

@@ -1,10 +1,13 @@
 """What every test-time adaptation method shares.
 
-A method wraps the ZeroShotCLIP model. ``forward(x)`` returns the logits reported for the batch; for
-adapting methods they come from the forward pass taken before that batch's update (predict, then adapt).
-The base class owns: choosing and freeing parameters, the optimizer from OPTIM, OPTIM.STEPS updates per
-batch, episodic reset, and ``reset()``, which restores model, optimizer, gradient scaler and every other
-piece of method state (everything registered on the method as a module, parameter or buffer) exactly.
+A method wraps the ZeroShotCLIP model. Its life has two steps: construction (``__init__``: plain attributes from
+the config; nothing is called that a subclass overrides) and ``setup()`` (which parameters adapt, the optimizer,
+the gradient scaler, method state, and the snapshot that ``reset()`` restores). ``methods.build_method`` does both.
+
+``forward(x)`` returns the logits reported for the batch, as the method's declared ``protocol`` says. The base
+class owns: choosing and freeing parameters, the optimizer from OPTIM, OPTIM.STEPS updates per batch (or per
+image), episodic reset, and ``reset()``, which restores model, optimizer, gradient scaler and every other piece of
+method state (everything registered on the method as a module, parameter or buffer) exactly.
 """
 from __future__ import annotations
 
@@ -15,15 +18,30 @@ import logging
 import torch
 import torch.nn as nn
 
+from conf.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
+# How a method reports the logits of a test batch (a declared class attribute, ``protocol``):
+PREDICT_THEN_ADAPT = "predict_then_adapt"   # the forward pass before the batch's update (TENT, BATCLIP, ...)
+ADAPT_THEN_PREDICT = "adapt_then_predict"   # after adapting on the batch, or on each image's views (WATT, TPT)
+TRAINING_FREE = "training_free"             # nothing is trained; one pass per batch (zero-shot, VTE, StatA)
+PROTOCOLS = (PREDICT_THEN_ADAPT, ADAPT_THEN_PREDICT, TRAINING_FREE)
+
 
 class TTAMethod(nn.Module):
-    # Method-specific config: {"NODE": {"KEY": default, ...}}, merged into the defaults by conf.build_defaults.
+    # Method-specific config: {"NODE": {"KEY": default or conf.Option, ...}}, merged into the schema by
+    # harness/build.py. A subclass reads its parents' nodes too (methods.registry.own_nodes).
     config_defaults: dict = {}
     method_name = "base"
+    # See PROTOCOLS. A training-free method runs ``forward_and_adapt`` once per batch, whatever OPTIM.STEPS and
+    # MODEL.EPISODIC say (the run plan warns when they are set).
+    protocol = PREDICT_THEN_ADAPT
+    # What one episode is, for MODEL.EPISODIC and the OPTIM.STEPS loop: "batch", or "image" (every test image on
+    # its own, from the units ``split_images`` makes of a batch; TPT).
+    episode = "batch"
 
     def __init__(self, cfg, model: nn.Module, num_classes: int):
         super().__init__()
@@ -31,17 +49,26 @@ class TTAMethod(nn.Module):
         self.model = model
         self.num_classes = num_classes
         self.steps = cfg.OPTIM.STEPS
-        if self.steps < 1:
-            raise ValueError(f"OPTIM.STEPS must be >= 1, got {self.steps}")
         self.episodic = cfg.MODEL.EPISODIC
         self.reset_after_num_updates = cfg.MODEL.RESET_AFTER_NUM_UPDATES
         self.performed_updates = 0
+
+    @classmethod
+    def check_setup(cls, cfg, model_spec, class_names) -> None:
+        """Checks that need more than one option, the architecture (``models.ModelSpec``) or the class names;
+        the run plan calls this before any model loads. Raise conf.ConfigError with one line. Single options
+        declare their accepted values in ``config_defaults`` instead."""
+
+    def setup(self) -> "TTAMethod":
+        """Choose and free the adapted parameters, build optimizer and scaler, register method state, and take
+        the snapshot that ``reset()`` restores."""
         self.configure_model()
         self.params, self.param_names = self.collect_params()
         self.optimizer = self.setup_optimizer() if self.params else None
         self.scaler = self.setup_scaler()
         self.setup_state()
         self._snapshot = self._take_snapshot()
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -49,20 +76,40 @@ class TTAMethod(nn.Module):
 
     # ------------------------------------------------------------------ the per-batch protocol
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.protocol == TRAINING_FREE:
+            return self.forward_and_adapt(x)
+        if self.episode == "image":
+            return torch.cat([self._run_episode(unit) for unit in self.split_images(x)])
+        return self._run_episode(x)
+
+    def _run_episode(self, x):
         if self.episodic:
-            self.reset()
+            self.reset_episode()
         outputs = None
         for _ in range(self.steps):
-            # As in the anchor suite, the logits of the last step's forward are reported; with the
-            # default single step they are the pre-update predictions.
+            # As in the anchor suite, the logits of the last step's forward are reported; with the default single
+            # step they are the pre-update predictions (PREDICT_THEN_ADAPT).
             outputs = self.forward_and_adapt(x)
             self.performed_updates += 1
             if self.reset_after_num_updates > 0 and self.performed_updates % self.reset_after_num_updates == 0:
-                self.reset()
-        return outputs
+                self.reset_episode()
+        return self.episode_logits(x, outputs)
 
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        """One step on a batch (or on one image's unit, for episode "image"); returns that step's logits."""
         raise NotImplementedError
+
+    def episode_logits(self, x, outputs):
+        """The logits reported for an episode, after its OPTIM.STEPS steps; default: the last step's logits."""
+        return outputs
+
+    def split_images(self, x: torch.Tensor) -> list:
+        """For episode "image": the per-image units of a batch (e.g. each image's views, encoded batch-wide)."""
+        return list(x.split(1))
+
+    def reset_episode(self) -> None:
+        """What MODEL.EPISODIC restores before every episode; default: everything (``reset``)."""
+        self.reset()
 
     # ------------------------------------------------------------------ parameters and optimizer
     def configure_model(self) -> None:
@@ -81,10 +128,8 @@ class TTAMethod(nn.Module):
             return torch.optim.Adam(self.params, lr=o.LR, betas=(o.BETA, 0.999), weight_decay=o.WD)
         if o.METHOD == "AdamW":
             return torch.optim.AdamW(self.params, lr=o.LR, betas=(o.BETA, 0.999), weight_decay=o.WD)
-        if o.METHOD == "SGD":
-            return torch.optim.SGD(self.params, lr=o.LR, momentum=o.MOMENTUM, dampening=o.DAMPENING,
-                                   weight_decay=o.WD, nesterov=o.NESTEROV)
-        raise ValueError(f"Unknown OPTIM.METHOD '{o.METHOD}'; choose Adam, AdamW or SGD")
+        return torch.optim.SGD(self.params, lr=o.LR, momentum=o.MOMENTUM, dampening=o.DAMPENING,
+                               weight_decay=o.WD, nesterov=o.NESTEROV)   # OPTIM.METHOD's choices: Adam, AdamW, SGD
 
     def setup_scaler(self):
         """A torch.amp.GradScaler when the method trains under fp16 autocast (MIXED_PRECISION on CUDA, see
@@ -165,14 +210,12 @@ class NormAffineTTA(TTAMethod):
     the normalisation layers of the image tower (``model.clip.visual``) only; text features stay computed once
     and frozen."""
 
-    def __init__(self, cfg, model: nn.Module, num_classes: int):
+    @classmethod
+    def check_setup(cls, cfg, model_spec, class_names) -> None:
+        super().check_setup(cfg, model_spec, class_names)
         if not cfg.CLIP.FREEZE_TEXT_ENCODER:
-            raise ValueError(f"{type(self).__name__} adapts only the image tower's norm layers; "
-                             f"CLIP.FREEZE_TEXT_ENCODER must be True, got False")
-        super().__init__(cfg, model, num_classes)
-        if not self.params:
-            raise ValueError(f"{type(self).__name__}: the image tower of MODEL.ARCH={cfg.MODEL.ARCH} has no "
-                             f"normalisation layer left to adapt")
+            raise ConfigError(f"{cls.method_name} adapts only the image tower's norm layers; "
+                              f"CLIP.FREEZE_TEXT_ENCODER must be True, got False")
 
     def adapted_norm_layers(self) -> list[nn.Module]:
         """The norm layers whose affine parameters adapt (default: every one in the image tower)."""
@@ -185,6 +228,9 @@ class NormAffineTTA(TTAMethod):
         params, names = norm_parameters(self.model, self.model.clip.visual)
         keep = {id(p) for m in self.adapted_norm_layers() for p in m.parameters(recurse=False)}
         chosen = [(p, n) for p, n in zip(params, names) if id(p) in keep]
+        if not chosen:   # every open_clip image tower has norm layers; a plug-in tower might not
+            raise ConfigError(f"{self.method_name}: the image tower of MODEL.ARCH={self.cfg.MODEL.ARCH} has no "
+                              f"normalisation layer left to adapt")
         return [p for p, _ in chosen], [n for _, n in chosen]
 
 

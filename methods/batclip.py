@@ -20,6 +20,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from conf.errors import ConfigError
+from conf.options import Option
 from methods.base import TTAMethod, configure_norm_adaptation, softmax_entropy
 from methods.registry import register_method
 
@@ -139,28 +141,31 @@ class Batclip(TTAMethod):
         "SEPARATION_WEIGHT": 1.0,
         # L_pm normalisation: "present" divides by |K|, the number of classes among the batch's pseudo-labels
         # (authors' code); "all" divides by C, the number of classes (the paper's formula).
-        "PROJECTION_NORM": "present",
+        "PROJECTION_NORM": Option("present", choices=PROJECTION_NORMS),
         # L_sp over the |K|(|K|-1) ordered pairs of present classes: "sum" (authors' code, grows like |K|^2)
         # or "mean" (divided by |K|(|K|-1); 0 when |K| = 1).
-        "SEPARATION_REDUCTION": "sum",
+        "SEPARATION_REDUCTION": Option("sum", choices=SEPARATION_REDUCTIONS),
         # Features averaged into class prototypes (for L_pm and L_sp): "unnormalised" encode_image outputs
         # (authors' code) or "normalised" L2-normalised image features.
-        "PROTOTYPES": "unnormalised",
+        "PROTOTYPES": Option("unnormalised", choices=PROTOTYPE_FEATURES),
         # On CUDA: run the step under fp16 autocast with a GradScaler, weights fp32 (the authors' code does
         # this always, whatever MIXED_PRECISION says). Ignored on the CPU (fp32, no scaler).
         "AUTOCAST": True,
         # The GradScaler's initial scale (authors: 1000).
-        "GRAD_SCALER_INIT": 1000.0,
+        "GRAD_SCALER_INIT": Option(1000.0, within="(0, inf)"),
     }}
 
-    def __init__(self, cfg, model, num_classes: int):
+    @classmethod
+    def check_setup(cls, cfg, model_spec, class_names) -> None:
         if cfg.CLIP.PRECISION != "fp32":
-            raise ValueError(f"BATCLIP trains the normalisation layers, so it needs fp32 weights: set "
-                             f"CLIP.PRECISION fp32 (got {cfg.CLIP.PRECISION}); BATCLIP.AUTOCAST gives fp16 compute "
-                             f"on CUDA.")
+            raise ConfigError(f"BATCLIP trains the normalisation layers, so it needs fp32 weights: set "
+                              f"CLIP.PRECISION fp32 (got {cfg.CLIP.PRECISION}); BATCLIP.AUTOCAST gives fp16 "
+                              f"compute on CUDA.")
+
+    def __init__(self, cfg, model, num_classes: int):
+        super().__init__(cfg, model, num_classes)
         self.loss_options = BatclipLossOptions.from_cfg(cfg.BATCLIP)
         self.last_loss: BatclipLoss | None = None
-        super().__init__(cfg, model, num_classes)
         self.precision = precision_plan(self.device.type, cfg.BATCLIP.AUTOCAST)
 
     def configure_model(self) -> None:
@@ -175,7 +180,7 @@ class Batclip(TTAMethod):
             configure_norm_adaptation(self.model)
 
     def setup_scaler(self):
-        if precision_plan(self.device.type, self.cfg.BATCLIP.AUTOCAST).grad_scaler:
+        if self.precision.grad_scaler:
             return torch.amp.GradScaler("cuda", init_scale=float(self.cfg.BATCLIP.GRAD_SCALER_INIT))
         return None
 

@@ -1,33 +1,42 @@
-"""The one method registry: name -> class, filled by the ``@register_method`` decorator."""
+"""The method registry (MODEL.ADAPTATION -> class), filled by the ``@register_method`` decorator, and the config
+nodes the registered methods declare."""
 from __future__ import annotations
 
-import difflib
+from conf.errors import ConfigError
+from conf.registry import Registry
 
-METHODS: dict[str, type] = {}
-ALIASES: dict[str, str] = {}
+METHODS = Registry("method", "MODEL.ADAPTATION")
 
 
 def register_method(name: str, aliases: tuple[str, ...] = ()):
+    """Class decorator: registers the method under ``name`` (and ``aliases``); sets ``cls.method_name``."""
     def decorate(cls):
-        for key in (name, *aliases):
-            if key in METHODS or key in ALIASES:
-                raise ValueError(f"method name '{key}' is registered twice")
-        METHODS[name] = cls
-        ALIASES.update({alias: name for alias in aliases})
+        METHODS.add(name, cls, aliases)
         cls.method_name = name
         return cls
     return decorate
 
 
-def canonical_name(name: str) -> str:
-    name = ALIASES.get(name, name)
-    if name not in METHODS:
-        near = difflib.get_close_matches(name, list(METHODS) + list(ALIASES), n=3, cutoff=0.4)
-        raise KeyError(f"Unknown method MODEL.ADAPTATION '{name}'. Nearest: {near}; registered: {sorted(METHODS)}"
-                       f" (aliases: {ALIASES}). A method in your own module is registered by naming the module "
-                       f"in MODEL.EXTRA_MODULES.")
-    return name
+def own_nodes(cls) -> dict[str, dict]:
+    """The config nodes a method class reads: those declared in ``config_defaults`` by it and by the classes it
+    derives from (a subclass of RPL reads RPL's node, and may declare nodes of its own)."""
+    nodes: dict[str, dict] = {}
+    for klass in reversed(cls.__mro__):
+        nodes.update(klass.__dict__.get("config_defaults", {}) or {})
+    return nodes
 
 
-def get_method_class(name: str) -> type:
-    return METHODS[canonical_name(name)]
+def declared_nodes() -> dict[str, dict]:
+    """Every node declared by a registered method. A node belongs to the class whose ``config_defaults`` declares
+    it; subclasses share it. Two unrelated classes declaring one node name is an error."""
+    owners: dict[str, type] = {}
+    nodes: dict[str, dict] = {}
+    for cls in {id(c): c for _, c in METHODS.items()}.values():
+        for klass in cls.__mro__:
+            for node, keys in (klass.__dict__.get("config_defaults", {}) or {}).items():
+                if node in owners and owners[node] is not klass:
+                    raise ConfigError(f"config node {node} is declared by both {owners[node].__qualname__} and "
+                                      f"{klass.__qualname__}; give one of them another node name")
+                owners[node] = klass
+                nodes[node] = keys
+    return nodes

@@ -27,6 +27,8 @@ import torch.nn as nn
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
+from conf.errors import ConfigError
+from conf.options import Option
 from methods.base import NormAffineTTA
 from methods.registry import register_method
 
@@ -190,12 +192,17 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 
 
 # ---------------------------------------------------------------------- the method
+def _batchnorm_refusal(arch: str, where: str) -> str:
+    return (f"RoTTA: MODEL.ARCH={arch} has BatchNorm layers ({where}); RoTTA's robust BatchNorm is not implemented "
+            f"in this suite (the paper's CLIP models are ViTs, whose image towers use LayerNorm only)")
+
+
 @register_method("rotta")
 class RoTTA(NormAffineTTA):
     config_defaults = {"ROTTA": {
-        "MEMORY_SIZE": 64,          # capacity of the memory bank
-        "UPDATE_FREQUENCY": 64,     # train on the memory after every this many test samples
-        "NU": 0.001,                # teacher EMA: teacher = (1 - NU) * teacher + NU * student
+        "MEMORY_SIZE": Option(64, within="[1, inf)"),         # capacity of the memory bank
+        "UPDATE_FREQUENCY": Option(64, within="[1, inf)"),    # train on the memory after every this many samples
+        "NU": Option(0.001, within="[0, 1]"),                 # teacher = (1 - NU) * teacher + NU * student
         # Momentum of the robust BatchNorm (RBN). Only BatchNorm layers would use it; CLIP ViTs have none, and
         # BatchNorm image towers are refused, so it has no effect here (kept for the authors' config keys).
         "ALPHA": 0.05,
@@ -203,22 +210,24 @@ class RoTTA(NormAffineTTA):
         "LAMBDA_U": 1.0,            # weight of uncertainty in the memory score
     }}
 
+    @classmethod
+    def check_setup(cls, cfg, model_spec, class_names) -> None:
+        super().check_setup(cfg, model_spec, class_names)
+        if model_spec.image_tower_has_batchnorm:
+            raise ConfigError(_batchnorm_refusal(cfg.MODEL.ARCH, "its ResNet image tower"))
+
     def __init__(self, cfg, model: nn.Module, num_classes: int):
-        r = cfg.ROTTA
-        if r.MEMORY_SIZE < 1 or r.UPDATE_FREQUENCY < 1:
-            raise ValueError(f"ROTTA.MEMORY_SIZE and ROTTA.UPDATE_FREQUENCY must be >= 1, got {r.MEMORY_SIZE} "
-                             f"and {r.UPDATE_FREQUENCY}")
-        if not 0.0 <= r.NU <= 1.0:
-            raise ValueError(f"ROTTA.NU must be in [0, 1], got {r.NU}")
-        batch_norms = [n for n, m in model.clip.visual.named_modules()
+        super().__init__(cfg, model, num_classes)
+        self.nu = float(cfg.ROTTA.NU)
+        self.update_frequency = int(cfg.ROTTA.UPDATE_FREQUENCY)
+
+    def configure_model(self) -> None:
+        # check_setup refuses the CLIP ResNets; a timm image tower is only known once built.
+        batch_norms = [n for n, m in self.model.clip.visual.named_modules()
                        if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if batch_norms:
-            raise ValueError(f"RoTTA: the image tower of MODEL.ARCH={cfg.MODEL.ARCH} has BatchNorm layers "
-                             f"({batch_norms[0]}, ...); RoTTA's robust BatchNorm is not implemented in this suite "
-                             f"(the paper's CLIP models are ViTs, whose image towers use LayerNorm only)")
-        self.nu = float(r.NU)
-        self.update_frequency = int(r.UPDATE_FREQUENCY)
-        super().__init__(cfg, model, num_classes)
+            raise ConfigError(_batchnorm_refusal(self.cfg.MODEL.ARCH, batch_norms[0]))
+        super().configure_model()
 
     def setup_state(self) -> None:
         self.teacher_names = list(self.param_names)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from conf.options import Option
 from methods.registry import register_method
 from methods.tent import Tent
 
@@ -21,12 +22,10 @@ def generalized_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, q: fl
 class RPL(Tent):
     config_defaults = {"RPL": {
         # Exponent of the generalised cross-entropy (q -> 0: cross-entropy, q = 1: MAE); 0.8 in RPL and the suite.
-        "Q": 0.8,
+        "Q": Option(0.8, within="(0, 1]"),
     }}
 
     def __init__(self, cfg, model, num_classes):
-        if not 0.0 < cfg.RPL.Q <= 1.0:
-            raise ValueError(f"RPL.Q must be in (0, 1], got {cfg.RPL.Q}")
         super().__init__(cfg, model, num_classes)
         self.q = float(cfg.RPL.Q)
 

@@ -23,6 +23,8 @@ import math
 import torch
 import torch.nn as nn
 
+from conf.errors import ConfigError
+from conf.options import Option
 from methods.base import NormAffineTTA, softmax_entropy
 from methods.registry import register_method
 
@@ -35,14 +37,14 @@ EMA_DECAY = 0.9   # the original's update_ema: 0.9 * ema + (1 - 0.9) * loss
 class SAR(NormAffineTTA):
     config_defaults = {"SAR": {
         # Reliable-sample margin E_0 as a factor of ln(C): a sample is used when its entropy < MARGIN_E0 * ln(C).
-        "MARGIN_E0": 0.4,
+        "MARGIN_E0": Option(0.4, within="[0, inf)"),
         # Model recovery threshold e_m on the moving average of the second (perturbed) loss.
         "RESET_CONSTANT_EM": 0.2,
         # SAM neighbourhood radius rho.
-        "RHO": 0.05,
+        "RHO": Option(0.05, within="[0, inf)"),
         # Norm layers of this many deepest residual blocks of the ViT image tower stay frozen (original: blocks
         # 9-11 of ViT-Base, i.e. 3 of 12). 0 adapts every block.
-        "EXCLUDED_DEEPEST_BLOCKS": 3,
+        "EXCLUDED_DEEPEST_BLOCKS": Option(3, within="[0, inf)"),
         # Keep the final norm of the image tower (open_clip: visual.ln_post; timm: norm) frozen, as the original.
         # (The BATCLIP authors' CLIP port adapts ln_post: its name test 'norm.' does not match 'ln_post'.)
         "EXCLUDE_FINAL_NORM": True,
@@ -51,12 +53,20 @@ class SAR(NormAffineTTA):
         "KEEP_EMA_AFTER_RECOVERY": False,
     }}
 
+    @classmethod
+    def check_setup(cls, cfg, model_spec, class_names) -> None:
+        super().check_setup(cfg, model_spec, class_names)
+        depth = cfg.SAR.EXCLUDED_DEEPEST_BLOCKS
+        if depth > 0 and model_spec.image_tower != "vit":
+            raise ConfigError(f"SAR.EXCLUDED_DEEPEST_BLOCKS={depth} needs a ViT image tower with residual blocks; "
+                              f"MODEL.ARCH={cfg.MODEL.ARCH} has a {model_spec.image_tower} tower (set it to 0)")
+        if depth > (model_spec.vision_layers or 0):
+            raise ConfigError(f"SAR.EXCLUDED_DEEPEST_BLOCKS={depth} exceeds the {model_spec.vision_layers} blocks "
+                              f"of MODEL.ARCH={cfg.MODEL.ARCH}")
+
     def __init__(self, cfg, model: nn.Module, num_classes: int):
-        s = cfg.SAR
-        if s.MARGIN_E0 < 0 or s.RHO < 0 or s.EXCLUDED_DEEPEST_BLOCKS < 0:
-            raise ValueError(f"SAR.MARGIN_E0, SAR.RHO and SAR.EXCLUDED_DEEPEST_BLOCKS must be >= 0, got "
-                             f"{s.MARGIN_E0}, {s.RHO}, {s.EXCLUDED_DEEPEST_BLOCKS}")
         super().__init__(cfg, model, num_classes)
+        s = cfg.SAR
         self.margin = float(s.MARGIN_E0) * math.log(num_classes)
         self.rho = float(s.RHO)
         self.reset_constant_em = float(s.RESET_CONSTANT_EM)
@@ -71,14 +81,8 @@ class SAR(NormAffineTTA):
         visual = self.model.clip.visual
         excluded: set[int] = set()
         depth = self.cfg.SAR.EXCLUDED_DEEPEST_BLOCKS
-        if depth > 0:
-            blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
-            if blocks is None:
-                raise ValueError(f"SAR.EXCLUDED_DEEPEST_BLOCKS={depth} needs a ViT image tower with "
-                                 f"transformer.resblocks; MODEL.ARCH={self.cfg.MODEL.ARCH} has none (set it to 0)")
-            if depth > len(blocks):
-                raise ValueError(f"SAR.EXCLUDED_DEEPEST_BLOCKS={depth} exceeds the {len(blocks)} blocks of "
-                                 f"MODEL.ARCH={self.cfg.MODEL.ARCH}")
+        if depth > 0:   # check_setup made sure the tower has at least ``depth`` residual blocks
+            blocks = visual.transformer.resblocks
             for block in list(blocks)[len(blocks) - depth:]:
                 excluded.update(id(m) for m in block.modules())
         if self.cfg.SAR.EXCLUDE_FINAL_NORM:

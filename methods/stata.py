@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from methods.base import TTAMethod
+from conf.options import Option
+from methods.base import TRAINING_FREE, TTAMethod
 from methods.registry import register_method
 
 # The reference's fixed temperature of the z update (``exp(1/50 * ...)``, Laplacian weight ``50 / (2 k)``).
@@ -127,10 +128,11 @@ def stata_solve(features: torch.Tensor, prototypes: torch.Tensor, zs_logit_scale
 
 @register_method("stata")
 class StatA(TTAMethod):
+    protocol = TRAINING_FREE
     config_defaults = {
         "STATA": {
             # Anchor weight alpha in beta_c = n_c / (alpha + n_c) (reference --alpha, 1 in all experiments).
-            "ALPHA": 1.0,
+            "ALPHA": Option(1.0, within="[0, inf)"),
             # beta from soft class masses instead of hard counts (reference --soft_beta, off).
             "SOFT_BETA": False,
             # Exponent of the zero-shot prior y_hat in the z update (fixed 1 in the reference).
@@ -138,23 +140,20 @@ class StatA(TTAMethod):
             # Weight of the kNN Laplacian term (reference --lambda_laplacian, 1).
             "LAMBDA_LAPLACIAN": 1.0,
             # Neighbours per sample in the affinity graph (fixed 3 in the reference).
-            "N_NEIGHBORS": 3,
+            "N_NEIGHBORS": Option(3, within="[0, inf)"),
             # Outer block-coordinate rounds (reference max_iter 10), each followed by the last z update.
-            "MAX_ITERATIONS": 10,
+            "MAX_ITERATIONS": Option(10, within="[0, inf)"),
             # Inner z updates per round (reference update_z max_iter 5).
-            "Z_ITERATIONS": 5,
+            "Z_ITERATIONS": Option(5, within="[1, inf)"),
             # Scale of the zero-shot logits giving y_hat (hard-coded 100 in the reference = CLIP's learned
             # scale for OpenAI weights).
-            "ZS_LOGIT_SCALE": 100.0,
+            "ZS_LOGIT_SCALE": Option(100.0, within="(0, inf)"),
         }
     }
 
     def __init__(self, cfg, model, num_classes):
-        s = cfg.STATA
-        if s.ALPHA < 0 or s.N_NEIGHBORS < 0 or s.MAX_ITERATIONS < 0 or s.Z_ITERATIONS < 1 or s.ZS_LOGIT_SCALE <= 0:
-            raise ValueError(f"STATA: need ALPHA >= 0, N_NEIGHBORS >= 0, MAX_ITERATIONS >= 0, Z_ITERATIONS >= 1 and "
-                             f"ZS_LOGIT_SCALE > 0; got {dict(s)}")
         super().__init__(cfg, model, num_classes)
+        s = cfg.STATA
         self.solver_args = dict(zs_logit_scale=float(s.ZS_LOGIT_SCALE), alpha=float(s.ALPHA),
                                 soft_beta=bool(s.SOFT_BETA), lambda_y_hat=float(s.LAMBDA_Y_HAT),
                                 lambda_laplacian=float(s.LAMBDA_LAPLACIAN), n_neighbors=int(s.N_NEIGHBORS),

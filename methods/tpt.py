@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
 
-import open_clip
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.augmentations import confident_views_setup, lowest_entropy_views
-from methods.base import TTAMethod
+from conf.errors import ConfigError
+from conf.options import Option
+from methods.augmentations import VIEW_AUGMENTATIONS, confident_views_setup, lowest_entropy_views
+from methods.base import ADAPT_THEN_PREDICT, TTAMethod
 from methods.registry import register_method
 
 
@@ -36,27 +38,33 @@ def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_mean.exp() * log_mean).sum(dim=-1)
 
 
+def context_prompt_tokens(tokenizer, ctx_init: str, n_ctx: int, class_names) -> torch.Tensor:
+    """Tokens (C, L) of the prompts "<ctx_init words> <class name>." for every class, checked: CTX_INIT holds
+    exactly N_CTX tokens and is tokenised the same in front of every class name (its embeddings are shared)."""
+    phrase = ctx_init.replace("_", " ").strip()
+    if not phrase:
+        raise ConfigError("TPT.CTX_INIT is empty; give the words the context starts from, e.g. 'a_photo_of_a' "
+                          "(random context initialisation is not implemented)")
+    phrase_tokens = tokenizer([phrase])
+    n_phrase = int(phrase_tokens[0].argmax()) - 1          # tokens between SOT and EOT (the largest token id)
+    if n_phrase != n_ctx:
+        raise ConfigError(f"TPT.N_CTX = {n_ctx}, but TPT.CTX_INIT '{ctx_init}' is {n_phrase} tokens; "
+                          f"set TPT.N_CTX {n_phrase}")
+    names = [name.replace("_", " ") for name in class_names]
+    tokens = tokenizer([f"{phrase} {name}." for name in names])
+    if not torch.equal(tokens[:, 1:1 + n_ctx], phrase_tokens[:, 1:1 + n_ctx].expand(len(names), -1)):
+        raise ConfigError(f"TPT.CTX_INIT '{ctx_init}' is not tokenised identically in front of every class name")
+    return tokens
+
+
 class PromptContext(nn.Module):
     """CoOp-style prompts "[SOT] ctx_1 ... ctx_n <class name>. [EOT]" for every class, with the n context token
     embeddings learnable and shared by all classes. The class-name, full-stop and end tokens keep their
     frozen embeddings (non-persistent buffers: they never change, so reset never copies them)."""
 
-    def __init__(self, model, tokenizer, ctx_init: str, n_ctx: int):
+    def __init__(self, model, ctx_init: str, n_ctx: int):
         super().__init__()
-        phrase = ctx_init.replace("_", " ").strip()
-        if not phrase:
-            raise ValueError("TPT.CTX_INIT is empty; give the words the context starts from, e.g. 'a_photo_of_a' "
-                             "(random context initialisation is not implemented)")
-        phrase_tokens = tokenizer([phrase])
-        n_phrase = int(model.eot_index(phrase_tokens)[0]) - 1          # tokens between SOT and EOT
-        if n_phrase != n_ctx:
-            raise ValueError(f"TPT.N_CTX = {n_ctx}, but TPT.CTX_INIT '{ctx_init}' is {n_phrase} tokens; "
-                             f"set TPT.N_CTX {n_phrase}")
-        names = [name.replace("_", " ") for name in model.class_names]
-        tokens = tokenizer([f"{phrase} {name}." for name in names])
-        if not torch.equal(tokens[:, 1:1 + n_ctx], phrase_tokens[:, 1:1 + n_ctx].expand(len(names), -1)):
-            raise ValueError(f"TPT.CTX_INIT '{ctx_init}' is not tokenised identically in front of every class name")
-        tokens = model.truncate_tokens(tokens)
+        tokens = model.truncate_tokens(context_prompt_tokens(model.tokenizer, ctx_init, n_ctx, model.class_names))
         device = model.clip.token_embedding.weight.device
         tokens = tokens.to(device)
         with torch.no_grad():
@@ -77,23 +85,38 @@ class PromptContext(nn.Module):
         self.ctx.copy_(self.ctx_init)
 
 
+@dataclass
+class ImageViews:
+    """One test image's episode: the normalised features (V, D) of its views (view 0 = the image itself) and the
+    confident views, chosen at the first step and kept (as the reference)."""
+    features: torch.Tensor
+    selected: torch.Tensor | None = None
+
+
 @register_method("tpt")
 class TPT(TTAMethod):
+    protocol = ADAPT_THEN_PREDICT
+    episode = "image"
     config_defaults = {"TPT": {
         # Fraction of the views with the lowest entropy whose averaged prediction is tuned (reference: 0.1).
-        "SELECTION_P": 0.1,
+        "SELECTION_P": Option(0.1, within="(0, 1]"),
         # Number of learnable context tokens; must equal the token count of CTX_INIT.
-        "N_CTX": 4,
+        "N_CTX": Option(4, within="[1, inf)"),
         # Words the context is initialised from, "_" for spaces (reference: "a_photo_of_a").
         "CTX_INIT": "a_photo_of_a",
         # Where the class name goes; only "end" (the reference's setting for TPT) is implemented.
-        "CLASS_TOKEN_POS": "end",
+        "CLASS_TOKEN_POS": Option("end", choices=("end",)),
         # How the views are made: "crop_flip" = RandomResizedCrop + horizontal flip, what the TPT authors and
         # the anchor suite use for ImageNet(-C) and CIFAR-C (AugMix only for fine-grained sets; not implemented).
-        "VIEW_AUGMENTATION": "crop_flip",
+        "VIEW_AUGMENTATION": Option("crop_flip", choices=VIEW_AUGMENTATIONS),
         # The reference always runs TPT under CUDA fp16 autocast with a GradScaler (init_scale 1000); ignored on CPU.
         "MIXED_PRECISION": True,
     }}
+
+    @classmethod
+    def check_setup(cls, cfg, model_spec, class_names) -> None:
+        confident_views_setup(cfg, "TPT")
+        context_prompt_tokens(model_spec.tokenizer(), cfg.TPT.CTX_INIT, cfg.TPT.N_CTX, class_names)
 
     def __init__(self, cfg, model, num_classes):
         super().__init__(cfg, model, num_classes)
@@ -109,15 +132,10 @@ class TPT(TTAMethod):
 
     # ------------------------------------------------------------------ setup
     def configure_model(self) -> None:
-        """Freeze all of CLIP and build the learnable prompt (here, because the base class collects the
-        parameters right after this call)."""
-        cfg = self.cfg.TPT
-        if cfg.CLASS_TOKEN_POS != "end":
-            raise ValueError(f"TPT.CLASS_TOKEN_POS '{cfg.CLASS_TOKEN_POS}' is not implemented; use 'end'")
+        """Freeze all of CLIP and build the learnable prompt (the parameters collected next)."""
         self.model.eval()
         self.model.requires_grad_(False)
-        tokenizer = open_clip.get_tokenizer(self.cfg.MODEL.ARCH)
-        self.prompt_learner = PromptContext(self.model, tokenizer, cfg.CTX_INIT, cfg.N_CTX)
+        self.prompt_learner = PromptContext(self.model, self.cfg.TPT.CTX_INIT, self.cfg.TPT.N_CTX)
 
     def collect_params(self):
         return [self.prompt_learner.ctx], ["prompt_learner.ctx"]
@@ -134,7 +152,7 @@ class TPT(TTAMethod):
         return torch.amp.GradScaler("cuda", init_scale=1000) if self._mixed_precision() else None
 
     # ------------------------------------------------------------------ state
-    def restore_prompt(self) -> None:
+    def reset_episode(self) -> None:
         """The per-image episodic reset: only the context tokens and the optimizer state (cheap)."""
         self.prompt_learner.restore()
         self.optimizer.load_state_dict(copy.deepcopy(self._snapshot["optimizer"]))
@@ -147,33 +165,25 @@ class TPT(TTAMethod):
         pre = self.model.encode_token_embeddings(self.prompt_learner(), self.prompt_learner.tokens)
         return F.normalize(pre, dim=-1)
 
-    @torch.enable_grad()
-    def adapt(self, view_features: torch.Tensor, selected: torch.Tensor | None) -> torch.Tensor:
-        """One step on the prompt; the confident views are chosen at the first step and kept (as the reference)."""
-        with self.autocast():
-            logits = self.model.logits(view_features, self.text_features())
-        logits = logits.float()
-        if selected is None:
-            selected = lowest_entropy_views(logits, self.n_selected)
-        loss = marginal_entropy(logits[selected])
-        self.optimizer_step(loss)
-        return selected
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def split_images(self, x: torch.Tensor) -> list[ImageViews]:
+        """Every image's views, encoded in one pass for the whole batch (the image encoder is frozen)."""
         views = self.views(x)                                             # (B, V, C, H, W); view 0 = x
         with torch.no_grad(), self.autocast():
             features = F.normalize(self.model.encode_image(views.flatten(0, 1)), dim=-1)
-        features = features.view(views.shape[0], views.shape[1], -1)
-        outputs = []
-        for view_features in features:                                    # image by image
-            if self.episodic:
-                self.restore_prompt()
-            selected = None
-            for _ in range(self.steps):
-                selected = self.adapt(view_features, selected)
-                self.performed_updates += 1
-                if self.reset_after_num_updates > 0 and self.performed_updates % self.reset_after_num_updates == 0:
-                    self.restore_prompt()
-            with torch.no_grad(), self.autocast():
-                outputs.append(self.model.logits(view_features[:1], self.text_features()).float())
-        return torch.cat(outputs)
+        return [ImageViews(f) for f in features.view(views.shape[0], views.shape[1], -1)]
+
+    @torch.enable_grad()
+    def forward_and_adapt(self, unit: ImageViews) -> None:
+        """One step on the prompt: the marginal entropy of the confident views' predictions."""
+        with self.autocast():
+            logits = self.model.logits(unit.features, self.text_features())
+        logits = logits.float()
+        if unit.selected is None:
+            unit.selected = lowest_entropy_views(logits, self.n_selected)
+        self.optimizer_step(marginal_entropy(logits[unit.selected]))
+
+    @torch.no_grad()
+    def episode_logits(self, unit: ImageViews, outputs) -> torch.Tensor:
+        """The image itself, classified with the tuned prompt."""
+        with self.autocast():
+            return self.model.logits(unit.features[:1], self.text_features()).float()

@@ -15,21 +15,27 @@ from __future__ import annotations
 
 import torch
 
-from methods.augmentations import confident_views_setup, lowest_entropy_views
-from methods.base import TTAMethod
+from conf.options import Option
+from methods.augmentations import VIEW_AUGMENTATIONS, confident_views_setup, lowest_entropy_views
+from methods.base import TRAINING_FREE, TTAMethod
 from methods.registry import register_method
 
 
 @register_method("vte")
 class VTE(TTAMethod):
+    protocol = TRAINING_FREE
     config_defaults = {"VTE": {
         # Fraction of the views (lowest entropy first) whose image features are averaged. The anchor suite reads
         # this value from TPT.SELECTION_P (default 0.1, never set in its VTE configs); here VTE owns it.
-        "SELECTION_P": 0.1,
+        "SELECTION_P": Option(0.1, within="(0, 1]"),
         # How the views are made; "crop_flip" = RandomResizedCrop + horizontal flip, as the anchor suite does for
         # the corruption benchmarks (see methods/augmentations.py).
-        "VIEW_AUGMENTATION": "crop_flip",
+        "VIEW_AUGMENTATION": Option("crop_flip", choices=VIEW_AUGMENTATIONS),
     }}
+
+    @classmethod
+    def check_setup(cls, cfg, model_spec, class_names) -> None:
+        confident_views_setup(cfg, "VTE")
 
     def __init__(self, cfg, model, num_classes):
         super().__init__(cfg, model, num_classes)
@@ -45,7 +51,7 @@ class VTE(TTAMethod):
         self.views.reset()
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         views = self.views(x)                                             # (B, V, C, H, W); view 0 = x
         batch, n_views = views.shape[:2]
         with self.autocast():

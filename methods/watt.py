@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import copy
 
-import open_clip
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.base import TTAMethod
+from conf.errors import ConfigError
+from conf.options import Option
+from methods.base import ADAPT_THEN_PREDICT, TTAMethod
 from methods.registry import register_method
 
 # The eight templates of the reference's templates.yaml (the paper's CIFAR setting), in its order.
@@ -68,38 +69,38 @@ def watt_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
 class WATT(TTAMethod):
     """WATT-P (parallel multi-template weight averaging); ``WATTSequential`` is WATT-S."""
     mode = "parallel"
+    # Transductive: the batch is predicted after adapting on it (reference: adapt, then evaluate).
+    protocol = ADAPT_THEN_PREDICT
     config_defaults = {
         "WATT": {
             # Templates adapted on and averaged for the prediction (reference templates.yaml).
-            "TEMPLATES": list(WATT_TEMPLATES),
+            "TEMPLATES": Option(list(WATT_TEMPLATES),
+                                valid=lambda ts: len(ts) > 0 and all(str(t).count("{}") == 1 for t in ts),
+                                expected="a non-empty list of templates, each with one '{}' for the class name"),
             # L: Adam steps per template before the weights are averaged (reference --watt_l, default 2).
-            "ITERATIONS": 2,
+            "ITERATIONS": Option(2, within="[1, inf)"),
             # M: repeats of (adapt on every template, average) per batch (reference --watt_m, default 5;
             # its CIFAR scripts use 50 for WATT-P and 5 for WATT-S).
-            "REPEATS": 5,
+            "REPEATS": Option(5, within="[1, inf)"),
             # Temperature of the target similarity softmax (constant 0.01 in the reference).
-            "TARGET_TEMPERATURE": 0.01,
+            "TARGET_TEMPERATURE": Option(0.01, within="(0, inf)"),
         }
     }
 
-    def __init__(self, cfg, model, num_classes):
-        w = cfg.WATT
+    @classmethod
+    def check_setup(cls, cfg, model_spec, class_names) -> None:
         if cfg.OPTIM.STEPS != 1:
-            raise ValueError(f"{self.method_name}: OPTIM.STEPS must be 1 (got {cfg.OPTIM.STEPS}); WATT's own loop "
-                             f"runs WATT.REPEATS x len(WATT.TEMPLATES) x WATT.ITERATIONS steps per batch")
-        if w.ITERATIONS < 1 or w.REPEATS < 1:
-            raise ValueError(f"WATT.ITERATIONS and WATT.REPEATS must be >= 1, got {w.ITERATIONS} and {w.REPEATS}")
-        if not w.TEMPLATES or any(str(t).count("{}") != 1 for t in w.TEMPLATES):
-            raise ValueError(f"WATT.TEMPLATES must be a non-empty list of strings with exactly one '{{}}' "
-                             f"(the class name), got {list(w.TEMPLATES)}")
-        if w.TARGET_TEMPERATURE <= 0:
-            raise ValueError(f"WATT.TARGET_TEMPERATURE must be > 0, got {w.TARGET_TEMPERATURE}")
+            raise ConfigError(f"{cls.method_name}: OPTIM.STEPS must be 1 (got {cfg.OPTIM.STEPS}); WATT's own loop "
+                              f"runs WATT.REPEATS x len(WATT.TEMPLATES) x WATT.ITERATIONS steps per batch")
+
+    def __init__(self, cfg, model, num_classes):
         super().__init__(cfg, model, num_classes)
+        w = cfg.WATT
         self.templates = list(w.TEMPLATES)
         self.iterations = int(w.ITERATIONS)
         self.repeats = int(w.REPEATS)
         self.temperature = float(w.TARGET_TEMPERATURE)
-        per_template = self._template_text_features(cfg.MODEL.ARCH)                       # (T, C, D)
+        per_template = self._template_text_features()                                     # (T, C, D)
         # Constants of the frozen text tower: not method state (non-persistent, never reset).
         self.register_buffer("template_text_features", per_template, persistent=False)
         self.register_buffer("ensemble_text_features", F.normalize(per_template.mean(dim=0), dim=-1),
@@ -125,11 +126,9 @@ class WATT(TTAMethod):
                 module.requires_grad_(True)
 
     @torch.no_grad()
-    def _template_text_features(self, arch: str) -> torch.Tensor:
+    def _template_text_features(self) -> torch.Tensor:
         """Normalised text features (T, C, D) of every WATT template for every class."""
-        from models.clip import register_model_configs
-        register_model_configs()
-        tokenizer = open_clip.get_tokenizer(arch)
+        tokenizer = self.model.tokenizer
         names = self.model.class_names
         features = []
         for template in self.templates:
@@ -192,7 +191,6 @@ class WATT(TTAMethod):
         return self.model.logits(F.normalize(image_features.float(), dim=-1), self.ensemble_text_features)
 
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
-        # Transductive: the batch is predicted after adapting on it (reference: adapt, then evaluate).
         self.adapt(x)
         return self.predict(x)
 

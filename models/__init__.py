@@ -1,6 +1,10 @@
-"""CLIP models: loading (tags, local files, explicit random weights) and the zero-shot classifier."""
-from models.clip import ClipOutput, ZeroShotCLIP, build_zero_shot_clip, register_model_configs
-from models.weights import WeightsError, load_clip
+"""CLIP models: architectures (open_clip configs, checked before loading), weights (tags, local files, explicit
+random weights), the zero-shot classifier, and the one builder. Layers inside: architectures <- weights, clip <-
+build."""
+from models.architectures import ModelSpec, WeightsError, model_spec, register_model_configs, tokenizer_for
+from models.build import build_zero_shot_clip, resolve_model_weights
+from models.clip import ClipOutput, ZeroShotCLIP
+from models.weights import load_clip
 
-__all__ = ["ClipOutput", "ZeroShotCLIP", "build_zero_shot_clip", "load_clip", "register_model_configs",
-           "WeightsError"]
+__all__ = ["ClipOutput", "ModelSpec", "ZeroShotCLIP", "WeightsError", "build_zero_shot_clip", "load_clip",
+           "model_spec", "register_model_configs", "resolve_model_weights", "tokenizer_for"]

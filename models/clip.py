@@ -2,12 +2,12 @@
 logits = logit_scale.exp() * cos(image feature, text feature).
 
 Images enter as [0, 1] tensors of the model's input size; the CLIP mean/std normalisation happens
-here, inside the model, as in the authors' suite.
+here, inside the model, as in the authors' suite. The model carries its tokenizer, so methods that build
+prompts of their own (TPT, WATT) never ask open_clip for one.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import open_clip
@@ -16,16 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 
-_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
-_registered = False
-
-
-def register_model_configs() -> None:
-    """Register the project's own open_clip model configs (tiny CLIPs for tests and the demo)."""
-    global _registered
-    if not _registered:
-        open_clip.add_model_config(_CONFIG_DIR)
-        _registered = True
+from models.architectures import tokenizer_for
 
 
 @dataclass
@@ -41,6 +32,17 @@ def _dtype_of(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
+class _Shared:
+    """Holds an object that copies of the model share instead of duplicating (a tokenizer's vocabulary is
+    large, read-only and costs 0.2 s to deep-copy)."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 class ZeroShotCLIP(nn.Module):
     def __init__(self, clip: nn.Module, tokenizer, class_names: Sequence[str], templates: Sequence[str],
                  mean: Sequence[float], std: Sequence[float], truncate_text: bool = True):
@@ -48,6 +50,7 @@ class ZeroShotCLIP(nn.Module):
         if not templates:
             raise ValueError("at least one prompt template is needed")
         self.clip = clip
+        self._tokenizer = _Shared(tokenizer)
         self.class_names = list(class_names)
         self.templates = list(templates)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -59,6 +62,11 @@ class ZeroShotCLIP(nn.Module):
         self._text_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ towers and parameters
+    @property
+    def tokenizer(self):
+        """texts -> (N, context length) token ids, the model's own tokenizer."""
+        return self._tokenizer.obj
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -180,29 +188,5 @@ def zero_shot_head(loaded, arch: str, class_names: Sequence[str], templates: Seq
     normalisation constants and tokenizer."""
     mean = loaded.preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
     std = loaded.preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD)
-    return ZeroShotCLIP(loaded.model, open_clip.get_tokenizer(arch), class_names, templates, mean, std,
+    return ZeroShotCLIP(loaded.model, tokenizer_for(arch), class_names, templates, mean, std,
                         truncate_text=truncate_text)
-
-
-def build_zero_shot_clip(cfg, class_names: Sequence[str], templates: Sequence[str], device) -> tuple[ZeroShotCLIP, dict]:
-    """The one way to build the model: weights per MODEL.*, prompts per CLIP.*. Returns (model, provenance)."""
-    from models.weights import load_clip
-    weights = cfg.MODEL.WEIGHTS
-    if cfg.MODEL.CKPT_PATH and weights == "openai":
-        weights = cfg.MODEL.CKPT_PATH    # anchor-suite key for a local file
-    precision = cfg.CLIP.PRECISION
-    if str(torch.device(device).type) == "cpu" and precision != "fp32":
-        raise ValueError(f"CLIP.PRECISION {precision} needs CUDA; on the CPU use fp32.")
-    loaded = load_clip(cfg.MODEL.ARCH, weights, precision=precision, device=device, cache_dir=cfg.CKPT_DIR,
-                       allow_download=cfg.MODEL.ALLOW_DOWNLOAD, force_quick_gelu=cfg.MODEL.FORCE_QUICK_GELU)
-    pcfg = loaded.preprocess_cfg
-    model = zero_shot_head(loaded, cfg.MODEL.ARCH, class_names, templates, cfg.CLIP.TRUNCATE_TEXT).to(device)
-    model.eval()
-    provenance = {
-        "arch": cfg.MODEL.ARCH, "weights": loaded.weights, "weights_source": loaded.weights_source,
-        "precision": precision, "image_size": model.image_size,
-        "interpolation": pcfg.get("interpolation", "bicubic"), "resize_mode": pcfg.get("resize_mode", "shortest"),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "num_templates": len(templates), "text_tokens_length": int(model.tokens.shape[1]),
-    }
-    return model, provenance

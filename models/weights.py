@@ -19,14 +19,12 @@ from pathlib import Path
 import open_clip
 from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
+from models.architectures import WeightsError, check_arch
+
 logger = logging.getLogger(__name__)
 
 _HUB_HOST = ("huggingface.co", 443)
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-
-
-class WeightsError(RuntimeError):
-    """CLIP weights could not be loaded; the message says what to do."""
 
 
 @dataclass
@@ -94,23 +92,22 @@ def _tag_missing_message(arch: str, tag: str, cache_dir: str | None, why: str) -
     )
 
 
-def load_clip(arch: str, weights: str, *, precision: str = "fp32", device="cpu", cache_dir: str = "",
-              allow_download: bool = True, force_quick_gelu: bool = False) -> LoadedClip:
-    """Build an open_clip CLIP for ``arch`` with ``weights`` (see module docstring)."""
-    from models.clip import register_model_configs
-    register_model_configs()
-    if arch not in open_clip.list_models():
-        import difflib
-        near = difflib.get_close_matches(arch, open_clip.list_models(), n=5, cutoff=0.4)
-        raise WeightsError(f"Unknown CLIP architecture MODEL.ARCH '{arch}' (names are case-sensitive). "
-                           f"Nearest open_clip names: {near}")
-    kwargs = dict(precision=precision, device=device, force_quick_gelu=force_quick_gelu)
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where MODEL.WEIGHTS points, checked without loading anything."""
+    requested: str        # MODEL.WEIGHTS as given
+    kind: str             # "random", "file" or "tag"
+    path: str | None      # the checkpoint file (a tag's cached file); None for random weights or a tag to download
+
+
+def resolve_weights(arch: str, weights: str, *, cache_dir: str = "", allow_download: bool = True) -> WeightsSource:
+    """Check that ``weights`` can be loaded into ``arch`` (see module docstring) without loading them: a file
+    exists, a tag is known for the architecture and cached, or may be downloaded and the hub answers."""
+    check_arch(arch)
     weights = str(weights)
     if weights.lower() == "none":
-        logger.warning("MODEL.WEIGHTS none: CLIP '%s' with RANDOM weights, as explicitly requested.", arch)
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, **kwargs)
-        source = "random"
-    elif _looks_like_path(weights) or os.path.exists(weights):
+        return WeightsSource(weights, "random", None)
+    if _looks_like_path(weights) or os.path.exists(weights):
         path = Path(weights).expanduser()
         repo_path = Path(__file__).resolve().parent.parent / path
         if not path.is_absolute() and not path.exists() and repo_path.is_file():
@@ -120,27 +117,44 @@ def load_clip(arch: str, weights: str, *, precision: str = "fp32", device="cpu",
                                f"does not exist. Pass an existing .pt/.bin/.safetensors file, an open_clip "
                                f"pretrained tag for '{arch}' "
                                f"({open_clip.list_pretrained_tags_by_model(arch)}), or 'none'.")
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(path), **kwargs)
-        source = str(path.resolve())
+        return WeightsSource(weights, "file", str(path.resolve()))
+    pretrained_cfg = get_pretrained_cfg(arch, weights)
+    if not pretrained_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        raise WeightsError(f"'{weights}' is neither an existing checkpoint file nor an open_clip pretrained "
+                           f"tag of '{arch}'. Tags of '{arch}': {tags or 'none (pass a local file)'}")
+    cached = _cached_tag_file(pretrained_cfg, cache_dir)
+    if cached is None:
+        if not allow_download:
+            raise WeightsError(_tag_missing_message(arch, weights, cache_dir, "MODEL.ALLOW_DOWNLOAD is False"))
+        if not _hub_reachable():
+            raise WeightsError(_tag_missing_message(arch, weights, cache_dir, "the hub cannot be reached"))
+    return WeightsSource(weights, "tag", cached)
+
+
+def load_clip(arch: str, weights: str | WeightsSource, *, precision: str = "fp32", device="cpu",
+              cache_dir: str = "", allow_download: bool = True, force_quick_gelu: bool = False) -> LoadedClip:
+    """Build an open_clip CLIP for ``arch`` with ``weights`` (MODEL.WEIGHTS, or what resolve_weights made of it)."""
+    source = weights if isinstance(weights, WeightsSource) else resolve_weights(
+        arch, weights, cache_dir=cache_dir, allow_download=allow_download)
+    kwargs = dict(precision=precision, device=device, force_quick_gelu=force_quick_gelu)
+    if source.kind == "random":
+        logger.warning("MODEL.WEIGHTS none: CLIP '%s' with RANDOM weights, as explicitly requested.", arch)
+        model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=None, **kwargs)
+        described = "random"
+    elif source.kind == "file":
+        model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=source.path, **kwargs)
+        described = source.path
     else:
-        pretrained_cfg = get_pretrained_cfg(arch, weights)
-        if not pretrained_cfg:
-            tags = open_clip.list_pretrained_tags_by_model(arch)
-            raise WeightsError(f"'{weights}' is neither an existing checkpoint file nor an open_clip pretrained "
-                               f"tag of '{arch}'. Tags of '{arch}': {tags or 'none (pass a local file)'}")
-        cached = _cached_tag_file(pretrained_cfg, cache_dir)
-        if cached is None:
-            if not allow_download:
-                raise WeightsError(_tag_missing_message(arch, weights, cache_dir, "MODEL.ALLOW_DOWNLOAD is False"))
-            if not _hub_reachable():
-                raise WeightsError(_tag_missing_message(arch, weights, cache_dir, "the hub cannot be reached"))
-            logger.info("Downloading CLIP weights %s/%s ...", arch, weights)
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                arch, pretrained=weights, cache_dir=cache_dir or None, **kwargs)
+        tag = source.requested
+        if source.path is None:
+            logger.info("Downloading CLIP weights %s/%s ...", arch, tag)
+            model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=tag, cache_dir=cache_dir or None,
+                                                               **kwargs)
         else:
             with _hub_offline():
-                model, _, preprocess = open_clip.create_model_and_transforms(
-                    arch, pretrained=weights, cache_dir=cache_dir or None, **kwargs)
-        source = f"{weights}@{cached or 'downloaded'}"
+                model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=tag,
+                                                                   cache_dir=cache_dir or None, **kwargs)
+        described = f"{tag}@{source.path or 'downloaded'}"
     preprocess_cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
-    return LoadedClip(model=model, preprocess_cfg=preprocess_cfg, weights=weights, weights_source=source)
+    return LoadedClip(model=model, preprocess_cfg=preprocess_cfg, weights=source.requested, weights_source=described)

@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import methods  # noqa: E402
-from conf import load_cfg  # noqa: E402
+from harness.build import load_cfg  # noqa: E402
+from harness.cli import entry_point  # noqa: E402
 from datasets.class_names import CIFAR10_CLASSES, IMAGENET_CLASSES  # noqa: E402
 from methods.batclip import batclip_loss, precision_plan  # noqa: E402
 from models import build_zero_shot_clip  # noqa: E402
@@ -79,11 +80,9 @@ class StraightforwardBatclip:
     """BATCLIP written plainly: full-length text, a loop over the pseudo-label classes for each term."""
 
     def __init__(self, cfg, zero_shot, class_names, template, device, use_autocast):
-        import open_clip
         self.clip = zero_shot.clip
         self.mean, self.std = zero_shot.mean, zero_shot.std
-        tokenizer = open_clip.get_tokenizer(cfg.MODEL.ARCH)
-        self.tokens = tokenizer([template.format(c) for c in class_names]).to(device)   # (C, 77)
+        self.tokens = zero_shot.tokenizer([template.format(c) for c in class_names]).to(device)   # (C, 77)
         self.params = [p for p in self.clip.parameters() if p.requires_grad]
         self.cfg, self.device = cfg, device
         self.plan = precision_plan(device.type, use_autocast)
@@ -216,6 +215,7 @@ def bench_shape(name, args, device, argv):
           f"{plain_r['peak_bytes'] / max(ours_r['peak_bytes'], 1):.2f}x")
 
 
+@entry_point
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -232,12 +232,13 @@ def main(argv=None):
                           else args.device)
     if args.worker:
         worker(args.worker, args, device)
-        return
+        return 0
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads"
           + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
     for name in (["cifar", "imagenet"] if args.shape == "both" else [args.shape]):
         bench_shape(name, args, device, argv)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

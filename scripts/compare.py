@@ -26,16 +26,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from conf import ConfigError  # noqa: E402
-from harness import compare  # noqa: E402
-from harness.cli import split_list_options  # noqa: E402
-from harness.progress import ResumeError  # noqa: E402
+from harness import comparison, report  # noqa: E402
+from harness.cli import entry_point, parse_command_line  # noqa: E402
 from harness.results import atomic_write  # noqa: E402
-from harness.settings import SettingError  # noqa: E402
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="%(prog)s (--methods M ... | --results PATH ... | --merge PATH ...) "
+                                           "[flags] [KEY VALUE ...]")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--methods", nargs="+", metavar="METHOD", help="method names or config files to run")
     mode.add_argument("--results", nargs="+", metavar="PATH", help="results.json files or folders to tabulate")
@@ -50,10 +49,7 @@ def parse_args(argv):
     parser.add_argument("--restart", action="store_true", help="start every run over instead of resuming")
     parser.add_argument("--domains", nargs="+", metavar="DOMAIN", help="run only these domains (RUN_DOMAINS)")
     parser.add_argument("--progress", action="store_true", help="show per-domain progress bars")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every method")
-    args = parser.parse_args(argv)
-    # "--methods a b DATA_DIR /data": the overrides after a list option belong to opts.
-    split_list_options(args, ("methods", "domains", "seeds"))
+    args = parse_command_line(parser, argv)   # KEY VALUE overrides for every method: args.opts
     if args.seeds:
         try:
             args.seeds = [int(s) for s in args.seeds]
@@ -65,44 +61,41 @@ def parse_args(argv):
 
 
 def _print_and_write(tables, out, figure) -> None:
-    for i, table in enumerate(tables):
-        print(compare.to_markdown(table))
+    for table in tables:
+        print(report.to_markdown(table))
         if out:
             stem = "comparison" if len(tables) == 1 else f"comparison_{table.dataset}"
-            for path in compare.write_table(table, Path(out), stem, figure):
+            for path in report.write_table(table, Path(out), stem, figure):
                 print(f"wrote {path}")
 
 
+@entry_point
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     with_paper = not args.no_paper
-    try:
-        if args.results:
-            payloads = compare.load_results(args.results)
-            _print_and_write(compare.tables_from_results(payloads, args.metric, with_paper), args.out, args.figure)
-        elif args.merge:
-            merged = compare.merge(compare.load_results(args.merge))
-            out = Path(args.out) if args.out else Path(merged["provenance"]["save_dir"])
-            atomic_write(out / "results.json", json.dumps(merged, indent=2, default=str) + "\n")
-            print(f"merged {len(args.merge)} results into {out / 'results.json'}"
-                  + ("" if merged["complete"] else " (some domains of CORRUPTION.TYPE are still missing)"))
-            table = compare.build_table([(merged["method"], [merged])], args.metric, with_paper)
-            _print_and_write([table], args.out, args.figure)
-        else:
-            overrides = {}
-            if args.restart:
-                overrides["RESUME"] = False
-            if args.domains:
-                overrides["RUN_DOMAINS"] = list(args.domains)
-            configs = compare.method_configs(args.methods, args.cfg_file, args.opts, args.seeds, overrides)
-            groups = compare.run_comparison(configs, progress=args.progress)
-            table = compare.build_table(groups, args.metric, with_paper)
-            out = args.out or compare.comparison_dir(configs[0][1][0], [label for label, _ in configs])
-            _print_and_write([table], out, args.figure)
-    except (compare.CompareError, ConfigError, SettingError, ResumeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.results:
+        payloads = report.load_results(args.results)
+        _print_and_write(report.tables_from_results(payloads, args.metric, with_paper), args.out, args.figure)
+    elif args.merge:
+        merged = report.merge(report.load_results(args.merge))
+        out = Path(args.out) if args.out else Path(merged["provenance"]["save_dir"])
+        atomic_write(out / "results.json", json.dumps(merged, indent=2, default=str) + "\n")
+        print(f"merged {len(args.merge)} results into {out / 'results.json'}"
+              + ("" if merged["complete"] else " (some domains of CORRUPTION.TYPE are still missing)"))
+        table = report.build_table([(merged["method"], [merged])], args.metric, with_paper)
+        _print_and_write([table], args.out, args.figure)
+    else:
+        overrides = {}
+        if args.restart:
+            overrides["RESUME"] = False
+        if args.domains:
+            overrides["RUN_DOMAINS"] = list(args.domains)
+        configs = comparison.method_configs(args.methods, args.cfg_file, args.opts, args.seeds, overrides)
+        groups = comparison.run_comparison(configs, progress=args.progress)
+        table = report.build_table(groups, args.metric, with_paper)
+        out = args.out or comparison.comparison_dir(configs[0][1][0], [label for label, _ in configs])
+        _print_and_write([table], out, args.figure)
     return 0
 
 

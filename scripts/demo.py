@@ -10,7 +10,7 @@ Shapes-C, the embedded corruption benchmark (docs/demo.md).
    reset at every corruption. Nothing here is special-cased; real runs differ only in their config.
 3. A table of accuracies (%) is printed, one row per method, one column per corruption, and their mean;
    every run's records are written under SAVE_DIR as usual, and the table to SAVE_DIR/demo_table.md
-   (.csv, .tex, .png), by the suite's comparison code (harness/compare.py).
+   (.csv, .tex, .png), by the suite's comparison code (harness/report/).
 """
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from conf.defaults import CORRUPTIONS_15  # noqa: E402
+from conf import ConfigError  # noqa: E402
+from datasets.corruptions import CORRUPTIONS  # noqa: E402
+from harness.cli import entry_point, parse_command_line  # noqa: E402
 
 CONFIG_DIR = REPO_ROOT / "conf" / "shapes_c"
 DEFAULT_METHODS = ["source", "tent", "batclip"]
@@ -46,7 +48,7 @@ def ensure_shapes_c(data_dir: Path, corruptions: list[str], images_per_severity:
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if (meta.get("source"), meta.get("seed")) != (source, seed):
-            raise SystemExit(f"{root} was generated differently ({meta.get('source')}, seed {meta.get('seed')}) "
+            raise ConfigError(f"{root} was generated differently ({meta.get('source')}, seed {meta.get('seed')}) "
                              f"from what was asked ({source}, seed {seed}). Delete that folder to regenerate it, "
                              f"or pass --images-per-severity {meta.get('images_per_severity')}.")
     missing = [c for c in corruptions if not (root / f"{c}.npy").is_file()]
@@ -63,12 +65,12 @@ def run_methods(methods_wanted: list[str], opts: list[str], progress: bool = Tru
     """(method, [payload]) from the suite's comparison runner (harness.compare: every method on the identical
     data and stream, through harness.run.evaluate); methods without a config or registration are skipped."""
     import methods
-    from harness.compare import method_configs, run_comparison
+    from harness.comparison import method_configs, run_comparison
     runnable = []
     for name in methods_wanted:
         if not (CONFIG_DIR / f"{name}.yaml").is_file():
             print(f"[skip] {name}: no config {CONFIG_DIR / name}.yaml", flush=True)
-        elif name not in methods.METHODS and name not in methods.ALIASES:
+        elif name not in methods.METHODS:
             print(f"[skip] {name}: method '{name}' is not registered in this checkout (methods/{name}.py)",
                   flush=True)
         else:
@@ -86,12 +88,13 @@ def run_methods(methods_wanted: list[str], opts: list[str], progress: bool = Tru
     return groups
 
 
+@entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="./data", help="DATA_DIR; Shapes-C is generated there if missing")
     parser.add_argument("--save-dir", default="./output/demo", help="SAVE_DIR for the results records")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="configs of conf/shapes_c/ to run")
-    parser.add_argument("--corruptions", nargs="+", default=CORRUPTIONS_15)
+    parser.add_argument("--corruptions", nargs="+", default=CORRUPTIONS)
     parser.add_argument("--num-ex", type=int, default=DEFAULT_IMAGES_PER_SEVERITY,
                         help="test images per corruption (CORRUPTION.NUM_EX)")
     parser.add_argument("--batch-size", type=int, default=200, help="TEST.BATCH_SIZE (the paper's CIFAR value)")
@@ -102,8 +105,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--verbose", action="store_true", help="log every domain's result as it finishes")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="further KEY VALUE config overrides")
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)   # further KEY VALUE config overrides: args.opts
     if args.num_ex > args.images_per_severity:
         parser.error(f"--num-ex {args.num_ex} exceeds --images-per-severity {args.images_per_severity}")
     # The console handler's level, not the root's: the harness lowers the root level to INFO for its log file.
@@ -137,7 +139,7 @@ def run_demo(args) -> int:
         print("No method ran.", file=sys.stderr)
         return 1
 
-    from harness.compare import build_table, to_markdown, write_table
+    from harness.report import build_table, to_markdown, write_table
     table = build_table(groups, with_paper=False)
     print("\n" + to_markdown(table))
     print(f"set-up {setup_seconds:.0f} s, evaluation {run_seconds:.0f} s")

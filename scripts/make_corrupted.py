@@ -23,8 +23,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np  # noqa: E402
 
-from datasets.corruptions import ALL_CORRUPTIONS, CorruptionError, load_image_folder, write_corrupted  # noqa: E402
-from conf.defaults import CORRUPTIONS_15  # noqa: E402
+from datasets.corruptions import (ALL_CORRUPTIONS, CORRUPTIONS, CorruptionError, load_image_folder,  # noqa: E402
+                                  write_corrupted)
+from harness.cli import entry_point  # noqa: E402
 
 
 def _load_array(path: str, what: str) -> np.ndarray:
@@ -34,6 +35,7 @@ def _load_array(path: str, what: str) -> np.ndarray:
         raise CorruptionError(f"cannot read {what} '{path}' as a .npy array: {err}") from err
 
 
+@entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, help="--folder only: resize (shortest side) and centre-crop to this")
     parser.add_argument("--out", required=True, help="output DATA_DIR; the data set goes to <out>/<name>-C/")
     parser.add_argument("--name", required=True, help="data set name, e.g. Shapes -> <out>/Shapes-C/")
-    parser.add_argument("--corruptions", nargs="+", default=CORRUPTIONS_15,
+    parser.add_argument("--corruptions", nargs="+", default=CORRUPTIONS,
                         help=f"corruptions to make (default: the 15 benchmark ones; available: {ALL_CORRUPTIONS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the corruptions' randomness")
     parser.add_argument("--keep-existing", action="store_true",
@@ -54,27 +56,23 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    try:
-        class_names = None
-        if args.images:
-            if not args.labels:
-                parser.error("--images needs --labels")
-            images, labels = _load_array(args.images, "--images"), _load_array(args.labels, "--labels")
-            source_desc = f"images {args.images}, labels {args.labels}"
-        elif args.folder:
-            images, labels, class_names = load_image_folder(args.folder, args.size)
-            source_desc = f"folder {args.folder}" + (f" at {args.size}px" if args.size else "")
-        else:
-            from datasets.shapes import SHAPE_CLASSES, SPLIT_SEEDS, clean_split
-            images, labels = clean_split("test", args.shapes)
-            class_names = SHAPE_CLASSES
-            source_desc = f"datasets.shapes.clean_split('test', {args.shapes}) (seed {SPLIT_SEEDS['test']})"
-        out = write_corrupted(images, labels, Path(args.out) / f"{args.name}-C", args.corruptions, seed=args.seed,
-                              class_names=class_names, source=source_desc, progress=not args.no_progress,
-                              overwrite=not args.keep_existing, workers=args.workers)
-    except CorruptionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    class_names = None
+    if args.images:
+        if not args.labels:
+            parser.error("--images needs --labels")
+        images, labels = _load_array(args.images, "--images"), _load_array(args.labels, "--labels")
+        source_desc = f"images {args.images}, labels {args.labels}"
+    elif args.folder:
+        images, labels, class_names = load_image_folder(args.folder, args.size)
+        source_desc = f"folder {args.folder}" + (f" at {args.size}px" if args.size else "")
+    else:
+        from datasets.shapes import SHAPE_CLASSES, SPLIT_SEEDS, clean_split
+        images, labels = clean_split("test", args.shapes)
+        class_names = SHAPE_CLASSES
+        source_desc = f"datasets.shapes.clean_split('test', {args.shapes}) (seed {SPLIT_SEEDS['test']})"
+    out = write_corrupted(images, labels, Path(args.out) / f"{args.name}-C", args.corruptions, seed=args.seed,
+                          class_names=class_names, source=source_desc, progress=not args.no_progress,
+                          overwrite=not args.keep_existing, workers=args.workers)
     print(f"wrote {out}: {len(args.corruptions)} corruption(s) x 5 severities x {len(images)} images")
     return 0
 

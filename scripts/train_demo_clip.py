@@ -30,6 +30,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from harness.cli import entry_point  # noqa: E402
+
 DEFAULT_ARCH = "tiny-clip-shapes"
 # The prompt used by the demo configs (conf/shapes_c/*.yaml), so the recorded accuracy is the demo's.
 EVAL_TEMPLATE = "a photo of a {}."
@@ -148,6 +150,7 @@ def train(args) -> dict:
     return record
 
 
+@entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default=DEFAULT_ARCH, help="open_clip model name (models/model_configs/)")

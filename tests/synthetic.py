@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from conf import load_cfg
+from harness.build import load_cfg
 
 
 # A YAML exactly as written for the authors' BATCLIP suite (their cfgs/cifar10_c/ours.yaml format and keys).
@@ -146,3 +146,17 @@ def small_run_overrides(dataset: str, config: str) -> dict:
     if (dataset, config) == ("imagenet_c", "vte"):
         overrides["CLIP__PROMPT_MODE"] = "custom"
     return overrides
+
+
+class Transformed:
+    """A domain's (PIL image, label) items with ``transform`` applied to the image, as the harness's stream does."""
+
+    def __init__(self, part, transform):
+        self.part, self.transform = part, transform
+
+    def __len__(self) -> int:
+        return len(self.part)
+
+    def __getitem__(self, i: int):
+        image, label = self.part[i]
+        return self.transform(image), label

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 
+from conf import ConfigError
 from methods import augmentations
 from methods.augmentations import (AugmentedViews, lowest_entropy_views, n_confident_views, resized_crops,
                                    sample_crop_boxes)
@@ -106,13 +107,13 @@ def test_views_deterministic_under_seed_and_reset_restarts_stream():
 
 
 def test_view_errors_name_the_keys():
-    with pytest.raises(ValueError, match="TEST.N_AUGMENTATIONS"):
+    with pytest.raises(ConfigError, match="TEST.N_AUGMENTATIONS"):
         AugmentedViews(0)
-    with pytest.raises(ValueError, match="TPT.VIEW_AUGMENTATION"):
+    with pytest.raises(ConfigError, match="TPT.VIEW_AUGMENTATION"):
         AugmentedViews(4, "augmix", keys=("TEST.N_AUGMENTATIONS", "TPT.VIEW_AUGMENTATION"))
-    with pytest.raises(ValueError, match="TPT.SELECTION_P"):
+    with pytest.raises(ConfigError, match="TPT.SELECTION_P"):
         n_confident_views(8, 0.1, "TPT.SELECTION_P")
-    with pytest.raises(ValueError, match="VTE.SELECTION_P"):
+    with pytest.raises(ConfigError, match="VTE.SELECTION_P"):
         n_confident_views(8, 0.0, "VTE.SELECTION_P")
     assert n_confident_views(64, 0.1, "k") == 6
 

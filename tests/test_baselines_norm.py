@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import methods
+from conf import ConfigError
+from harness.build import check_method
 from harness.run import evaluate
 from methods.rotta import CategoryBalancedMemory, StrongAugment, timeliness_weights
 from methods.rpl import generalized_cross_entropy
@@ -24,7 +26,9 @@ ACTIVE = {
 
 
 def build(name, model, **overrides):
-    return methods.build_method(tiny_cfg(MODEL__ADAPTATION=name, **overrides), model, C)
+    cfg = tiny_cfg(MODEL__ADAPTATION=name, **overrides)
+    check_method(cfg)                      # the run plan's checks, before any model loads
+    return methods.build_method(cfg, model, C)
 
 
 def images(n, seed=0):
@@ -70,7 +74,7 @@ def test_only_image_norm_affine_params_change(tiny_clip, name):
 
 @pytest.mark.parametrize("name", ["tent", "rpl", "sar", "rotta"])
 def test_text_encoder_must_be_frozen(tiny_clip, name):
-    with pytest.raises(ValueError, match="FREEZE_TEXT_ENCODER"):
+    with pytest.raises(ConfigError, match="FREEZE_TEXT_ENCODER"):
         build(name, tiny_clip, CLIP__FREEZE_TEXT_ENCODER=False)
 
 
@@ -149,7 +153,7 @@ def test_rpl_generalised_cross_entropy_by_hand(tiny_clip):
     rpl_half = build("rpl", copy.deepcopy(tiny_clip), RPL__Q=0.5)
     p = logits.softmax(1).max(1).values
     assert torch.allclose(rpl_half.loss(logits), ((1 - p ** 0.5) / 0.5).mean())
-    with pytest.raises(ValueError, match="RPL.Q"):
+    with pytest.raises(ConfigError, match="RPL.Q"):
         build("rpl", copy.deepcopy(tiny_clip), RPL__Q=0.0)
 
 
@@ -190,9 +194,9 @@ def test_sar_excluded_layers_follow_the_keys(tiny_clip):
     assert sar.param_names == visual_norm_names(tiny_clip, ("transformer.resblocks.1.", "ln_post"))
     sar = build("sar", copy.deepcopy(tiny_clip), SAR__EXCLUDED_DEEPEST_BLOCKS=0, SAR__EXCLUDE_FINAL_NORM=False)
     assert sar.param_names == visual_norm_names(tiny_clip)
-    with pytest.raises(ValueError, match="EXCLUDED_DEEPEST_BLOCKS=3 exceeds the 2 blocks"):
+    with pytest.raises(ConfigError, match="EXCLUDED_DEEPEST_BLOCKS=3 exceeds the 2 blocks"):
         build("sar", copy.deepcopy(tiny_clip))          # default 3 (ViT-B: blocks 9-11), tiny has 2
-    assert methods.get_method_class("sar").config_defaults["SAR"]["EXCLUDED_DEEPEST_BLOCKS"] == 3
+    assert tiny_cfg(MODEL__ADAPTATION="sar").SAR.EXCLUDED_DEEPEST_BLOCKS == 3
 
 
 def test_sar_normal_steps_and_moving_average(tiny_clip):
@@ -460,7 +464,7 @@ def test_strong_augment_is_batched_reproducible_and_bounded():
 
 def test_rotta_refuses_batchnorm_towers(tiny_clip):
     tiny_clip.clip.visual.extra_bn = torch.nn.BatchNorm2d(3)
-    with pytest.raises(ValueError, match="BatchNorm"):
+    with pytest.raises(ConfigError, match="BatchNorm"):
         build("rotta", tiny_clip)
 
 
@@ -481,8 +485,8 @@ def test_paper_configs_run_through_the_harness(tmp_path, name):
 @pytest.mark.parametrize("dataset,batch", [("cifar10_c", 200), ("cifar100_c", 200), ("imagenet_c", 64)])
 @pytest.mark.parametrize("name", ["tent", "rpl", "sar", "rotta"])
 def test_yaml_settings(dataset, batch, name):
-    from conf import load_cfg
-    from conf.defaults import CORRUPTIONS_15
+    from harness.build import load_cfg
+    from datasets.corruptions import CORRUPTIONS as CORRUPTIONS_15
     cfg = load_cfg(f"conf/{dataset}/{name}.yaml")
     assert (cfg.MODEL.ARCH, cfg.MODEL.WEIGHTS, cfg.MODEL.ADAPTATION) == ("ViT-B-16", "openai", name)
     assert list(cfg.CORRUPTION.SEVERITY) == [5] and list(cfg.CORRUPTION.TYPE) == CORRUPTIONS_15

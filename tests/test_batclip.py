@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import methods
-from conf import load_cfg
+from conf import ConfigError
+from harness.build import check_method, load_cfg
 from methods.batclip import Batclip, BatclipLossOptions, batclip_loss, precision_plan
 from tests.synthetic import AUTHORS_OURS_YAML, tiny_cfg, write_cifar_c
 
@@ -173,6 +174,7 @@ def test_precision_plan_fp16_autocast_and_scaler_only_on_cuda():
 
 def batclip_on(model, **overrides):
     cfg = tiny_cfg(BATCLIP_YAML, **overrides)
+    check_method(cfg)                      # the run plan's checks, before any model loads
     return methods.build_method(cfg, model, model.num_classes)
 
 
@@ -189,7 +191,7 @@ def test_cpu_path_is_fp32_without_scaler(tiny_clip):
 
 
 def test_half_weights_are_refused(tiny_clip):
-    with pytest.raises(ValueError, match="CLIP.PRECISION"):
+    with pytest.raises(ConfigError, match="CLIP.PRECISION"):
         batclip_on(tiny_clip, CLIP__PRECISION="fp16")
 
 
@@ -267,7 +269,7 @@ class CpuScalerBatclip(Batclip):
 def test_reset_restores_model_optimizer_and_scaler_exactly(tiny_clip, method_class):
     cfg = tiny_cfg(BATCLIP_YAML)
     source = copy.deepcopy(tiny_clip.state_dict())
-    method = method_class(cfg, tiny_clip, 10)
+    method = method_class(cfg, tiny_clip, 10).setup()
     scaler_state = copy.deepcopy(method.scaler.state_dict()) if method.scaler else None
     first_logits = method(images(seed=1))
     first_params = copy.deepcopy(tiny_clip.state_dict())
@@ -294,7 +296,7 @@ def test_authors_yaml_with_adaptation_ours_builds_batclip(tmp_path, tiny_clip):
     path.write_text(AUTHORS_OURS_YAML)
     cfg = tiny_cfg(path)
     method = methods.build_method(cfg, tiny_clip, 10)
-    assert type(method) is Batclip and methods.canonical_name("ours") == "batclip"
+    assert type(method) is Batclip and methods.METHODS.canonical("ours") == "batclip"
     assert isinstance(method.optimizer, torch.optim.AdamW)
 
 
@@ -302,9 +304,9 @@ def test_authors_yaml_with_adaptation_ours_builds_batclip(tmp_path, tiny_clip):
                                                            ("cifar100_c", "Adam", 5e-4, 200),
                                                            ("imagenet_c", "AdamW", 5e-4, 64)])
 def test_shipped_yamls_have_the_papers_settings(dataset, optimizer, lr, batch):
-    from conf.defaults import CORRUPTIONS_15
+    from datasets.corruptions import CORRUPTIONS as CORRUPTIONS_15
     cfg = load_cfg(f"conf/{dataset}/batclip.yaml")
-    assert methods.canonical_name(cfg.MODEL.ADAPTATION) == "batclip"
+    assert methods.METHODS.canonical(cfg.MODEL.ADAPTATION) == "batclip"
     assert (cfg.MODEL.ARCH, cfg.MODEL.WEIGHTS, cfg.SETTING) == ("ViT-B-16", "openai", "reset_each_shift")
     assert cfg.CORRUPTION.SEVERITY == [5] and cfg.CORRUPTION.TYPE == CORRUPTIONS_15
     assert (cfg.OPTIM.METHOD, cfg.OPTIM.LR, cfg.TEST.BATCH_SIZE) == (optimizer, lr, batch)

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness import compare, paper
+from harness import report
+from harness.report import paper
 from harness.results import make_record, summarise
 from tests.synthetic import tiny_cfg, write_cifar_c
 
@@ -33,13 +34,13 @@ def seeds_payloads(rng, seeds=(1, 2, 3), n=50):
 def test_table_cells_equal_records_and_mean_is_mean_of_cells_shown():
     a = fake_payload({"gaussian_noise": (10, 40), "shot_noise": (13, 40), "fog": (31, 40)})
     b = fake_payload({"gaussian_noise": (7, 20), "shot_noise": (2, 20), "fog": (19, 20)}, OPTIM__LR=0.5)
-    table = compare.build_table([("one", [a]), ("two", [b])], with_paper=False)
+    table = report.build_table([("one", [a]), ("two", [b])], with_paper=False)
     assert table.labels == DOMAINS
     for row, p in zip(table.rows, (a, b)):
         cells = [table.value(row, c) for c in table.columns]
         assert cells == pytest.approx([100 * r["correct"] / r["n"] for r in p["records"]])
         assert table.value(row, "mean") == pytest.approx(np.mean(cells))
-    err = compare.build_table([("one", [a])], metric="error", with_paper=False)
+    err = report.build_table([("one", [a])], metric="error", with_paper=False)
     assert [err.value(err.rows[0], c) for c in err.columns] == pytest.approx([75.0, 67.5, 22.5])
     assert err.value(err.rows[0], "mean") == pytest.approx(100 - np.mean([25, 32.5, 77.5]))
 
@@ -47,18 +48,18 @@ def test_table_cells_equal_records_and_mean_is_mean_of_cells_shown():
 def test_aggregation_mean_and_std_match_numpy():
     rng = np.random.default_rng(0)
     runs = seeds_payloads(rng)
-    row = compare.aggregate(runs, "src")
+    row = report.aggregate(runs, "src")
     acc = np.array([[100 * r["accuracy"] for r in p["records"]] for p in runs])   # runs x domains
-    columns = compare.record_columns(runs[0]["records"])
+    columns = report.record_columns(runs[0]["records"])
     assert [row.cells[c] for c in columns] == pytest.approx(acc.mean(0))
     assert [row.std[c] for c in columns] == pytest.approx(acc.std(0, ddof=1))
     assert row.mean == pytest.approx(acc.mean(1).mean()) and row.mean_std == pytest.approx(acc.mean(1).std(ddof=1))
     assert row.runs == 3 and row.seeds == [1, 2, 3]
     # the same through the Markdown and CSV writers
-    table = compare.build_table([("src", runs)], with_paper=False)
-    md = compare.to_markdown(table)
+    table = report.build_table([("src", runs)], with_paper=False)
+    md = report.to_markdown(table)
     assert f"{acc.mean(0)[0]:.2f} ± {acc.std(0, ddof=1)[0]:.2f}" in md
-    rows = list(csv.DictReader(io.StringIO(compare.to_csv(table))))
+    rows = list(csv.DictReader(io.StringIO(report.to_csv(table))))
     assert float(rows[0]["fog"]) == pytest.approx(acc.mean(0)[2], abs=1e-4)
     assert float(rows[0]["fog std"]) == pytest.approx(acc.std(0, ddof=1)[2], abs=1e-4)
     assert float(rows[0]["mean"]) == pytest.approx(acc.mean(), abs=1e-4)
@@ -67,34 +68,34 @@ def test_aggregation_mean_and_std_match_numpy():
 def test_aggregation_refuses_configs_that_differ_beyond_the_seed_and_names_the_keys():
     a = fake_payload({"fog": (1, 2)}, seed=1)
     b = fake_payload({"fog": (2, 2)}, seed=2, OPTIM__LR=0.5, TEST__BATCH_SIZE=3)
-    with pytest.raises(compare.CompareError) as err:
-        compare.aggregate([a, b])
+    with pytest.raises(report.CompareError) as err:
+        report.aggregate([a, b])
     assert "OPTIM.LR" in str(err.value) and "TEST.BATCH_SIZE" in str(err.value)
     assert "RNG_SEED" not in str(err.value).split("refusing")[0]
     # keys that cannot change results do not count
     c = fake_payload({"fog": (2, 2)}, seed=2, SAVE_DIR="/elsewhere", TEST__NUM_WORKERS=3)
-    assert compare.aggregate([a, c]).runs == 2
+    assert report.aggregate([a, c]).runs == 2
     # runs with other domains are refused too
     full = fake_payload({"fog": (1, 2), "snow": (1, 2)}, seed=1)
     partial = fake_payload({"fog": (2, 2)}, seed=3, CORRUPTION__TYPE=["fog", "snow"])
-    with pytest.raises(compare.CompareError, match="other domains"):
-        compare.aggregate([full, partial])
+    with pytest.raises(report.CompareError, match="other domains"):
+        report.aggregate([full, partial])
 
 
 def test_results_are_grouped_by_config_with_seeds_pooled():
     rng = np.random.default_rng(1)
     runs = seeds_payloads(rng, seeds=(1, 2))
     other = fake_payload({d: (5, 50) for d in DOMAINS}, OPTIM__LR=0.5)
-    (table,) = compare.tables_from_results(runs + [other], with_paper=False)
+    (table,) = report.tables_from_results(runs + [other], with_paper=False)
     assert [r.runs for r in table.rows] == [2, 1]
     assert table.rows[0].label != table.rows[1].label     # one method, two configs: labels tell them apart
 
 
 def test_paper_mapping_covers_every_row_of_both_csvs():
     rows = paper.paper_rows()
-    with open(REPO / "harness/paper_results/batclip_paper_main_table.csv", encoding="utf-8") as f:
+    with open(REPO / "harness/report/paper_results/batclip_paper_main_table.csv", encoding="utf-8") as f:
         main = list(csv.DictReader(f))
-    with open(REPO / "harness/paper_results/batclip_paper_dg_table.csv", encoding="utf-8") as f:
+    with open(REPO / "harness/report/paper_results/batclip_paper_dg_table.csv", encoding="utf-8") as f:
         dg = list(csv.DictReader(f))
     for line in main:
         row = paper.paper_row(paper.DATASETS[line["dataset"]], paper.METHODS[line["method"]])
@@ -127,7 +128,7 @@ def test_paper_mapping_covers_every_row_of_both_csvs():
 
 def test_paper_rows_beside_measured_rows_with_the_difference_per_cell():
     measured = fake_payload({"gaussian_noise": (30, 50), "fog": (40, 50)}, method="batclip")
-    table = compare.build_table([("batclip", [measured])])
+    table = report.build_table([("batclip", [measured])])
     kinds = [r.kind for r in table.rows]
     assert kinds == ["measured", "paper", "diff"]
     ours, theirs, diff = table.rows
@@ -138,34 +139,34 @@ def test_paper_rows_beside_measured_rows_with_the_difference_per_cell():
     assert table.value(theirs, "mean") == pytest.approx(np.mean(list(ref.values())))
     assert any("printed mean 73.85" in n for n in table.notes)
     # error metric: the paper's error is 100 - accuracy, the difference flips sign
-    err = compare.build_table([("batclip", [measured])], metric="error")
+    err = report.build_table([("batclip", [measured])], metric="error")
     c0 = err.columns[0]
     assert err.value(err.rows[1], c0) == pytest.approx(100 - 61.13)
     assert err.value(err.rows[2], c0) == pytest.approx(-(60.0 - 61.13))
     # no paper row at another severity, nor for a method the paper does not report
-    assert [r.kind for r in compare.build_table([("b", [fake_payload({"fog": (1, 2)}, method="batclip",
+    assert [r.kind for r in report.build_table([("b", [fake_payload({"fog": (1, 2)}, method="batclip",
                                                                      severity=3)])]).rows] == ["measured"]
-    assert [r.kind for r in compare.build_table([("x", [fake_payload({"fog": (1, 2)}, method="nope")])]).rows] \
+    assert [r.kind for r in report.build_table([("x", [fake_payload({"fog": (1, 2)}, method="nope")])]).rows] \
         == ["measured"]
 
 
 def test_merge_of_shards_and_disagreeing_shards(tmp_path):
     a = fake_payload({"gaussian_noise": (3, 10), "fog": (4, 10)}, CORRUPTION__TYPE=DOMAINS)
     b = fake_payload({"shot_noise": (5, 10), "fog": (4, 10)}, CORRUPTION__TYPE=DOMAINS)
-    merged = compare.merge([b, a])
+    merged = report.merge([b, a])
     assert [r["domain"] for r in merged["records"]] == DOMAINS and merged["complete"]
     assert merged["summary"]["mean_accuracy"] == pytest.approx(np.mean([0.3, 0.5, 0.4]))
     bad = fake_payload({"fog": (9, 10)}, CORRUPTION__TYPE=DOMAINS)
-    with pytest.raises(compare.CompareError, match="disagree"):
-        compare.merge([a, bad])
-    with pytest.raises(compare.CompareError, match="RNG_SEED"):
-        compare.merge([a, fake_payload({"shot_noise": (5, 10)}, seed=7, CORRUPTION__TYPE=DOMAINS)])
+    with pytest.raises(report.CompareError, match="disagree"):
+        report.merge([a, bad])
+    with pytest.raises(report.CompareError, match="RNG_SEED"):
+        report.merge([a, fake_payload({"shot_noise": (5, 10)}, seed=7, CORRUPTION__TYPE=DOMAINS)])
 
 
 def test_writers_markdown_csv_latex_and_figure(tmp_path):
     runs = seeds_payloads(np.random.default_rng(2), seeds=(1, 2))
-    table = compare.build_table([("source", runs)])
-    written = compare.write_table(table, tmp_path, "cmp", figure="heatmap")
+    table = report.build_table([("source", runs)])
+    written = report.write_table(table, tmp_path, "cmp", figure="heatmap")
     assert sorted(p.suffix for p in written) == [".csv", ".md", ".png", ".tex"]
     assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
     tex = (tmp_path / "cmp.tex").read_text()
@@ -173,7 +174,7 @@ def test_writers_markdown_csv_latex_and_figure(tmp_path):
     md = (tmp_path / "cmp.md").read_text().splitlines()
     header = next(line for line in md if line.startswith("| method"))
     assert header == "| method | gaussian_noise | shot_noise | fog | mean |"
-    assert compare.to_figure(table, tmp_path / "bars.png", "bars").is_file()
+    assert report.to_figure(table, tmp_path / "bars.png", "bars").is_file()
 
 
 def _cli(argv, capsys):
@@ -200,7 +201,7 @@ def test_cli_runs_methods_on_the_same_stream_and_tabulates_results(tmp_path, cap
     assert len(results) == 2
     payloads = [json.loads(p.read_text()) for p in results]
     # both methods saw the same data, stream and backbone; only the method's own keys differ
-    cfgs = [compare._config(p) for p in payloads]
+    cfgs = [report.run_config(p) for p in payloads]
     assert {c["CLIP"]["PROMPT_TEMPLATE"][0] for c in cfgs} == {"a photo of a {}.", "a blurry photo of a {}."}
     assert all(c["CORRUPTION"]["TYPE"] == ["gaussian_noise", "fog"] and c["MODEL"]["ARCH"] == "tiny-clip-test"
                for c in cfgs)
@@ -208,7 +209,7 @@ def test_cli_runs_methods_on_the_same_stream_and_tabulates_results(tmp_path, cap
     by_label = {r["row"]: r for r in rows}
     assert set(by_label) >= {"source", "source_blurry", "source (paper)", "source - paper"}
     for p in payloads:
-        label = "source" if compare._config(p)["CLIP"]["PROMPT_TEMPLATE"][0].startswith("a photo") \
+        label = "source" if report.run_config(p)["CLIP"]["PROMPT_TEMPLATE"][0].startswith("a photo") \
             else "source_blurry"
         for r in p["records"]:
             assert float(by_label[label][r["domain"]]) == pytest.approx(100 * r["accuracy"], abs=1e-4)

@@ -1,6 +1,7 @@
 import pytest
 
-from conf import ConfigError, all_config_files, load_cfg
+from conf import ConfigError, all_config_files
+from harness.build import load_cfg
 from tests.synthetic import AUTHORS_OURS_YAML, tiny_cfg
 
 

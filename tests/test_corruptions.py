@@ -11,7 +11,7 @@ from PIL import Image
 pytest.importorskip("imagecorruptions")
 from imagecorruptions import corrupt  # noqa: E402
 
-from conf.defaults import CORRUPTIONS_15  # noqa: E402
+from datasets.corruptions import CORRUPTIONS as CORRUPTIONS_15  # noqa: E402
 from datasets.corruptions import (ALL_CORRUPTIONS, CorruptionError, corrupt_images, corruption_seed,  # noqa: E402
                                   load_image_folder, write_corrupted)
 
@@ -83,7 +83,7 @@ def test_seeds_differ_per_corruption_and_severity():
 def test_write_corrupted_layout_is_exact_and_read_by_the_loader(tmp_path):
     import datasets
     from datasets.transforms import clip_image_transform
-    from tests.synthetic import tiny_cfg
+    from tests.synthetic import Transformed, tiny_cfg
     images = _images(6)
     labels = np.array([0, 1, 2, 9, 3, 0])
     out = write_corrupted(images, labels, tmp_path / "Shapes-C", ["gaussian_noise", "contrast"], seed=5,
@@ -102,7 +102,7 @@ def test_write_corrupted_layout_is_exact_and_read_by_the_loader(tmp_path):
                                                                                                 "gaussian_noise"]
     # the suite's CIFAR-C loader (through the registered shapes_c data set) reads severity blocks back
     cfg = tiny_cfg(DATA_DIR=str(tmp_path), CORRUPTION__DATASET="shapes_c", CORRUPTION__TYPE=["contrast"])
-    dataset = datasets.get_dataset("shapes_c").build_domain(cfg, "contrast", 3, clip_image_transform(32))
+    dataset = Transformed(datasets.get_dataset("shapes_c").build_domain(cfg, "contrast", 3), clip_image_transform(32))
     image, label = dataset[4]
     np.testing.assert_allclose(image.permute(1, 2, 0).numpy() * 255, np.load(out / "contrast.npy")[12 + 4],
                                atol=1e-3)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conf import load_cfg
+from harness.build import load_cfg
 from datasets.shapes import SHAPE_CLASSES, clean_split
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,8 +119,10 @@ def test_demo_runs_end_to_end_on_a_reduced_setting(tmp_path, capsys, monkeypatch
     assert (root / "contrast.npy").stat().st_mtime_ns == mtime
     assert (out / "demo_table.md").read_text() == table
     # a benchmark generated differently is not silently reused
-    with pytest.raises(SystemExit, match="generated differently"):
-        demo.main([a if a != "20" or argv[k - 1] != "--images-per-severity" else "30" for k, a in enumerate(argv)])
+    capsys.readouterr()
+    assert demo.main([a if a != "20" or argv[k - 1] != "--images-per-severity" else "30"
+                      for k, a in enumerate(argv)]) == 2
+    assert "generated differently" in capsys.readouterr().err
 
 
 def test_training_script_is_deterministic_and_writes_a_loadable_checkpoint(tmp_path, capsys):

@@ -14,7 +14,7 @@ from conf import ConfigError
 from datasets.transforms import clip_image_transform
 from harness.run import evaluate
 from harness.stream import SegmentStream, stream_order
-from tests.synthetic import tiny_cfg, write_image_folders
+from tests.synthetic import Transformed, tiny_cfg, write_image_folders
 
 PACS_CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
 PACS_DOMAINS = ["art_painting", "cartoon", "photo", "sketch"]
@@ -79,7 +79,7 @@ def test_labels_follow_sorted_class_folders_in_every_domain(tmp_path):
     pacs = datasets.get_dataset("pacs")
     cfg = cfg_for(tmp_path)
     for domain in PACS_DOMAINS:
-        ds = pacs.build_domain(cfg, domain, 0, identity)
+        ds = pacs.build_domain(cfg, domain, 0)
         assert len(ds) == 3 * len(PACS_CLASSES)
         for path, label in zip(ds.files, ds.labels):
             assert Path(path).parent.parent.name == domain
@@ -101,7 +101,7 @@ def test_class_order_is_sorted_whatever_the_declaration_order(tmp_path):
     assert toy.class_names == ["mouse deer", "ant colony", "zebra"]
     for i, domain in enumerate(toy.domains):
         write_image_folders(tmp_path / "toy" / domain, ["ant", "zebra", "Mouse_Deer"], per_class=2, seed=i)
-        ds = toy.build_domain(cfg_for(tmp_path), domain, 0, identity)
+        ds = toy.build_domain(cfg_for(tmp_path), domain, 0)
         assert [(Path(f).parent.name, y) for f, y in zip(ds.files, ds.labels)] == [
             ("Mouse_Deer", 0), ("Mouse_Deer", 0), ("ant", 1), ("ant", 1), ("zebra", 2), ("zebra", 2)]
 
@@ -109,7 +109,7 @@ def test_class_order_is_sorted_whatever_the_declaration_order(tmp_path):
 def test_real_world_folder_alias(tmp_path):
     office = datasets.get_dataset("office_home")
     write_image_folders(tmp_path / "office_home" / "Real_World", office.class_folders, per_class=1)
-    ds = office.build_domain(cfg_for(tmp_path, "office_home"), "Real World", 0, identity)
+    ds = office.build_domain(cfg_for(tmp_path, "office_home"), "Real World", 0)
     assert len(ds) == 65 and sorted(set(ds.labels)) == list(range(65))
 
 
@@ -119,7 +119,7 @@ def test_missing_class_folder_is_named(tmp_path):
         f.unlink()
     (root / "photo" / "giraffe").rmdir()
     with pytest.raises(datasets.DatasetError, match=r"missing.*photo/giraffe"):
-        datasets.get_dataset("pacs").build_domain(cfg_for(tmp_path), "photo", 0, identity)
+        datasets.get_dataset("pacs").build_domain(cfg_for(tmp_path), "photo", 0)
 
 
 def test_empty_class_folder_is_named(tmp_path):
@@ -128,30 +128,30 @@ def test_empty_class_folder_is_named(tmp_path):
         f.unlink()
     (root / "sketch" / "horse" / "readme.txt").write_text("not an image")
     with pytest.raises(datasets.DatasetError, match=r"sketch/horse holds no images"):
-        datasets.get_dataset("pacs").build_domain(cfg_for(tmp_path), "sketch", 0, identity)
+        datasets.get_dataset("pacs").build_domain(cfg_for(tmp_path), "sketch", 0)
 
 
 def test_unexpected_class_folder_is_named(tmp_path):
     root = write_pacs(tmp_path, domains=["cartoon"])
     write_image_folders(root / "cartoon", ["unicorn"], per_class=1)
     with pytest.raises(datasets.DatasetError, match=r"not classes.*unicorn"):
-        datasets.get_dataset("pacs").build_domain(cfg_for(tmp_path), "cartoon", 0, identity)
+        datasets.get_dataset("pacs").build_domain(cfg_for(tmp_path), "cartoon", 0)
 
 
 def test_missing_domain_and_data_dir_are_named(tmp_path):
     pacs = datasets.get_dataset("pacs")
     with pytest.raises(datasets.DatasetError, match=r"PACS does not exist.*DomainBed layout"):
-        pacs.build_domain(cfg_for(tmp_path), "photo", 0, identity)
+        pacs.build_domain(cfg_for(tmp_path), "photo", 0)
     write_pacs(tmp_path, domains=["photo"])
     with pytest.raises(datasets.DatasetError, match=r"PACS/cartoon does not exist"):
-        pacs.build_domain(cfg_for(tmp_path), "cartoon", 0, identity)
+        pacs.build_domain(cfg_for(tmp_path), "cartoon", 0)
 
 
 def test_unreadable_image_names_the_file(tmp_path):
     root = write_pacs(tmp_path, domains=["photo"], per_class=1)
     broken = root / "photo" / "dog" / "img_000.png"
     broken.write_bytes(b"this is not a png")
-    ds = datasets.get_dataset("pacs").build_domain(cfg_for(tmp_path), "photo", 0, identity)
+    ds = datasets.get_dataset("pacs").build_domain(cfg_for(tmp_path), "photo", 0)
     index = [Path(f) for f in ds.files].index(broken)
     with pytest.raises(datasets.DatasetError, match=r"Cannot read image .*photo/dog/img_000.png"):
         ds[index]
@@ -162,33 +162,32 @@ def test_unknown_domain_in_corruption_type():
     with pytest.raises(ConfigError, match=r"'photos' is not a domain of pacs.*'photo'"):
         tiny_cfg("conf/pacs/source.yaml", CORRUPTION__TYPE=["photo", "photos"])
     with pytest.raises(datasets.DatasetError, match=r"'Real_World' is not a domain of office_home"):
-        datasets.get_dataset("office_home").build_domain(tiny_cfg("conf/office_home/source.yaml"), "Real_World", 0,
-                                                         identity)
+        datasets.get_dataset("office_home").build_domain(tiny_cfg("conf/office_home/source.yaml"), "Real_World", 0)
 
 
 def test_severity_other_than_zero_is_refused(tmp_path):
     write_pacs(tmp_path, domains=["photo"])
     with pytest.raises(datasets.DatasetError, match=r"pacs has no severities.*got 5"):
-        datasets.get_dataset("pacs").build_domain(cfg_for(tmp_path), "photo", 5, identity)
+        datasets.get_dataset("pacs").build_domain(cfg_for(tmp_path), "photo", 5)
 
 
 def test_num_ex_takes_a_fixed_subset(tmp_path):
     write_pacs(tmp_path, domains=["photo"], per_class=4)
     pacs = datasets.get_dataset("pacs")
-    full = pacs.build_domain(cfg_for(tmp_path), "photo", 0, identity)
-    a = pacs.build_domain(cfg_for(tmp_path, CORRUPTION__NUM_EX=9), "photo", 0, identity)
-    b = pacs.build_domain(cfg_for(tmp_path, CORRUPTION__NUM_EX=9), "photo", 0, identity)
+    full = pacs.build_domain(cfg_for(tmp_path), "photo", 0)
+    a = pacs.build_domain(cfg_for(tmp_path, CORRUPTION__NUM_EX=9), "photo", 0)
+    b = pacs.build_domain(cfg_for(tmp_path, CORRUPTION__NUM_EX=9), "photo", 0)
     assert len(a) == 9 and a.files == b.files and a.labels == b.labels
     pairs = list(zip(full.files, full.labels))
     assert all(p in pairs for p in zip(a.files, a.labels))
     assert len(set(a.labels)) > 1          # not simply the first class folder
     with pytest.raises(datasets.DatasetError, match=r"NUM_EX 29 requested but it holds only 28"):
-        pacs.build_domain(cfg_for(tmp_path, CORRUPTION__NUM_EX=29), "photo", 0, identity)
+        pacs.build_domain(cfg_for(tmp_path, CORRUPTION__NUM_EX=29), "photo", 0)
 
 
 def _stream_files(cfg, domain):
-    part = datasets.get_dataset("pacs").build_domain(cfg, domain, 0, identity)
-    stream = SegmentStream([part], stream_order([len(part)], "sequential", cfg.RNG_SEED))
+    part = datasets.get_dataset("pacs").build_domain(cfg, domain, 0)
+    stream = SegmentStream([part], stream_order([len(part)], "sequential", cfg.RNG_SEED), identity)
     return [part.files[stream.locate(i)[1]] for i in range(len(stream))]
 
 
@@ -230,8 +229,8 @@ def test_every_image_mode_and_size_goes_through_clip_preprocessing(tmp_path):
         (root / name).mkdir(parents=True)
         image.save(root / name / ("x.jpg" if image.mode == "CMYK" else "x.png"))
     transform = clip_image_transform(size, "bicubic")
-    ds = datasets.get_dataset("pacs").build_domain(cfg_for(tmp_path), "photo", 0, transform)
-    for i, path in enumerate(ds.files):
+    ds = Transformed(datasets.get_dataset("pacs").build_domain(cfg_for(tmp_path), "photo", 0), transform)
+    for i, path in enumerate(ds.part.files):
         tensor, label = ds[i]
         assert tensor.shape == (3, size, size) and tensor.dtype == torch.float32
         assert 0.0 <= tensor.min() and tensor.max() <= 1.0

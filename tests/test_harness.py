@@ -158,7 +158,8 @@ def test_stream_order_depends_on_seed_only_not_on_method():
 
 def test_reset_restores_model_optimizer_and_method_state_exactly(tiny_clip, external_method):
     import methods
-    methods.import_extra_modules([external_method])
+    from conf import import_plugins
+    import_plugins([external_method])
     cfg = tiny_cfg(None, MODEL__ADAPTATION="ext_entropy", OPTIM__METHOD="Adam", OPTIM__LR=0.1)
     method = methods.build_method(cfg, tiny_clip, 10)
     model_before = {k: v.clone() for k, v in method.model.state_dict().items()}

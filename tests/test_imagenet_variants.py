@@ -11,7 +11,6 @@ from datasets.imagenet_variants import IMAGENET_A_WNIDS, IMAGENET_R_WNIDS
 from harness.run import evaluate
 from tests.synthetic import tiny_cfg
 from tests.synthetic import write_image_folders
-from tests.test_domainbed import identity
 
 # Hand-built from the ImageNet-A authors' 1000 -> 200 table (Hendrycks' thousand_k_to_200, as the anchor suite
 # ships it): ImageNet class index -> ImageNet-A label.
@@ -63,7 +62,7 @@ def test_200_class_sets_label_by_hand_mapping(tmp_path, name):
     wnids = IMAGENET_A_WNIDS if name == "imagenet_a" else IMAGENET_R_WNIDS
     write_image_folders(tmp_path / folder, wnids, per_class=1, size=4)
     (tmp_path / folder / "README.txt").write_text("the real archives ship one")
-    ds = datasets.get_dataset(name).build_domain(cfg_for(tmp_path, name), VARIANTS[name][1], 0, identity)
+    ds = datasets.get_dataset(name).build_domain(cfg_for(tmp_path, name), VARIANTS[name][1], 0)
     by_wnid = {Path(f).parent.name: y for f, y in zip(ds.files, ds.labels)}
     assert len(ds) == 200 and sorted(by_wnid.values()) == list(range(200))
     if name == "imagenet_a":
@@ -82,21 +81,20 @@ def test_200_class_set_errors_name_the_path(tmp_path):
     write_image_folders(root, IMAGENET_A_WNIDS[1:], per_class=1, size=4)
     a = datasets.get_dataset("imagenet_a")
     with pytest.raises(datasets.DatasetError, match=r"1 of 200 class folders are missing.*imagenet-a/n01498041"):
-        a.build_domain(cfg_for(tmp_path, "imagenet_a"), "ImageNet-A", 0, identity)
+        a.build_domain(cfg_for(tmp_path, "imagenet_a"), "ImageNet-A", 0)
     write_image_folders(root, [IMAGENET_A_WNIDS[0], "n01440764"], per_class=1, size=4)   # tench: not in A
     with pytest.raises(datasets.DatasetError, match=r"not classes of this data set: \['n01440764'\]"):
-        a.build_domain(cfg_for(tmp_path, "imagenet_a"), "ImageNet-A", 0, identity)
+        a.build_domain(cfg_for(tmp_path, "imagenet_a"), "ImageNet-A", 0)
     with pytest.raises(datasets.DatasetError, match=r"imagenet-r does not exist"):
-        datasets.get_dataset("imagenet_r").build_domain(cfg_for(tmp_path, "imagenet_r"), "ImageNet-R", 0, identity)
+        datasets.get_dataset("imagenet_r").build_domain(cfg_for(tmp_path, "imagenet_r"), "ImageNet-R", 0)
     with pytest.raises(datasets.DatasetError, match=r"'ImageNet-B' is not a domain of imagenet_a"):
-        a.build_domain(cfg_for(tmp_path, "imagenet_a"), "ImageNet-B", 0, identity)
+        a.build_domain(cfg_for(tmp_path, "imagenet_a"), "ImageNet-B", 0)
 
 
 def test_imagenet_v2_folder_name_is_the_class_index(tmp_path):
     folder = VARIANTS["imagenet_v2"][0]
     write_image_folders(tmp_path / folder, [str(i) for i in range(1000)], per_class=1, size=2)
-    ds = datasets.get_dataset("imagenet_v2").build_domain(cfg_for(tmp_path, "imagenet_v2"), "ImageNet-V2", 0,
-                                                          identity)
+    ds = datasets.get_dataset("imagenet_v2").build_domain(cfg_for(tmp_path, "imagenet_v2"), "ImageNet-V2", 0)
     assert len(ds) == 1000
     # Folder "10" is class 10 (not 2, its rank among the folder names sorted as strings).
     assert all(y == int(Path(f).parent.name) for f, y in zip(ds.files, ds.labels))
@@ -106,7 +104,7 @@ def test_imagenet_sketch_labels_are_wnid_positions(tmp_path):
     folder = VARIANTS["imagenet_sketch"][0]
     write_image_folders(tmp_path / folder, imagenet_wnids(), per_class=1, size=2)
     ds = datasets.get_dataset("imagenet_sketch").build_domain(cfg_for(tmp_path, "imagenet_sketch"),
-                                                              "ImageNet-Sketch", 0, identity)
+                                                              "ImageNet-Sketch", 0)
     by_wnid = {Path(f).parent.name: y for f, y in zip(ds.files, ds.labels)}
     assert len(ds) == 1000 and by_wnid["n01440764"] == 0 and by_wnid["n15075141"] == 999
     assert by_wnid["n01498041"] == 6 and IMAGENET_CLASSES[6] == "stingray"

@@ -4,10 +4,11 @@ import torch
 from PIL import Image
 
 import datasets
+from conf import ConfigError
 from datasets import DatasetError, get_dataset
 from datasets.imagenet_c import imagenet_wnids
 from datasets.transforms import clip_image_transform
-from tests.synthetic import tiny_cfg, write_cifar_c, write_imagenet_c
+from tests.synthetic import Transformed, tiny_cfg, write_cifar_c, write_imagenet_c
 
 T32 = clip_image_transform(32)
 
@@ -20,7 +21,7 @@ def cfg_for(tmp_path, **kw):
 @pytest.mark.parametrize("severity", [1, 3, 5])
 def test_cifar_c_reads_the_severity_block_memory_mapped(tmp_path, severity):
     write_cifar_c(tmp_path, ["fog"], per_severity=8)
-    ds = get_dataset("cifar10_c").build_domain(cfg_for(tmp_path), "fog", severity, T32)
+    ds = Transformed(get_dataset("cifar10_c").build_domain(cfg_for(tmp_path), "fog", severity), T32)
     raw = np.load(tmp_path / "CIFAR-10-C" / "fog.npy")
     labels = np.load(tmp_path / "CIFAR-10-C" / "labels.npy")
     assert len(ds) == 8
@@ -29,12 +30,12 @@ def test_cifar_c_reads_the_severity_block_memory_mapped(tmp_path, severity):
         row = (severity - 1) * 8 + i
         assert torch.equal(image, torch.from_numpy(raw[row]).permute(2, 0, 1).float() / 255)
         assert label == labels[row]
-    assert isinstance(ds._images, np.memmap)
+    assert isinstance(ds.part._images, np.memmap)
 
 
 def test_cifar_c_upsamples_per_image_with_bicubic(tmp_path):
     write_cifar_c(tmp_path, ["fog"], per_severity=2)
-    ds = get_dataset("cifar10_c").build_domain(cfg_for(tmp_path), "fog", 5, clip_image_transform(224))
+    ds = Transformed(get_dataset("cifar10_c").build_domain(cfg_for(tmp_path), "fog", 5), clip_image_transform(224))
     image, _ = ds[0]
     raw = np.load(tmp_path / "CIFAR-10-C" / "fog.npy")[8]
     expected = np.asarray(Image.fromarray(raw).resize((224, 224), Image.BICUBIC), dtype=np.float32) / 255
@@ -44,13 +45,13 @@ def test_cifar_c_upsamples_per_image_with_bicubic(tmp_path):
 
 def test_cifar_c_num_ex_takes_the_first_images_of_the_block(tmp_path):
     write_cifar_c(tmp_path, ["fog"], per_severity=8)
-    ds = get_dataset("cifar10_c").build_domain(cfg_for(tmp_path, CORRUPTION__NUM_EX=3), "fog", 2, T32)
+    ds = get_dataset("cifar10_c").build_domain(cfg_for(tmp_path, CORRUPTION__NUM_EX=3), "fog", 2)
     assert list(ds.indices) == [8, 9, 10]
 
 
 def test_cifar100_c_has_the_four_extra_corruptions(tmp_path):
     write_cifar_c(tmp_path, ["saturate"], per_severity=4, num_classes=100, folder="CIFAR-100-C")
-    ds = get_dataset("cifar100_c").build_domain(cfg_for(tmp_path), "saturate", 5, T32)
+    ds = Transformed(get_dataset("cifar100_c").build_domain(cfg_for(tmp_path), "saturate", 5), T32)
     assert len(ds) == 4 and len(get_dataset("cifar100_c").class_names) == 100
     assert {"speckle_noise", "gaussian_blur", "spatter", "saturate"} <= set(get_dataset("cifar100_c").domains)
 
@@ -84,14 +85,14 @@ def test_cifar_c_errors_name_the_path_and_the_expectation(tmp_path, case, needle
                                      "bad_label": np.full(10, 12, np.uint8)}.get(case, labels))
     kw = {"CORRUPTION__NUM_EX": 100} if case == "too_few" else {}
     with pytest.raises(DatasetError) as err:
-        get_dataset("cifar10_c").build_domain(cfg_for(tmp_path, **kw), "fog", 5, T32)
+        get_dataset("cifar10_c").build_domain(cfg_for(tmp_path, **kw), "fog", 5)
     assert needle in str(err.value) and str(root) in str(err.value)
 
 
 def test_unknown_corruption_and_dataset_are_clear_errors(tmp_path):
     with pytest.raises(DatasetError, match="gaussian_noise"):
-        get_dataset("cifar10_c").build_domain(cfg_for(tmp_path), "gaussian_nois", 5, T32)
-    with pytest.raises(DatasetError, match="imagenet_c"):
+        get_dataset("cifar10_c").build_domain(cfg_for(tmp_path), "gaussian_nois", 5)
+    with pytest.raises(ConfigError, match="imagenet_c"):
         datasets.get_dataset("imagenet-c")
 
 
@@ -101,10 +102,10 @@ def test_imagenet_c_with_a_list_file_maps_wnids_to_sorted_class_indices(tmp_path
     entries = write_imagenet_c(tmp_path, ["fog"], wnids=wnids, per_class=2)
     listing = tmp_path / "list.txt"
     listing.write_text("\n".join(reversed(entries)) + "\n")
-    ds = get_dataset("imagenet_c").build_domain(cfg_for(tmp_path, CORRUPTION__IMAGENET_C_LIST=str(listing)),
-                                                "fog", 5, clip_image_transform(32))
+    ds = Transformed(get_dataset("imagenet_c").build_domain(cfg_for(tmp_path, CORRUPTION__IMAGENET_C_LIST=str(listing)),
+                                                "fog", 5), clip_image_transform(32))
     assert len(ds) == 6
-    assert ds.labels == [999, 999, 7, 7, 0, 0]
+    assert ds.part.labels == [999, 999, 7, 7, 0, 0]
     image, _ = ds[0]
     assert image.shape == (3, 32, 32) and 0 <= image.min() and image.max() <= 1
 
@@ -112,11 +113,11 @@ def test_imagenet_c_with_a_list_file_maps_wnids_to_sorted_class_indices(tmp_path
 def test_imagenet_c_all_walks_every_image_and_num_ex_limits(tmp_path):
     write_imagenet_c(tmp_path, ["fog"], per_class=3)
     spec = get_dataset("imagenet_c")
-    assert len(spec.build_domain(cfg_for(tmp_path, CORRUPTION__IMAGENET_C_LIST="all"), "fog", 5, T32)) == 12
+    assert len(spec.build_domain(cfg_for(tmp_path, CORRUPTION__IMAGENET_C_LIST="all"), "fog", 5)) == 12
     assert len(spec.build_domain(cfg_for(tmp_path, CORRUPTION__IMAGENET_C_LIST="all", CORRUPTION__NUM_EX=5),
-                                 "fog", 5, T32)) == 5
+                                 "fog", 5)) == 5
     with pytest.raises(DatasetError, match="holds only 12"):
-        spec.build_domain(cfg_for(tmp_path, CORRUPTION__IMAGENET_C_LIST="all", CORRUPTION__NUM_EX=13), "fog", 5, T32)
+        spec.build_domain(cfg_for(tmp_path, CORRUPTION__IMAGENET_C_LIST="all", CORRUPTION__NUM_EX=13), "fog", 5)
 
 
 def test_imagenet_c_default_is_robustbench_canonical_5000_list():
@@ -131,15 +132,15 @@ def test_imagenet_c_default_is_robustbench_canonical_5000_list():
 def test_imagenet_c_errors(tmp_path):
     spec = get_dataset("imagenet_c")
     with pytest.raises(DatasetError, match=r"ImageNet-C/fog/5 does not exist"):
-        spec.build_domain(cfg_for(tmp_path), "fog", 5, T32)
+        spec.build_domain(cfg_for(tmp_path), "fog", 5)
     write_imagenet_c(tmp_path, ["fog"], per_class=1)
     # the canonical list names images the synthetic copy does not have
     with pytest.raises(DatasetError, match="listed images are missing"):
-        spec.build_domain(cfg_for(tmp_path), "fog", 5, T32)
+        spec.build_domain(cfg_for(tmp_path), "fog", 5)
     (tmp_path / "ImageNet-C" / "fog" / "5" / "not_a_wnid").mkdir()
     (tmp_path / "ImageNet-C" / "fog" / "5" / "not_a_wnid" / "x.JPEG").write_bytes(b"")
     with pytest.raises(DatasetError, match="not ImageNet wnids"):
-        spec.build_domain(cfg_for(tmp_path, CORRUPTION__IMAGENET_C_LIST="all"), "fog", 5, T32)
+        spec.build_domain(cfg_for(tmp_path, CORRUPTION__IMAGENET_C_LIST="all"), "fog", 5)
 
 
 def test_unreadable_image_names_the_file(tmp_path):
@@ -147,6 +148,6 @@ def test_unreadable_image_names_the_file(tmp_path):
     path = tmp_path / "ImageNet-C" / "fog" / "5" / wnid / "broken.JPEG"
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not an image")
-    ds = get_dataset("imagenet_c").build_domain(cfg_for(tmp_path, CORRUPTION__IMAGENET_C_LIST="all"), "fog", 5, T32)
+    ds = Transformed(get_dataset("imagenet_c").build_domain(cfg_for(tmp_path, CORRUPTION__IMAGENET_C_LIST="all"), "fog", 5), T32)
     with pytest.raises(DatasetError, match="broken.JPEG"):
         ds[0]

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conf import ConfigError
 from models import ZeroShotCLIP, load_clip
 from models.weights import WeightsError
 from tests.synthetic import tiny_cfg
@@ -119,5 +120,5 @@ def test_build_zero_shot_clip_records_provenance_and_refuses_fp16_on_cpu():
     from models import build_zero_shot_clip
     model, info = build_zero_shot_clip(tiny_cfg(), ["a", "b"], ["{}"], "cpu")
     assert info["arch"] == "tiny-clip-test" and info["weights_source"] == "random" and info["precision"] == "fp32"
-    with pytest.raises(ValueError, match="CUDA"):
+    with pytest.raises(ConfigError, match="CUDA"):
         build_zero_shot_clip(tiny_cfg(None, CLIP__PRECISION="fp16"), ["a"], ["{}"], "cpu")

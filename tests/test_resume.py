@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 import methods
-from harness import compare
-from harness.progress import ResumeError
+from conf import import_plugins
+from harness import report
+from harness.task_records import ResumeError
 from harness.run import evaluate
 from harness.settings import SettingError
 from tests.synthetic import tiny_cfg, write_cifar_c
@@ -52,8 +53,8 @@ PER_DOMAIN, BATCH = 12, 6          # 2 batches per domain
 def probe(tmp_path_factory):
     path = tmp_path_factory.mktemp("probe") / "resume_probe_method.py"
     path.write_text(PROBE)
-    methods.import_extra_modules([str(path)])
-    cls = methods.METHODS["resume_probe"]
+    import_plugins([str(path)])
+    cls = methods.METHODS.get("resume_probe")
     yield str(path), cls
     cls.crash_after_batches = None
 
@@ -124,9 +125,9 @@ def test_domain_subsets_then_full_list_and_merging_shards(probe, data, tmp_path,
     assert second["records"] == expected and second["complete"]
     full = run(probe, data, tmp_path / "shared")
     assert full["records"] == expected and probe[1].batches == 0
-    # shards on two machines (two directories), merged by compare.merge
+    # shards on two machines (two directories), merged by report.merge
     other_machine = run(probe, data, tmp_path / "m2", RUN_DOMAINS=["gaussian_noise", "fog"])
-    merged = compare.merge([first, other_machine])
+    merged = report.merge([first, other_machine])
     assert merged["records"] == expected and merged["complete"]
 
 
@@ -155,14 +156,17 @@ def test_command_line_shards_and_overrides_after_list_options():
     assert test_time.shard_domains(DOMAINS, "2/2") == ["shot_noise", "snow"]
     with pytest.raises(Exception, match="K/N"):
         test_time.shard_domains(DOMAINS, "3/2")
+    from harness.cli import parse_command_line
     parser = argparse.ArgumentParser()
     parser.add_argument("--cfg", dest="cfg_file")
     test_time.add_run_flags(parser)
-    parser.add_argument("opts", nargs=argparse.REMAINDER)
-    args = parser.parse_args(["--cfg", "x.yaml", "--restart", "--domains", "fog", "snow", "DATA_DIR", "/d",
-                              "MODEL.ARCH", "tiny-clip-test"])
-    test_time.split_list_options(args, ("domains",))
+    args = parse_command_line(parser, ["--cfg", "x.yaml", "--restart", "--domains", "fog", "snow", "DATA_DIR", "/d",
+                                       "MODEL.ARCH", "tiny-clip-test"])
     assert args.domains == ["fog", "snow"] and args.opts == ["DATA_DIR", "/d", "MODEL.ARCH", "tiny-clip-test"]
+    # flags after the overrides are flags, not overrides
+    args = parse_command_line(parser, ["--cfg", "x.yaml", "DATA_DIR", "/d", "--no-progress", "CORRUPTION.NUM_EX",
+                                       "-1", "--restart"])
+    assert args.restart and args.no_progress and args.opts == ["DATA_DIR", "/d", "CORRUPTION.NUM_EX", "-1"]
     cfg = test_time.build_run_cfg("conf/cifar10_c/source.yaml", ["CORRUPTION.TYPE", str(DOMAINS)], restart=True,
                                   shard="2/2")
     assert cfg.RUN_DOMAINS == ["shot_noise", "snow"] and cfg.RESUME is False

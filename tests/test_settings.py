@@ -2,10 +2,12 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 import datasets
-from harness.results import format_table
+from conf import ConfigError
+from harness.report.text import format_table
 from harness.run import evaluate
 from harness.settings import GRADUAL_SEVERITIES, SettingError, build_tasks, tasks_to_run
 from harness.stream import dirichlet_order, segment_labels, stream_order
@@ -70,7 +72,7 @@ def test_correlated_settings_and_label_sorted_stream():
         assert list(labels[part]) == sorted(labels[part])
         for k in range(4):                   # ... keeping the shuffled order within a class
             assert [i for i in part if labels[i] == k] == [i for i in plain[lo:hi] if labels[i] == k]
-    with pytest.raises(SettingError, match="DELTA_DIRICHLET"):
+    with pytest.raises(ConfigError, match="DELTA_DIRICHLET"):
         build_tasks(cfg_for("correlated", TEST__DELTA_DIRICHLET=-1.0))
 
 
@@ -112,7 +114,7 @@ class _Folders(datasets.BenchmarkDataset):
         from datasets.class_names import CIFAR10_CLASSES
         self.class_names = CIFAR10_CLASSES
 
-    def build_domain(self, cfg, domain, severity, transform):
+    def build_domain(self, cfg, domain, severity):
         assert severity == 0, "severity is not meaningful here"
         return _Tensors(seed=self.domains.index(domain), n=12 + self.domains.index(domain))
 
@@ -126,8 +128,8 @@ class _Tensors(Dataset):
     def __len__(self):
         return len(self.labels)
 
-    def __getitem__(self, i):
-        return self.images[i], self.labels[i]
+    def __getitem__(self, i):   # a data set yields PIL images; the harness applies the model's transform
+        return Image.fromarray((self.images[i] * 255).round().byte().permute(1, 2, 0).numpy()), self.labels[i]
 
 
 def _register_no_severity():

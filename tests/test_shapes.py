@@ -8,7 +8,7 @@ import datasets
 from datasets.cifar_c import CifarC
 from datasets.shapes import SHAPE_CLASSES, SPLIT_SEEDS, balanced_labels, clean_split, generate_shapes, render_shape
 from datasets.transforms import clip_image_transform
-from tests.synthetic import tiny_cfg, write_cifar_c
+from tests.synthetic import Transformed, tiny_cfg, write_cifar_c
 
 
 def test_generation_is_deterministic_from_the_seed():
@@ -63,7 +63,7 @@ def test_shapes_c_is_registered_and_read_by_the_cifar_c_loader(tmp_path):
     root = write_cifar_c(tmp_path, ["fog"], per_severity=6, folder="Shapes-C", seed=3)
     cfg = tiny_cfg(DATA_DIR=str(tmp_path), CORRUPTION__DATASET="shapes_c", CORRUPTION__TYPE=["fog"],
                    CORRUPTION__NUM_EX=4)
-    domain = dataset.build_domain(cfg, "fog", 2, clip_image_transform(32))
+    domain = Transformed(dataset.build_domain(cfg, "fog", 2), clip_image_transform(32))
     assert len(domain) == 4
     image, label = domain[1]
     np.testing.assert_allclose(image.permute(1, 2, 0).numpy() * 255, np.load(root / "fog.npy")[6 + 1], atol=1e-3)
@@ -72,4 +72,4 @@ def test_shapes_c_is_registered_and_read_by_the_cifar_c_loader(tmp_path):
     (root / "meta.json").write_text(json.dumps({"seed": 0}))
     assert dataset.describe(cfg) == {"generator": {"seed": 0}}
     with pytest.raises(datasets.DatasetError, match="Shapes-C"):
-        dataset.build_domain(tiny_cfg(DATA_DIR=str(tmp_path / "nowhere")), "fog", 5, clip_image_transform(32))
+        dataset.build_domain(tiny_cfg(DATA_DIR=str(tmp_path / "nowhere")), "fog", 5)

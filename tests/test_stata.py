@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conf import ConfigError
 from harness.run import evaluate
 from methods.stata import (StatA, gaussian_log_likelihoods, initial_variance, knn_affinity, stata_solve,
                            update_assignments, update_beta, update_means, update_variances)
@@ -193,7 +194,7 @@ def test_single_class_batch_is_finite_and_predicts_that_class():
 
 
 def make_stata(model, cfg_file="conf/cifar10_c/stata_gamma_m1.yaml", **overrides):
-    return StatA(tiny_cfg(cfg_file, **overrides), model, 10)
+    return StatA(tiny_cfg(cfg_file, **overrides), model, 10).setup()
 
 
 def test_method_single_class_and_tiny_batches(tiny_clip):
@@ -238,7 +239,7 @@ def test_cost_attributes_and_config_errors(tiny_clip):
     method = make_stata(copy.deepcopy(tiny_clip))
     assert method.cost_info() == {"views_per_image": 1, "forward_passes_per_batch": 1,
                                   "backward_passes_per_batch": 0}
-    with pytest.raises(ValueError, match="Z_ITERATIONS"):
+    with pytest.raises(ConfigError, match="Z_ITERATIONS"):
         make_stata(tiny_clip, STATA__Z_ITERATIONS=0)
 
 

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import methods
+from conf import ConfigError
+from harness.build import check_method
 from harness.run import evaluate
 from methods.augmentations import AugmentedViews
 from methods.tpt import marginal_entropy
@@ -136,14 +138,14 @@ def test_per_image_reset_is_cheap(tiny_clip):
 
 
 def test_bad_tpt_config_is_refused(tiny_clip):
-    with pytest.raises(ValueError, match="TPT.N_CTX"):
-        methods.build_method(_cfg(TPT__N_CTX=3), copy.deepcopy(tiny_clip), 10)
-    with pytest.raises(ValueError, match="TPT.CLASS_TOKEN_POS"):
-        methods.build_method(_cfg(TPT__CLASS_TOKEN_POS="front"), copy.deepcopy(tiny_clip), 10)
-    with pytest.raises(ValueError, match="TPT.SELECTION_P"):
-        methods.build_method(_cfg(TPT__SELECTION_P=0.1), copy.deepcopy(tiny_clip), 10)
-    with pytest.raises(ValueError, match="TPT.VIEW_AUGMENTATION"):
-        methods.build_method(_cfg(TPT__VIEW_AUGMENTATION="augmix"), copy.deepcopy(tiny_clip), 10)
+    with pytest.raises(ConfigError, match="TPT.N_CTX"):
+        check_method(_cfg(TPT__N_CTX=3))
+    with pytest.raises(ConfigError, match="TPT.CLASS_TOKEN_POS"):
+        check_method(_cfg(TPT__CLASS_TOKEN_POS="front"))
+    with pytest.raises(ConfigError, match="TPT.SELECTION_P"):
+        check_method(_cfg(TPT__SELECTION_P=0.1))
+    with pytest.raises(ConfigError, match="TPT.VIEW_AUGMENTATION"):
+        check_method(_cfg(TPT__VIEW_AUGMENTATION="augmix"))
 
 
 def test_tpt_end_to_end_on_synthetic_cifar10c(tmp_path):

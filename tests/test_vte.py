@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import methods
+from conf import ConfigError
 from datasets.class_names import CIFAR10_CLASSES, CIFAR_TEMPLATES
+from harness.build import check_method
 from harness.run import evaluate
 from methods.augmentations import AugmentedViews
 from models.clip import ZeroShotCLIP
@@ -89,10 +91,10 @@ def test_reset_restores_all_state_exactly(ensemble_clip):
 
 
 def test_bad_vte_config_is_refused(ensemble_clip):
-    with pytest.raises(ValueError, match="VTE.SELECTION_P"):
-        methods.build_method(_cfg(VTE__SELECTION_P=0.1), ensemble_clip, 10)
-    with pytest.raises(ValueError, match="VTE.VIEW_AUGMENTATION"):
-        methods.build_method(_cfg(VTE__VIEW_AUGMENTATION="augmix"), ensemble_clip, 10)
+    with pytest.raises(ConfigError, match="VTE.SELECTION_P"):
+        check_method(_cfg(VTE__SELECTION_P=0.1))
+    with pytest.raises(ConfigError, match="VTE.VIEW_AUGMENTATION"):
+        check_method(_cfg(VTE__VIEW_AUGMENTATION="augmix"))
 
 
 def test_vte_end_to_end_on_synthetic_cifar10c(tmp_path):

@@ -9,8 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conf import ConfigError
 from harness.run import evaluate
 from methods.watt import WATT, WATT_TEMPLATES, WATTSequential, watt_loss
+from models import model_spec
 from tests.synthetic import tiny_cfg, write_cifar_c
 
 TWO_TEMPLATES = ["a photo of a {}.", "art of the {}."]
@@ -23,7 +25,8 @@ def make_watt(model, mode="parallel", templates=TWO_TEMPLATES, iterations=1, rep
     cfg = tiny_cfg(cfg_file, WATT__TEMPLATES=list(templates), WATT__ITERATIONS=iterations, WATT__REPEATS=repeats,
                    OPTIM__LR=LR, **overrides)
     cls = WATT if mode == "parallel" else WATTSequential
-    return cls(cfg, model, 10)
+    cls.check_setup(cfg, model_spec(cfg.MODEL.ARCH), model.class_names)   # as the run plan does
+    return cls(cfg, model, 10).setup()
 
 
 def images(n=6, seed=0):
@@ -274,11 +277,11 @@ def test_deterministic(tiny_clip):
 
 
 def test_config_errors(tiny_clip):
-    with pytest.raises(ValueError, match="WATT.TEMPLATES"):
+    with pytest.raises(ConfigError, match="WATT.TEMPLATES"):
         make_watt(copy.deepcopy(tiny_clip), templates=["no class slot"])
-    with pytest.raises(ValueError, match="OPTIM.STEPS"):
+    with pytest.raises(ConfigError, match="OPTIM.STEPS"):
         make_watt(copy.deepcopy(tiny_clip), OPTIM__STEPS=2)
-    with pytest.raises(ValueError, match="WATT.ITERATIONS"):
+    with pytest.raises(ConfigError, match="WATT.ITERATIONS"):
         make_watt(copy.deepcopy(tiny_clip), iterations=0)
 
 

@@ -8,14 +8,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from conf.errors import UserError
 from harness.identity import describe_differences
 from harness.results import atomic_write
 
 TASKS_DIR = "tasks"
 
 
-class ResumeError(RuntimeError):
-    pass
+class ResumeError(UserError):
+    """A run folder holds records that this run cannot resume from."""
 
 
 def task_path(save_dir: Path, index: int) -> Path:

@@ -1,0 +1,182 @@
+"""From a config to a checked run plan: the one place where a run is put together and checked.
+
+``load_cfg`` reads a config (plug-ins imported, every registered method's keys in the schema); ``build_plan``
+turns it into a ``RunPlan`` (data set, tasks, the data of every domain to run, method class, model, output
+folder) after checking everything that can be checked without loading weights or reading an image: names against
+the registries, every declared option of the suite and of the method, the method's checks against the
+architecture's config (``check_setup``), the device, the weights' location, and every domain's files and layout.
+Nothing is written and no model is loaded here; harness/run.py executes the plan."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+import conf
+import datasets
+import methods
+from conf import ConfigError
+from harness.identity import config_hash
+from harness.settings import SETTINGS, Segment, SettingError, Task, build_tasks, tasks_to_run
+from harness.task_records import read_tasks
+from models import ModelSpec, model_spec, resolve_model_weights
+from models.build import check_precision
+from models.weights import WeightsSource
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+def load_cfg(cfg_file=None, opts=None, freeze: bool = True):
+    """Defaults <- YAML file <- ``KEY VALUE`` pairs, with the keys of every registered method (and of the
+    plug-ins named in MODEL.EXTRA_MODULES) in the schema; checked by ``check_config``."""
+    opts = [str(o) for o in (opts or [])]
+    conf.import_plugins(conf.requested_plugins(cfg_file, opts))
+    cfg = conf.load_config(cfg_file, opts, methods.declared_nodes())
+    check_config(cfg)
+    if freeze:
+        cfg.freeze()
+    return cfg
+
+
+def method_class(cfg) -> type:
+    return methods.METHODS.get(cfg.MODEL.ADAPTATION)
+
+
+def check_config(cfg) -> None:
+    """Names against the registries, and every declared option of the suite and of the chosen method."""
+    cls = method_class(cfg)
+    dataset = datasets.get_dataset(cfg.CORRUPTION.DATASET)
+    SETTINGS.canonical(cfg.SETTING)
+    for domain in cfg.CORRUPTION.TYPE:
+        try:
+            dataset.check_domain(domain)
+        except datasets.DatasetError as err:
+            raise ConfigError(str(err)) from None
+    unknown = [d for d in cfg.RUN_DOMAINS if d not in cfg.CORRUPTION.TYPE]
+    if unknown:
+        raise ConfigError(f"RUN_DOMAINS / --domains {unknown} are not in CORRUPTION.TYPE {list(cfg.CORRUPTION.TYPE)}")
+    conf.check_values(cfg, conf.declared_options(methods.own_nodes(cls)))
+
+
+def check_method(cfg, spec: ModelSpec | None = None, class_names=None) -> None:
+    """The method's own checks across options, against the architecture and the class names (``check_setup``)."""
+    if class_names is None:
+        class_names = datasets.get_dataset(cfg.CORRUPTION.DATASET).class_names
+    method_class(cfg).check_setup(cfg, spec or model_spec(cfg.MODEL.ARCH), list(class_names))
+
+
+def config_warnings(cfg) -> list[str]:
+    """Keys that are set but change nothing for this run."""
+    warnings = conf.inert_settings(cfg)
+    cls = method_class(cfg)
+    if cls.protocol == methods.base.TRAINING_FREE:
+        if cfg.OPTIM.STEPS != 1:
+            warnings.append(f"OPTIM.STEPS = {cfg.OPTIM.STEPS} has no effect: {cls.method_name} trains nothing")
+        if cfg.MODEL.EPISODIC:
+            warnings.append(f"MODEL.EPISODIC = True has no effect: {cls.method_name} trains nothing")
+    own = methods.own_nodes(cls)
+    base = conf.defaults(methods.declared_nodes())
+    for node in methods.declared_nodes():
+        if node not in own and cfg[node] != base[node]:
+            changed = sorted(k for k in cfg[node] if cfg[node][k] != base[node][k])
+            warnings.append(f"{', '.join(f'{node}.{k}' for k in changed)} set, but method {cls.method_name} does "
+                            f"not read the {node} keys")
+    return warnings
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+def resolve_device(cfg) -> torch.device:
+    if cfg.DEVICE == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(cfg.DEVICE)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"DEVICE {cfg.DEVICE}: no CUDA device is available here (torch.cuda.is_available() "
+                              f"is False); use DEVICE cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"DEVICE {cfg.DEVICE}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def run_dir(cfg) -> Path:
+    """SAVE_DIR/<dataset>/<method>/<RUN_NAME or arch_weights_setting_seed_hash>."""
+    method = methods.METHODS.canonical(cfg.MODEL.ADAPTATION)
+    name = cfg.RUN_NAME or (f"{cfg.MODEL.ARCH}_{Path(str(cfg.MODEL.WEIGHTS)).stem}_{cfg.SETTING}"
+                            f"_seed{cfg.RNG_SEED}_{config_hash(cfg)}")
+    return Path(cfg.SAVE_DIR) / cfg.CORRUPTION.DATASET / method / re.sub(r"[^A-Za-z0-9_.@+-]", "-", name)
+
+
+def select_tasks(cfg, tasks: list[Task]) -> list[int]:
+    """Indices of the tasks RUN_DOMAINS asks this process for (all when it is empty)."""
+    run_domains = list(cfg.RUN_DOMAINS)
+    if not run_domains:
+        return list(range(len(tasks)))
+    wanted = []
+    for index, task in enumerate(tasks):
+        inside = [s.domain in run_domains for s in task.segments]
+        if all(inside):
+            wanted.append(index)
+        elif any(inside):
+            raise SettingError(f"SETTING {cfg.SETTING} puts several domains into one stream; RUN_DOMAINS cannot "
+                               f"split it (run all domains in one process)")
+    outside = sorted(set(tasks_to_run(tasks, set(wanted))) - set(wanted))
+    if outside:
+        raise SettingError(f"SETTING {cfg.SETTING} carries the adapted state from domain to domain: "
+                           f"RUN_DOMAINS {run_domains} would need the state after "
+                           f"{sorted({s.domain for i in outside for s in tasks[i].segments})}. Only settings "
+                           f"that reset at every domain (reset_each_shift*) can be split over processes.")
+    return wanted
+
+
+@dataclass
+class RunPlan:
+    """Everything a run needs, checked; built by ``build_plan``, executed by harness.run.evaluate."""
+    cfg: object                          # the frozen config
+    method_name: str                     # registered name (aliases resolved)
+    method_class: type
+    dataset: datasets.BenchmarkDataset
+    tasks: list[Task]                    # the SETTING's tasks, in order
+    wanted: list[int]                    # the task indices this process is asked for (RUN_DOMAINS)
+    data: dict[Segment, Dataset]         # every segment this process may run -> its checked images
+    templates: list[str]                 # prompt templates of the zero-shot head
+    model: ModelSpec
+    weights: WeightsSource
+    device: torch.device
+    save_dir: Path
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.dataset.class_names)
+
+
+def build_plan(cfg) -> RunPlan:
+    """Check cfg completely and put the run together, without loading weights, reading images or writing."""
+    check_config(cfg)
+    dataset = datasets.get_dataset(cfg.CORRUPTION.DATASET)
+    tasks = build_tasks(cfg, dataset)
+    wanted = select_tasks(cfg, tasks)
+    device = resolve_device(cfg)
+    check_precision(cfg.CLIP.PRECISION, device)
+    spec = model_spec(cfg.MODEL.ARCH)
+    check_method(cfg, spec, dataset.class_names)
+    weights = resolve_model_weights(cfg)
+    save_dir = run_dir(cfg)
+    if cfg.RESUME:   # records of another config in the run folder are refused now, not after the model loads
+        read_tasks(save_dir, tasks, config_hash(cfg), cfg.dump())
+    data = {}
+    for index in tasks_to_run(tasks, set(wanted)):
+        for segment in tasks[index].segments:
+            if segment not in data:
+                data[segment] = dataset.build_domain(cfg, segment.domain, segment.severity)
+                if len(data[segment]) == 0:
+                    raise datasets.DatasetError(f"{cfg.CORRUPTION.DATASET}: no images for {segment.domain} at "
+                                                f"severity {segment.severity}")
+    templates = (list(dataset.ensemble_templates) if cfg.CLIP.PROMPT_MODE == "ensemble"
+                 else list(cfg.CLIP.PROMPT_TEMPLATE))
+    return RunPlan(cfg, methods.METHODS.canonical(cfg.MODEL.ADAPTATION), method_class(cfg), dataset, tasks,
+                   wanted, data, templates, spec, weights, device, save_dir, config_warnings(cfg))

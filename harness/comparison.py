@@ -1,0 +1,119 @@
+"""Running a comparison: every method's config resolved against one base config (same data, stream and backbone),
+one run per seed through harness.run.evaluate, the payloads handed to harness.report for the table."""
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+
+from conf.errors import ConfigError
+from harness.build import check_config, load_cfg
+from harness.identity import config_hash
+from harness.report import CompareError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# Keys every compared method takes from the base config, so that all of them see the same data, stream and
+# backbone; everything else (optimiser, batch size, method keys) comes from each method's own config.
+SHARED_KEYS = ["SETTING", "RNG_SEED", "DATA_DIR", "SAVE_DIR", "CORRUPTION", "MODEL.ARCH", "MODEL.WEIGHTS",
+               "MODEL.CKPT_PATH", "MODEL.FORCE_QUICK_GELU", "TEST.DELTA_DIRICHLET", "TEST.NUM_WORKERS", "DEVICE",
+               "RESUME", "RUN_DOMAINS"]
+
+
+def resolve_method_config(method: str, dataset: str, conf_dir: Path | None = None) -> Path:
+    """A config file path as given, or conf/<dataset>/<method>.yaml for a method name."""
+    path = Path(method)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise CompareError(f"config file {path} does not exist")
+        return path
+    conf_dir = Path(conf_dir) if conf_dir else REPO_ROOT / "conf"
+    candidate = conf_dir / dataset / f"{method}.yaml"
+    if not candidate.is_file():
+        available = sorted(p.stem for p in (conf_dir / dataset).glob("*.yaml"))
+        raise CompareError(f"no config {candidate} for method '{method}' on {dataset}; available: {available}. "
+                           f"Give a config file path instead.")
+    return candidate
+
+
+def _get(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _set(cfg, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    node[leaf] = copy.deepcopy(value)
+
+
+def method_configs(methods: list[str], base_cfg_file=None, opts=None, seeds=None, overrides: dict | None = None):
+    """[(method label, [cfg per seed])]: each method's own config with the SHARED_KEYS of the base config (the
+    --cfg file, else the first method's config) and the command-line overrides applied to all of them."""
+    opts = list(opts or [])
+    if not methods:
+        raise CompareError("give at least one method (name or config file)")
+    first = base_cfg_file
+    if first is None:
+        if Path(methods[0]).suffix not in (".yaml", ".yml"):
+            dataset = dict(zip(opts[0::2], opts[1::2])).get("CORRUPTION.DATASET")
+            if not dataset:
+                raise CompareError("method names need a data set: give --cfg (a config of that data set) or "
+                                   "CORRUPTION.DATASET <name>")
+            first = resolve_method_config(methods[0], dataset)
+        else:
+            first = methods[0]
+    try:
+        base = load_cfg(first, opts, freeze=False)
+    except ConfigError as err:
+        raise CompareError(str(err)) from None
+    for key, value in (overrides or {}).items():
+        _set(base, key, value)
+    result = []
+    for method in methods:
+        path = resolve_method_config(method, base.CORRUPTION.DATASET)
+        try:
+            cfg = load_cfg(path, opts, freeze=False)
+        except ConfigError as err:
+            raise CompareError(f"{path}: {err}") from None
+        for key in SHARED_KEYS:
+            _set(cfg, key, _get(base, key))
+        per_seed = []
+        for seed in (seeds or [cfg.RNG_SEED]):
+            seeded = cfg.clone()
+            seeded.RNG_SEED = int(seed)
+            try:
+                check_config(seeded)
+            except ConfigError as err:
+                raise CompareError(f"{path}: {err}") from None
+            seeded.freeze()
+            per_seed.append(seeded)
+        label = Path(method).stem if Path(method).suffix in (".yaml", ".yml") else method
+        result.append((label, per_seed))
+    labels = [label for label, _ in result]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise CompareError(f"method '{label}' is given twice")
+    return result
+
+
+def run_comparison(configs, progress: bool = False, evaluate=None) -> list[tuple[str, list[dict]]]:
+    """Evaluate every (label, [cfg per seed]) in turn; returns the groups for build_table."""
+    if evaluate is None:
+        from harness.run import evaluate
+    groups = []
+    for label, cfgs in configs:
+        groups.append((label, [evaluate(cfg, progress=progress) for cfg in cfgs]))
+    return groups
+
+
+def comparison_dir(cfg, labels: list[str]) -> Path:
+    """Default output folder of a comparison: SAVE_DIR/<dataset>/comparison/<setting>_<id of the methods>."""
+    ident = config_hash(cfg)
+    methods_id = hashlib.sha1(("|".join(labels) + ident).encode()).hexdigest()[:8]
+    return Path(cfg.SAVE_DIR) / cfg.CORRUPTION.DATASET / "comparison" / f"{cfg.SETTING}_{methods_id}"

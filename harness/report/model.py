@@ -1,0 +1,90 @@
+"""The table model of a comparison: columns (domain, severity), rows (a method's cells, the paper's, their
+difference) and the table (rows x columns in one metric). Also the report's error."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from conf.errors import UserError
+
+
+class CompareError(UserError):
+    """Results cannot be read, combined or tabulated as asked."""
+
+
+@dataclass(frozen=True)
+class Column:
+    domain: str
+    severity: int
+    occurrence: int = 0        # the k-th record with this (domain, severity) in a run (gradual repeats severities)
+
+
+def record_columns(records: list[dict]) -> list[Column]:
+    seen: dict[tuple, int] = {}
+    columns = []
+    for r in records:
+        key = (r["domain"], int(r["severity"]))
+        columns.append(Column(*key, seen.get(key, 0)))
+        seen[key] = seen.get(key, 0) + 1
+    return columns
+
+
+def column_labels(columns: list[Column]) -> list[str]:
+    """The domain name alone where a domain has one column; domain@severity (and #k for repeats) otherwise."""
+    per_domain: dict[str, int] = {}
+    for c in columns:
+        per_domain[c.domain] = per_domain.get(c.domain, 0) + 1
+    labels = []
+    for c in columns:
+        if per_domain[c.domain] == 1:
+            labels.append(c.domain)
+        else:
+            labels.append(f"{c.domain}@{c.severity}" + (f"#{c.occurrence + 1}" if c.occurrence else ""))
+    return labels
+
+
+def payload_cells(payload) -> dict[Column, float]:
+    """{column: accuracy %} of one run."""
+    return {c: 100.0 * r["accuracy"] for c, r in zip(record_columns(payload["records"]), payload["records"])}
+
+
+@dataclass
+class Row:
+    label: str
+    kind: str                                   # "measured", "paper" or "diff"
+    cells: dict                                 # Column -> accuracy % (mean over runs)
+    std: dict = field(default_factory=dict)     # Column -> standard deviation over runs (with >= 2 runs)
+    mean: float | None = None                   # mean of the cells shown (accuracy %)
+    mean_std: float | None = None               # std over runs of each run's mean
+    runs: int = 1
+    seeds: list = field(default_factory=list)
+    method: str = ""
+    note: str = ""
+
+
+@dataclass
+class Table:
+    dataset: str
+    columns: list[Column]
+    rows: list[Row]
+    metric: str = "accuracy"            # "accuracy" or "error" (error = 100 - accuracy)
+    domain_label: str = "corruption"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def labels(self) -> list[str]:
+        return column_labels(self.columns)
+
+    def value(self, row: Row, column) -> float | None:
+        """The shown value of a cell (None for an empty cell), in the table's metric; column may be "mean"."""
+        v = row.mean if column == "mean" else row.cells.get(column)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return None
+        if self.metric == "error" and row.kind != "diff":
+            return 100.0 - v
+        if self.metric == "error":
+            return -v                     # measured - paper, in error points
+        return v
+
+    def spread(self, row: Row, column) -> float | None:
+        return row.mean_std if column == "mean" else row.std.get(column)

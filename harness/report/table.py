@@ -1,0 +1,72 @@
+"""Comparison tables from runs: one row per config (seeds pooled), the paper's row and the difference beside every
+method the paper reports, one table per data set."""
+from __future__ import annotations
+
+from harness.report import paper
+from harness.report.model import CompareError, Column, Row, Table
+from harness.report.runs import _mean, aggregate, group_runs, run_config
+
+
+def _row_mean(row: Row, columns: list[Column]) -> float | None:
+    shown = [row.cells[c] for c in columns if c in row.cells]
+    return _mean(shown) if shown else None
+
+
+def build_table(groups: list[tuple[str, list[dict]]], metric: str = "accuracy", with_paper: bool = True) -> Table:
+    """groups: (row label, runs of one config) in row order; every run must be on one data set. Rows are the
+    aggregated runs, each followed by the paper's row and the difference (measured - paper) where the paper
+    reports that method on that data set at the same severity."""
+    if metric not in ("accuracy", "error"):
+        raise CompareError(f"metric must be 'accuracy' or 'error', got '{metric}'")
+    if not groups:
+        raise CompareError("no results to tabulate")
+    datasets = {p["dataset"] for _, runs in groups for p in runs}
+    if len(datasets) != 1:
+        raise CompareError(f"one table per data set: these results cover {sorted(datasets)}")
+    dataset = datasets.pop()
+    measured = [aggregate(runs, label) for label, runs in groups]
+    columns: list[Column] = []
+    for row in measured:
+        columns += [c for c in row.cells if c not in columns]
+    rows: list[Row] = []
+    notes: list[str] = []
+    for (label, runs), row in zip(groups, measured):
+        row.mean = _row_mean(row, columns) if set(row.cells) != set(columns) else row.mean
+        if set(row.cells) != set(columns):
+            row.mean_std = None
+            row.note = "mean over its own cells only"
+        rows.append(row)
+        if not with_paper:
+            continue
+        reference = paper.paper_row(dataset, row.method)
+        shown = paper.comparable_reference(reference, runs[0]["records"])
+        if not shown:
+            continue
+        cells = {c: shown[c.domain] for c in row.cells if c.domain in shown}
+        paper_row = Row(f"{row.label} (paper)", "paper", cells, method=row.method, runs=0)
+        paper_row.mean = _mean(list(cells.values())) if len(cells) == len(columns) else None
+        diff = {c: row.cells[c] - cells[c] for c in cells}
+        diff_row = Row(f"{row.label} - paper", "diff", diff, method=row.method, runs=0)
+        if paper_row.mean is not None and row.mean is not None:
+            diff_row.mean = row.mean - paper_row.mean
+        rows += [paper_row, diff_row]
+        cfg = run_config(runs[0])
+        mismatch = paper.protocol_mismatch(reference, (cfg.get("MODEL") or {}).get("ARCH"),
+                                           (cfg.get("MODEL") or {}).get("WEIGHTS"), runs[0].get("setting"))
+        note = f"{row.label} (paper): {reference.paper_method}"
+        if reference.reported_mean is not None:
+            note += (f", printed mean {reference.reported_mean:.2f} over its {len(reference.accuracy)} domains "
+                     f"(mean of its printed cells {reference.mean_of(list(reference.accuracy)):.2f})")
+        if mismatch:
+            note += "; measured with " + ", ".join(mismatch)
+        notes.append(note)
+    first_run = groups[0][1][0]
+    return Table(dataset, columns, rows, metric, first_run.get("domain_label", "corruption"), notes)
+
+
+def tables_from_results(payloads: list[dict], metric: str = "accuracy", with_paper: bool = True) -> list[Table]:
+    """One table per data set."""
+    by_dataset: dict[str, list[dict]] = {}
+    for p in payloads:
+        by_dataset.setdefault(p["dataset"], []).append(p)
+    return [build_table(group_runs(runs), metric, with_paper) for runs in by_dataset.values()]

@@ -1,0 +1,91 @@
+"""The layers point one way, and no module imports itself back through others.
+
+    conf  <-  datasets, models  <-  methods  <-  harness (report <- the rest of harness)  <-  scripts, test_time.py
+
+Every import statement counts, at module level or inside a function, so a deferred import cannot hide an upward
+dependency."""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ["conf", "datasets", "models", "methods", "harness"]
+# What each package may import of the suite (itself always).
+ALLOWED = {
+    "conf": set(),
+    "datasets": {"conf"},
+    "models": {"conf"},
+    "methods": {"conf", "models"},
+    "harness": {"conf", "datasets", "models", "methods"},
+}
+# Inside harness, reporting is apart from running: harness.report imports none of these.
+RUNNING = {"harness.build", "harness.run", "harness.comparison", "harness.cli", "harness.settings",
+           "harness.stream"}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def suite_modules() -> dict[str, Path]:
+    return {module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
+
+
+def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The suite modules a file imports (``from a.b import c`` counts as a.b.c when that is a module, else a.b)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
+                     for alias in node.names]
+        else:
+            continue
+        found.update(name for name in names if name.split(".")[0] in PACKAGES)
+    return found
+
+
+MODULES = suite_modules()
+GRAPH = {name: imports_of(path, MODULES) for name, path in MODULES.items()}
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_module_imports_only_its_own_layer_and_below(module):
+    package = module.split(".")[0]
+    upward = sorted(i for i in GRAPH[module] if i.split(".")[0] not in ALLOWED[package] | {package})
+    assert not upward, f"{module} imports {upward} from a layer above it"
+    if module.startswith("harness.report"):
+        running = sorted(i for i in GRAPH[module] if i in RUNNING)
+        assert not running, f"{module} (reporting) imports {running} (running)"
+
+
+def test_no_import_cycle():
+    """Depth-first search over module -> imported module (a package import counts as its __init__)."""
+    def targets(module):
+        return [t for t in GRAPH[module] if t in GRAPH and t != module and not module.startswith(t + ".")]
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(module):
+        state[module] = 1
+        stack.append(module)
+        for target in targets(module):
+            if state.get(target) == 1:
+                cycle = stack[stack.index(target):] + [target]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target)
+        stack.pop()
+        state[module] = 2
+    for module in sorted(GRAPH):
+        if module not in state:
+            visit(module)
+
+
+def test_the_checker_sees_deferred_imports(tmp_path):
+    source = tmp_path / "probe.py"
+    source.write_text("def f():\n    from harness.run import evaluate\n    import methods.base\n")
+    assert imports_of(source, MODULES) == {"harness.run", "methods.base"}
