@@ -2,19 +2,12 @@
 a YAML file and command-line ``KEY VALUE`` pairs merge into it, the one error family, declared options and the one
 registry mechanism. This is the lowest layer: it imports nothing else of the suite. harness/build.py adds the
 registered methods' keys and checks a config against the registries."""
+from conf.compose import config_names
 from conf.errors import ConfigError, UserError
 from conf.options import Option
 from conf.registry import Registry, import_plugins
-from conf.schema import (check_values, declared_options, defaults, inert_settings, load_config, read_yaml,
-                         requested_plugins)
+from conf.loading import load_config, requested_plugins
+from conf.schema import check_values, declared_options, defaults, inert_settings, read_yaml
 
-__all__ = ["ConfigError", "Option", "Registry", "UserError", "check_values", "declared_options", "defaults",
+__all__ = ["ConfigError", "config_names", "Option", "Registry", "UserError", "check_values", "declared_options", "defaults",
            "import_plugins", "inert_settings", "load_config", "read_yaml", "requested_plugins"]
-
-from pathlib import Path  # noqa: E402
-
-CONF_DIR = Path(__file__).resolve().parent
-
-
-def all_config_files() -> list[Path]:
-    return sorted(CONF_DIR.glob("*/*.yaml"))

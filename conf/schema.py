@@ -184,27 +184,3 @@ def inert_settings(cfg: CN) -> list[str]:
         if value != default:
             warnings.append(f"{key} = {value!r} has no effect in this suite ({why})")
     return warnings
-
-
-# ------------------------------------------------------------------------------------------------ loading
-
-def requested_plugins(cfg_file, opts) -> list[str]:
-    """The modules MODEL.EXTRA_MODULES names in the file and on the command line (imported before the schema is
-    built, because they may declare config keys)."""
-    file_data = read_yaml(Path(cfg_file)) if cfg_file else {}
-    found = list((file_data.get("MODEL") or {}).get("EXTRA_MODULES", []) or [])
-    opts = [str(o) for o in opts or []]
-    for key, value in zip(opts[0::2], opts[1::2]):
-        if key == "MODEL.EXTRA_MODULES":
-            found += typed_value(key, value, [], "the command-line overrides")
-    return [str(m) for m in found]
-
-
-def load_config(cfg_file=None, opts=None, nodes: Mapping[str, dict] | None = None) -> CN:
-    """defaults (suite keys + ``nodes``) <- the YAML file <- ``KEY VALUE`` pairs; not frozen, values not checked
-    beyond their types (harness/build.py checks them against the registries and the declared options)."""
-    cfg = defaults(nodes)
-    if cfg_file:
-        merge_mapping(cfg, read_yaml(Path(cfg_file)), str(cfg_file))
-    merge_pairs(cfg, list(opts or []))
-    return cfg

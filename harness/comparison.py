@@ -6,12 +6,10 @@ import copy
 import hashlib
 from pathlib import Path
 
-from conf.errors import ConfigError
+from conf import ConfigError, config_names
 from harness.build import check_config, load_cfg
 from harness.identity import config_hash
 from harness.report import CompareError
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # Keys every compared method takes from the base config, so that all of them see the same data, stream and
@@ -21,20 +19,22 @@ SHARED_KEYS = ["SETTING", "RNG_SEED", "DATA_DIR", "SAVE_DIR", "CORRUPTION", "MOD
                "RESUME", "RUN_DOMAINS"]
 
 
-def resolve_method_config(method: str, dataset: str, conf_dir: Path | None = None) -> Path:
-    """A config file path as given, or conf/<dataset>/<method>.yaml for a method name."""
-    path = Path(method)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise CompareError(f"config file {path} does not exist")
-        return path
-    conf_dir = Path(conf_dir) if conf_dir else REPO_ROOT / "conf"
-    candidate = conf_dir / dataset / f"{method}.yaml"
-    if not candidate.is_file():
-        available = sorted(p.stem for p in (conf_dir / dataset).glob("*.yaml"))
+def resolve_method_config(method: str, dataset: str) -> str:
+    """A config file path as given, or the shipped composition conf/<dataset>/<method>.yaml for a method name."""
+    if Path(method).suffix in (".yaml", ".yml"):
+        if not Path(method).is_file() and method not in _shipped_paths():
+            raise CompareError(f"config file {method} does not exist")
+        return method
+    candidate = f"conf/{dataset}/{method}.yaml"
+    if candidate not in _shipped_paths():
+        available = [n.split("/")[1] for n in config_names() if n.startswith(f"{dataset}/")]
         raise CompareError(f"no config {candidate} for method '{method}' on {dataset}; available: {available}. "
                            f"Give a config file path instead.")
     return candidate
+
+
+def _shipped_paths() -> set[str]:
+    return {f"conf/{name}.yaml" for name in config_names()}
 
 
 def _get(cfg, dotted: str):

@@ -6,7 +6,7 @@ Shapes-C, the embedded corruption benchmark (docs/demo.md).
 1. If DATA_DIR/Shapes-C is missing, it is generated: the seeded synthetic Shapes test split, corrupted with
    the 15 ImageNet-C corruptions at 5 severities (scripts/make_corrupted.py does the same for any data).
 2. Each method runs through the suite's one harness (harness.run.evaluate) with its config
-   conf/shapes_c/<method>.yaml: the committed tiny CLIP (models/checkpoints/tiny-clip-shapes.pt), severity 5,
+   conf/shapes_c/<method>.yaml (conf/datasets/shapes_c.yaml with conf/methods/<method>.yaml): the committed tiny CLIP (models/checkpoints/tiny-clip-shapes.pt), severity 5,
    reset at every corruption. Nothing here is special-cased; real runs differ only in their config.
 3. A table of accuracies (%) is printed, one row per method, one column per corruption, and their mean;
    every run's records are written under SAVE_DIR as usual, and the table to SAVE_DIR/demo_table.md
@@ -25,11 +25,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from conf import ConfigError  # noqa: E402
+from conf import ConfigError, config_names  # noqa: E402
 from datasets.corruptions import CORRUPTIONS  # noqa: E402
 from harness.cli import entry_point, parse_command_line  # noqa: E402
 
-CONFIG_DIR = REPO_ROOT / "conf" / "shapes_c"
 DEFAULT_METHODS = ["source", "tent", "batclip"]
 # Clean test images per severity in the generated Shapes-C, and the demo evaluates all of them: 10,000 per
 # corruption, as CIFAR-10-C in the paper (50 updates of batch 200 per corruption).
@@ -68,8 +67,9 @@ def run_methods(methods_wanted: list[str], opts: list[str], progress: bool = Tru
     from harness.comparison import method_configs, run_comparison
     runnable = []
     for name in methods_wanted:
-        if not (CONFIG_DIR / f"{name}.yaml").is_file():
-            print(f"[skip] {name}: no config {CONFIG_DIR / name}.yaml", flush=True)
+        if f"shapes_c/{name}" not in config_names():
+            print(f"[skip] {name}: no config conf/shapes_c/{name}.yaml (conf/methods/{name}.yaml lists no "
+                  f"shapes_c under PER_DATASET)", flush=True)
         elif name not in methods.METHODS:
             print(f"[skip] {name}: method '{name}' is not registered in this checkout (methods/{name}.py)",
                   flush=True)
@@ -77,7 +77,7 @@ def run_methods(methods_wanted: list[str], opts: list[str], progress: bool = Tru
             runnable.append(name)
     if not runnable:
         return []
-    configs = method_configs([str(CONFIG_DIR / f"{name}.yaml") for name in runnable], opts=opts)
+    configs = method_configs([f"conf/shapes_c/{name}.yaml" for name in runnable], opts=opts)
     groups = []
     for (name, (_, cfgs)) in zip(runnable, configs):
         start = time.perf_counter()
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="./data", help="DATA_DIR; Shapes-C is generated there if missing")
     parser.add_argument("--save-dir", default="./output/demo", help="SAVE_DIR for the results records")
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="configs of conf/shapes_c/ to run")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="methods with a shapes_c config to run")
     parser.add_argument("--corruptions", nargs="+", default=CORRUPTIONS)
     parser.add_argument("--num-ex", type=int, default=DEFAULT_IMAGES_PER_SEVERITY,
                         help="test images per corruption (CORRUPTION.NUM_EX)")

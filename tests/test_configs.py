@@ -1,20 +1,57 @@
+import json
+from pathlib import Path
+
 import pytest
 
-from conf import ConfigError, all_config_files
+import methods
+from conf import ConfigError, config_names, defaults
 from harness.build import load_cfg
+from harness.identity import config_hash, flatten
 from tests.synthetic import AUTHORS_OURS_YAML, tiny_cfg
 
+# What every shipped config set before configs were composed (one YAML per data set and method, 59 files):
+# the keys that differ from the defaults, and the config hash (the run folder's name).
+SHIPPED = json.loads((Path(__file__).parent / "data" / "shipped_configs.json").read_text())
 
-@pytest.mark.parametrize("path", all_config_files(), ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_every_shipped_yaml_loads(path):
-    cfg = load_cfg(path)
-    assert cfg.CORRUPTION.DATASET == path.parent.name
+
+@pytest.mark.parametrize("name", config_names())
+def test_every_shipped_config_loads(name):
+    cfg = load_cfg(f"conf/{name}.yaml")
+    assert cfg.CORRUPTION.DATASET == name.split("/")[0]
     assert cfg.MODEL.ADAPTATION  # resolved against the registry by load_cfg
 
 
 def test_there_are_configs_for_the_three_corruption_benchmarks():
-    names = {(p.parent.name, p.stem) for p in all_config_files()}
-    assert {("cifar10_c", "source"), ("cifar100_c", "source"), ("imagenet_c", "source")} <= names
+    names = set(config_names())
+    assert {"cifar10_c/source", "cifar100_c/source", "imagenet_c/source"} <= names
+
+
+def test_the_compositions_are_the_configs_that_were_shipped():
+    assert config_names() == sorted(SHIPPED)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_composition_equals_the_file_it_replaced(name):
+    cfg = load_cfg(f"conf/{name}.yaml")
+    base = flatten(dict(defaults(methods.declared_nodes())))
+    differs = {k: v for k, v in flatten(dict(cfg)).items() if base[k] != v}
+    assert json.loads(json.dumps(differs)) == SHIPPED[name]["differs_from_defaults"]
+    assert config_hash(cfg) == SHIPPED[name]["config_hash"]
+    assert load_cfg(name) == cfg                     # the short name means the same
+
+
+def test_a_real_file_and_a_missing_composition(tmp_path):
+    with pytest.raises(ConfigError, match=r"conf/methods/rpl.yaml is not shipped for data set pacs"):
+        load_cfg("conf/pacs/rpl.yaml")
+    with pytest.raises(ConfigError, match=r"configs shipped for pacs: \['batclip', 'source', 'tent'\]"):
+        load_cfg("conf/pacs/no_such_method.yaml")
+    own = tmp_path / "conf" / "pacs" / "tent.yaml"           # a real file is read as it is, not composed
+    own.parent.mkdir(parents=True)
+    own.write_text("CORRUPTION: {DATASET: pacs, TYPE: [photo], SEVERITY: [0]}\nMODEL: {ADAPTATION: tent}\n")
+    cfg = load_cfg(own)
+    assert list(cfg.CORRUPTION.TYPE) == ["photo"] and cfg.OPTIM.METHOD == "Adam"
+    with pytest.raises(ConfigError, match="is a method config"):
+        load_cfg("conf/methods/tent.yaml")
 
 
 def test_authors_yaml_loads_unchanged_and_means_the_same(tmp_path):

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import methods.base
-from conf import all_config_files
+from conf import config_names
 from harness.run import evaluate
 from tests.synthetic import small_run_overrides, tiny_cfg, write_all_layouts
 
 GOLDEN = Path(__file__).parent / "data" / "golden_runs.json"
-CONFIGS = {f"{p.parent.name}/{p.stem}": p for p in all_config_files()}
+CONFIGS = {name: f"conf/{name}.yaml" for name in config_names()}
 
 
 @pytest.fixture(scope="module")

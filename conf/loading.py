@@ -1,0 +1,33 @@
+"""Reading a config: defaults <- the YAML file, or the composition it names <- command-line ``KEY VALUE`` pairs."""
+from __future__ import annotations
+
+from typing import Mapping
+
+from yacs.config import CfgNode as CN
+
+from conf.compose import config_layers
+from conf.schema import defaults, merge_mapping, merge_pairs, typed_value
+
+
+def requested_plugins(cfg_file, opts) -> list[str]:
+    """The modules MODEL.EXTRA_MODULES names in the config and on the command line (imported before the schema is
+    built, because they may declare config keys)."""
+    found = []
+    for _, data in (config_layers(cfg_file) if cfg_file else []):
+        found += list((data.get("MODEL") or {}).get("EXTRA_MODULES", []) or [])
+    opts = [str(o) for o in opts or []]
+    for key, value in zip(opts[0::2], opts[1::2]):
+        if key == "MODEL.EXTRA_MODULES":
+            found += typed_value(key, value, [], "the command-line overrides")
+    return [str(m) for m in found]
+
+
+def load_config(cfg_file=None, opts=None, nodes: Mapping[str, dict] | None = None) -> CN:
+    """defaults (suite keys + ``nodes``) <- the YAML file (or the composition it names, conf/compose.py) <-
+    ``KEY VALUE`` pairs; not frozen, values not checked beyond their types (harness/build.py checks them against the
+    registries and the declared options)."""
+    cfg = defaults(nodes)
+    for source, data in (config_layers(cfg_file) if cfg_file else []):
+        merge_mapping(cfg, data, source)
+    merge_pairs(cfg, list(opts or []))
+    return cfg
