@@ -92,8 +92,9 @@ class StraightforwardBatclip:
         o = self.cfg.OPTIM
         opt = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}[o.METHOD]
         self.optimizer = opt(self.params, lr=o.LR, betas=(o.BETA, 0.999), weight_decay=o.WD)
-        self.scaler = (torch.amp.GradScaler("cuda", init_scale=self.cfg.BATCLIP.GRAD_SCALER_INIT)
-                       if self.plan.grad_scaler else None)
+        # Disabled (fp32), the scaler passes loss and step through unchanged.
+        self.scaler = torch.amp.GradScaler("cuda", init_scale=self.cfg.BATCLIP.GRAD_SCALER_INIT,
+                                           enabled=self.plan.grad_scaler)
 
     def forward(self, x, autocast: bool):
         ctx = (torch.autocast(self.device.type, dtype=self.plan.autocast_dtype)
@@ -124,13 +125,9 @@ class StraightforwardBatclip:
     def step(self, x):
         loss = self.loss(*self.forward(x, autocast=True))
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
 
 # ---------------------------------------------------------------------------------------------- bench

@@ -55,7 +55,9 @@ def test_shipped_config_reproduces_its_golden_run(name, data_dir, tmp_path, reco
     dataset, config = name.split("/")
     cfg = tiny_cfg(CONFIGS[name], DATA_DIR=str(data_dir), SAVE_DIR=str(tmp_path),
                    **small_run_overrides(dataset, config))
-    entry = golden_entry(evaluate(cfg, progress=False), torch.cat(recorded_logits))
+    payload = evaluate(cfg, progress=False)
+    assert payload["provenance"]["method_precision"]["weights"] == ["float32"]   # recorded with the results
+    entry = golden_entry(payload, torch.cat(recorded_logits))
     if os.environ.get("GOLDEN_WRITE"):
         golden = json.loads(GOLDEN.read_text())
         golden[name] = entry

@@ -1,0 +1,128 @@
+"""The contract every registered method keeps, checked for every shipped config of every method (as timm tests
+every registered model): a method added later with its conf/methods/<name>.yaml is covered without a new test.
+
+For each composition conf/<dataset>/<config>.yaml: the config loads and passes the run plan's method checks; the
+method builds on the tiny CLIP with the data set's classes and runs two batches; a predict-then-adapt method
+reports for the first batch exactly what the unadapted model predicts; nothing but the method's declared
+parameters moves in the model; reset() restores every piece of state, so the first batch replays bit for bit;
+and the method reports the precision it computes in (what the results' provenance records)."""
+import copy
+
+import pytest
+import torch
+
+import datasets
+import methods
+from conf import config_names, import_plugins
+from harness.build import check_method, load_cfg
+from methods.base import PREDICT_THEN_ADAPT, PROTOCOLS
+from models import build_zero_shot_clip
+from tests.synthetic import small_run_overrides, tiny_cfg
+
+BATCH = 4
+
+
+def suite_methods() -> dict[str, type]:
+    """The methods the suite itself registers (tests register probes of their own)."""
+    return {name: cls for name, cls in methods.METHODS.items() if cls.__module__.startswith("methods.")}
+
+
+def configured_methods() -> set[str]:
+    return {methods.METHODS.canonical(load_cfg(f"conf/{name}.yaml").MODEL.ADAPTATION) for name in config_names()}
+
+
+def test_every_registered_method_is_shipped_with_a_config():
+    missing = sorted(set(suite_methods()) - configured_methods())
+    assert not missing, f"registered methods without conf/methods/<name>.yaml: {missing}"
+
+
+@pytest.fixture(scope="module")
+def models_by_dataset():
+    """One tiny CLIP (fixed random weights) per data set's classes and prompt mode, copied for every test."""
+    cache = {}
+
+    def model_for(cfg):
+        dataset = datasets.get_dataset(cfg.CORRUPTION.DATASET)
+        templates = (list(dataset.ensemble_templates) if cfg.CLIP.PROMPT_MODE == "ensemble"
+                     else list(cfg.CLIP.PROMPT_TEMPLATE))
+        key = (dataset.name, tuple(templates))
+        if key not in cache:
+            torch.manual_seed(0)
+            cache[key] = build_zero_shot_clip(cfg, dataset.class_names, templates, "cpu")[0]
+        return copy.deepcopy(cache[key])
+    return model_for
+
+
+def images(seed: int) -> torch.Tensor:
+    return torch.rand(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", config_names())
+def test_method_keeps_the_contract(name, models_by_dataset):
+    dataset, config = name.split("/")
+    overrides = {k: v for k, v in small_run_overrides(dataset, config).items() if not k.startswith("CORRUPTION__")}
+    cfg = tiny_cfg(f"conf/{name}.yaml", **overrides)
+    check_method(cfg)
+    cls = methods.METHODS.get(cfg.MODEL.ADAPTATION)
+    assert cls.protocol in PROTOCOLS and cls.episode in ("batch", "image")
+
+    model = models_by_dataset(cfg)
+    with torch.no_grad():
+        unadapted = copy.deepcopy(model)(images(1))
+    torch.manual_seed(cfg.RNG_SEED)
+    method = methods.build_method(cfg, model, model.num_classes)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state_before = {k: v.clone() for k, v in method.state_dict().items()}
+    optimizer_before = copy.deepcopy(method.optimizer.state_dict()) if method.optimizer else None
+
+    first = method(images(1))
+    second = method(images(2))
+    for logits in (first, second):
+        assert logits.shape == (BATCH, model.num_classes) and logits.dtype == torch.float32
+        assert torch.isfinite(logits).all()
+    if cls.protocol == PREDICT_THEN_ADAPT:
+        torch.testing.assert_close(first, unadapted, rtol=1e-5, atol=1e-5)
+
+    adapted = {f"model.{n}" if not n.startswith(("model.", "prompt_learner.")) else n for n in method.param_names}
+    moved = {f"model.{k}" for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved <= adapted, f"{sorted(moved - adapted)} changed but are not the method's parameters"
+
+    method.reset()
+    for key, value in method.state_dict().items():
+        assert torch.equal(value, state_before[key]), f"reset left {key} changed"
+    if method.optimizer is not None:
+        assert str(method.optimizer.state_dict()) == str(optimizer_before), "reset left the optimizer changed"
+    torch.manual_seed(cfg.RNG_SEED)                  # as the harness seeds every task that resets
+    torch.testing.assert_close(method(images(1)), first, rtol=0, atol=0)      # the stream replays bit for bit
+    torch.testing.assert_close(method(images(2)), second, rtol=0, atol=0)
+
+    precision = method.precision_info()
+    assert precision["weights"] == ["float32"] and precision["autocast"] is None
+    assert precision["grad_scaler_init"] is None     # no fp16 autocast, so no scaler, on the CPU
+
+
+def test_a_subclass_of_a_method_registers_reads_its_parents_keys_and_runs(tmp_path, tiny_clip):
+    module = tmp_path / "my_rpl.py"
+    module.write_text(
+        "from conf import Option\n"
+        "from methods.registry import register_method\n"
+        "from methods.rpl import RPL\n"
+        "@register_method('my_rpl')\n"
+        "class MyRPL(RPL):\n"
+        "    config_defaults = {'MY_RPL': {'SCALE': Option(2.0, within='(0, inf)')}}\n"
+        "    def __init__(self, cfg, model, num_classes):\n"
+        "        super().__init__(cfg, model, num_classes)\n"
+        "        self.scale = cfg.MY_RPL.SCALE\n"
+        "    def loss(self, logits):\n"
+        "        return self.scale * super().loss(logits)\n")
+    import_plugins([str(module)])
+    cfg = tiny_cfg(MODEL__ADAPTATION="my_rpl", RPL__Q=0.5, MY_RPL__SCALE=3.0)
+    method = methods.build_method(cfg, tiny_clip, 10)
+    assert method.q == 0.5 and method.scale == 3.0 and method.method_name == "my_rpl"
+    assert method(images(1)).shape == (BATCH, 10)
+    assert cfg.RPL.Q == 0.5                          # the parent's node, declared once, shared
+    from conf import ConfigError
+    with pytest.raises(ConfigError, match=r"MY_RPL.SCALE = -1.0: expected a number in \(0, inf\)"):
+        tiny_cfg(MODEL__ADAPTATION="my_rpl", MY_RPL__SCALE=-1.0)
+    with pytest.raises(ConfigError, match=r"RPL.Q = 2.0"):
+        tiny_cfg(MODEL__ADAPTATION="my_rpl", RPL__Q=2.0)
