@@ -12,7 +12,7 @@ import logging
 import sys
 
 from conf import ConfigError
-from harness.build import check_config, load_cfg
+from harness.build import check_config, config_warnings, load_cfg
 from harness.cli import entry_point, parse_command_line
 from harness.run import evaluate
 
@@ -59,9 +59,16 @@ def main(argv=None) -> int:
                                      usage="%(prog)s --cfg CONFIG [flags] [KEY VALUE ...]")
     parser.add_argument("--cfg", dest="cfg_file", required=True, help="YAML config, e.g. conf/cifar10_c/batclip.yaml")
     add_run_flags(parser)
+    parser.add_argument("--show-config", action="store_true",
+                        help="print the config this command would run (composed, overrides applied) and exit")
     args = parse_command_line(parser, argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     cfg = build_run_cfg(args.cfg_file, args.opts, args.restart, args.domains, args.shard)
+    if args.show_config:
+        print(cfg.dump(), end="")
+        for warning in config_warnings(cfg):
+            print(f"# warning: {warning}")
+        return 0
     payload = evaluate(cfg, progress=not args.no_progress)   # logs the per-domain table (and the paper's row)
     print(f"results: {payload['provenance']['save_dir']}/results.json")
     return 0

@@ -10,6 +10,7 @@ from conf import ConfigError, config_names
 from harness.build import check_config, load_cfg
 from harness.identity import config_hash
 from harness.report import CompareError
+from harness.run import evaluate as run_evaluate
 
 
 # Keys every compared method takes from the base config, so that all of them see the same data, stream and
@@ -102,10 +103,8 @@ def method_configs(methods: list[str], base_cfg_file=None, opts=None, seeds=None
     return result
 
 
-def run_comparison(configs, progress: bool = False, evaluate=None) -> list[tuple[str, list[dict]]]:
+def run_comparison(configs, progress: bool = False, evaluate=run_evaluate) -> list[tuple[str, list[dict]]]:
     """Evaluate every (label, [cfg per seed]) in turn; returns the groups for build_table."""
-    if evaluate is None:
-        from harness.run import evaluate
     groups = []
     for label, cfgs in configs:
         groups.append((label, [evaluate(cfg, progress=progress) for cfg in cfgs]))

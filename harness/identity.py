@@ -23,8 +23,7 @@ def _plain(node):
 
 
 def config_hash(cfg) -> str:
-    """Eight hex digits identifying the config's result-relevant keys (unchanged for configs that existed before
-    RESUME / RUN_DOMAINS were added: those keys are left out)."""
+    """Eight hex digits identifying the config's result-relevant keys (the run folder's name)."""
     identity = {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}
     identity["TEST"] = {k: v for k, v in cfg.TEST.items() if f"TEST.{k}" not in NON_RESULT_NESTED}
     return hashlib.sha1(repr(sorted(_plain(identity).items())).encode()).hexdigest()[:8]

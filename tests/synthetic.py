@@ -85,10 +85,14 @@ def write_image_folders(root: Path, class_folders, per_class=2, seed=0, size=Non
     return files
 
 
+# The tiny CLIP with random weights, on the CPU, without DataLoader workers.
+TINY_OPTS = ["MODEL.ARCH", "tiny-clip-test", "MODEL.WEIGHTS", "none", "TEST.NUM_WORKERS", "0", "DEVICE", "cpu"]
+
+
 def tiny_cfg(cfg_file=None, **overrides):
-    """A config for the tiny CLIP with random weights, on CPU, no workers; overrides as KEY=value with
-    dots written as '__' (e.g. CORRUPTION__NUM_EX=8)."""
-    opts = ["MODEL.ARCH", "tiny-clip-test", "MODEL.WEIGHTS", "none", "TEST.NUM_WORKERS", "0", "DEVICE", "cpu"]
+    """A config for the tiny CLIP (TINY_OPTS); overrides as KEY=value with dots written as '__' (e.g.
+    CORRUPTION__NUM_EX=8)."""
+    opts = list(TINY_OPTS)
     for key, value in overrides.items():
         opts += [key.replace("__", "."), value if isinstance(value, str) else repr(value)]
     return load_cfg(cfg_file, opts)

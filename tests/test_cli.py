@@ -6,9 +6,9 @@ import logging
 import pytest
 
 import test_time
-from tests.synthetic import write_cifar_c
+from tests.synthetic import TINY_OPTS, write_cifar_c
 
-TINY = ["MODEL.ARCH", "tiny-clip-test", "MODEL.WEIGHTS", "none", "TEST.NUM_WORKERS", "0", "DEVICE", "cpu"]
+TINY = TINY_OPTS
 
 
 def test_cli_prints_the_per_corruption_table_and_writes_results(tmp_path, caplog, capsys):
@@ -123,3 +123,12 @@ def test_error_during_a_run_is_one_line_and_goes_into_the_log(tmp_path, capsys):
         assert line.startswith("error: Cannot read image ") and "photo/dog/img_000.png" in line
         log = next((tmp_path / f"out{workers}").rglob("log.txt")).read_text()
         assert log.rstrip().splitlines()[-1].endswith(line)
+
+
+def test_show_config_prints_the_composition(tmp_path, capsys):
+    import yaml
+    assert test_time.main(["--cfg", "conf/imagenet_c/tent.yaml", "--show-config", "OPTIM.STEPS", "2"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["CORRUPTION"]["DATASET"] == "imagenet_c" and shown["TEST"]["BATCH_SIZE"] == 64     # protocol
+    assert (shown["MODEL"]["ADAPTATION"], shown["OPTIM"]["METHOD"], shown["OPTIM"]["LR"]) == ("tent", "SGD", 2.5e-4)
+    assert shown["OPTIM"]["STEPS"] == 2                                                          # override

@@ -123,3 +123,24 @@ def test_method_keys_come_from_the_method_class_and_external_modules_register(tm
     cfg = tiny_cfg(None, MODEL__EXTRA_MODULES=[str(module)], MODEL__ADAPTATION="my_external_method",
                    MINE__ALPHA=0.25)
     assert cfg.MINE.ALPHA == 0.25
+
+
+def test_keys_that_change_nothing_warn():
+    from harness.build import config_warnings
+    for name in config_names():
+        assert config_warnings(load_cfg(f"conf/{name}.yaml")) == [], name
+    warnings = config_warnings(tiny_cfg("conf/cifar10_c/vte.yaml", TEST__WINDOW_LENGTH=4, OPTIM__STEPS=3,
+                                        MODEL__EPISODIC=True, SAR__RHO=0.1, SAR__MARGIN_E0=0.3))
+    assert warnings == [
+        "TEST.WINDOW_LENGTH = 4 has no effect in this suite (no method of this suite uses a sliding window)",
+        "OPTIM.STEPS = 3 has no effect: vte trains nothing",
+        "MODEL.EPISODIC = True has no effect: vte trains nothing",
+        "SAR.MARGIN_E0, SAR.RHO set, but method vte does not read the SAR keys",
+    ]
+
+
+def test_declared_options_cover_every_method_node():
+    """Every method's keys are in the schema with their defaults (the tiny tests rely on the same defaults)."""
+    cfg = tiny_cfg()
+    for node, keys in methods.declared_nodes().items():
+        assert set(cfg[node]) == set(keys), node
