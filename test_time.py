@@ -8,12 +8,12 @@ on several machines (reset_each_shift only; see docs/comparison.md)."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from conf import ConfigError
 from harness.build import check_config, config_warnings, load_cfg
 from harness.cli import entry_point, parse_command_line
+from harness.logs import console_logging
 from harness.run import evaluate
 
 
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     parser.add_argument("--show-config", action="store_true",
                         help="print the config this command would run (composed, overrides applied) and exit")
     args = parse_command_line(parser, argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    console_logging()
     cfg = build_run_cfg(args.cfg_file, args.opts, args.restart, args.domains, args.shard)
     if args.show_config:
         print(cfg.dump(), end="")

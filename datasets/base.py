@@ -39,7 +39,8 @@ class BenchmarkDataset:
 
     def build_domain(self, cfg, domain: str, severity: int) -> Dataset:
         """The images of one domain at one severity, checked: every file this needs exists and has the expected
-        layout, or a DatasetError names the path. Reading an image happens later, in the DataLoader."""
+        layout, or a DatasetError names the path. Reading an image happens later, in the DataLoader. The Dataset
+        lists the files it reads in ``source_files()`` (the run's identity covers them)."""
         raise NotImplementedError
 
     def describe(self, cfg) -> dict:

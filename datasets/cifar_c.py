@@ -1,7 +1,11 @@
 """CIFAR-10-C and CIFAR-100-C in RobustBench's layout, memory-mapped.
 
 DATA_DIR/CIFAR-10-C/<corruption>.npy : uint8 (N, H, W, 3), five equal severity blocks of N/5 rows
-DATA_DIR/CIFAR-10-C/labels.npy       : (N,) labels (the same N/5 labels repeated per severity)
+DATA_DIR/CIFAR-10-C/labels.npy       : (N,) integer labels (the same N/5 labels repeated per severity)
+
+The real files hold 32x32 images. Other sizes (a -C set made with scripts/make_corrupted.py from larger images)
+are read as they are: the model's transform resizes every image to its input size, and the results record the
+size read (provenance.data.image_shapes).
 """
 from __future__ import annotations
 
@@ -21,9 +25,14 @@ class NpyImages(Dataset):
     """(PIL image, label) for rows ``indices`` of a memory-mapped (N, H, W, 3) uint8 array; the file is opened
     lazily so the dataset pickles cheaply into DataLoader workers."""
 
-    def __init__(self, path: Path, indices: np.ndarray, labels: np.ndarray):
-        self.path, self.indices, self.labels = path, indices, labels
+    def __init__(self, path: Path, indices: np.ndarray, labels: np.ndarray, labels_path: Path,
+                 image_shape: tuple[int, ...]):
+        self.path, self.indices, self.labels, self.labels_path = path, indices, labels, labels_path
+        self.image_shape = tuple(int(v) for v in image_shape)
         self._images = None
+
+    def source_files(self) -> list[Path]:
+        return [self.path, self.labels_path]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -52,7 +61,7 @@ class CifarC(BenchmarkDataset):
 
     def layout(self, root: Path) -> str:
         return (f"{root}/<corruption>.npy as uint8 (N, 32, 32, 3) with N = 5 x images per severity "
-                f"(severity s in rows [(s-1)N/5, sN/5)), and {root}/labels.npy as (N,)")
+                f"(severity s in rows [(s-1)N/5, sN/5)), and {root}/labels.npy as integers (N,)")
 
     def build_domain(self, cfg, domain: str, severity: int) -> Dataset:
         self.check_domain(domain)
@@ -68,6 +77,8 @@ class CifarC(BenchmarkDataset):
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise DatasetError(f"{root / (domain + '.npy')}: expected a uint8 array (N, H, W, 3), got "
                                f"{images.dtype} {images.shape}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise DatasetError(f"{root / 'labels.npy'}: expected integer class labels, got dtype {labels.dtype}")
         if labels.ndim != 1 or len(labels) != len(images):
             raise DatasetError(f"{root / 'labels.npy'}: expected shape ({len(images)},) to match "
                                f"{domain}.npy, got {labels.shape}")
@@ -85,7 +96,7 @@ class CifarC(BenchmarkDataset):
         if block_labels.min() < 0 or block_labels.max() >= len(self.class_names):
             raise DatasetError(f"{root / 'labels.npy'}: labels must lie in [0, {len(self.class_names)}), "
                                f"found [{block_labels.min()}, {block_labels.max()}]")
-        return NpyImages(root / f"{domain}.npy", rows, block_labels)
+        return NpyImages(root / f"{domain}.npy", rows, block_labels, root / "labels.npy", images.shape[1:])
 
 
 @register_dataset

@@ -20,14 +20,13 @@ ImageNet-C ship). imagecorruptions and tqdm are imported lazily.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from conf.errors import UserError
+from conf.files import atomic_write, atomic_write_text
 
 # The 15 ImageNet-C corruptions of the benchmark (Hendrycks & Dietterich, 2019), in the order of the papers' tables.
 CORRUPTIONS = [
@@ -122,15 +121,11 @@ def corrupt_images(images: np.ndarray, corruption: str, severity: int, seed: int
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    """Write to a temporary file then rename: an interrupted run never leaves a truncated .npy behind."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
-    os.close(fd)
-    try:
-        np.save(tmp, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """An interrupted run never leaves a truncated .npy behind (conf.files.atomic_write)."""
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:     # a file object: np.save would append .npy to a path
+            np.save(f, array)
+    atomic_write(path, save)
 
 
 _WORKER_IMAGES: np.ndarray | None = None
@@ -192,7 +187,7 @@ def write_corrupted(images: np.ndarray, labels: np.ndarray, out_dir: str | Path,
             "severities": NUM_SEVERITIES, "corruptions": sorted(set(corruptions) | _existing(out_dir)),
             "class_names": list(class_names) if class_names is not None else None, "source": source,
             "library": f"imagecorruptions-imaug {version}"}
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
     return out_dir
 
 

@@ -28,6 +28,9 @@ class ImageFiles(Dataset):
     def __init__(self, files: list[Path], labels: list[int]):
         self.files, self.labels = files, labels
 
+    def source_files(self) -> list[Path]:
+        return list(self.files)
+
     def __len__(self) -> int:
         return len(self.files)
 

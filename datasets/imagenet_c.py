@@ -74,6 +74,24 @@ class ImageNetC(BenchmarkDataset):
             return choice, read_image_list(_robustbench_file("imagenet_test_image_ids.txt"))
         return str(Path(choice).resolve()), read_image_list(Path(choice).expanduser())
 
+    @staticmethod
+    def all_images(root: Path, wnid_index: dict[str, int], layout: str) -> list[str]:
+        """Every image under ``root``, which must hold a non-empty folder for each of the 1000 classes (a missing
+        one would silently shrink the evaluation)."""
+        folders = {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
+        unknown = sorted(folders - set(wnid_index))
+        if unknown:
+            raise DatasetError(f"ImageNet-C {root}: folders {unknown[:5]} are not ImageNet wnids")
+        entries = sorted(f"{d}/{f.name}" for d in folders for f in (root / d).iterdir()
+                         if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."))
+        present = {e.split("/")[0] for e in entries}
+        missing = sorted(set(wnid_index) - present)
+        if missing:
+            raise DatasetError(f"ImageNet-C {root}: {len(missing)} of the 1000 class folders are missing or hold no "
+                               f"image, e.g. {root / missing[0]} (CORRUPTION.IMAGENET_C_LIST all reads every class "
+                               f"of {layout}; a list file reads a chosen subset)")
+        return entries
+
     def describe(self, cfg) -> dict:
         return {"imagenet_c_list": cfg.CORRUPTION.IMAGENET_C_LIST}
 
@@ -88,10 +106,7 @@ class ImageNetC(BenchmarkDataset):
         wnid_index = {w: i for i, w in enumerate(imagenet_wnids())}
         _, entries = self.image_list(cfg)
         if entries is None:
-            entries = sorted(f"{d.name}/{f.name}" for d in root.iterdir() if d.is_dir()
-                             for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-            if not entries:
-                raise DatasetError(f"ImageNet-C: no images found under {root} (expected {layout})")
+            entries = self.all_images(root, wnid_index, layout)
         n = len(entries) if cfg.CORRUPTION.NUM_EX < 0 else cfg.CORRUPTION.NUM_EX
         if n > len(entries):
             raise DatasetError(f"ImageNet-C {root}: CORRUPTION.NUM_EX {n} requested but the image list "

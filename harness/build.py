@@ -19,7 +19,8 @@ import conf
 import datasets
 import methods
 from conf import ConfigError
-from harness.identity import config_hash
+from conf.files import check_writable_folder
+from harness.identity import config_hash, data_fingerprint, file_sha256
 from harness.settings import SETTINGS, Segment, SettingError, Task, build_tasks, tasks_to_run
 from harness.task_records import read_tasks
 from models import ModelSpec, model_spec, resolve_model_weights
@@ -148,10 +149,18 @@ class RunPlan:
     device: torch.device
     save_dir: Path
     warnings: list[str] = field(default_factory=list)
+    # What the run reads, beyond its config: per task index, the fingerprint of its data files (None for a plug-in
+    # data set that does not list them); the weights file's sha256 (None for random weights or a tag to download).
+    data_fingerprints: dict[int, dict | None] = field(default_factory=dict)
+    weights_sha256: str | None = None
 
     @property
     def class_names(self) -> list[str]:
         return list(self.dataset.class_names)
+
+    def identity_of(self, index: int) -> dict:
+        """What a task's record must match to be resumed, beyond the config: its data and the weights."""
+        return {"data": self.data_fingerprints.get(index), "weights_sha256": self.weights_sha256}
 
 
 def build_plan(cfg) -> RunPlan:
@@ -166,9 +175,9 @@ def build_plan(cfg) -> RunPlan:
     check_method(cfg, spec, dataset.class_names)
     weights = resolve_model_weights(cfg)
     save_dir = run_dir(cfg)
-    if cfg.RESUME:   # records of another config in the run folder are refused now, not after the model loads
-        read_tasks(save_dir, tasks, config_hash(cfg), cfg.dump())
-    data = {}
+    check_writable_folder(save_dir, "SAVE_DIR")
+    warnings = config_warnings(cfg)
+    data, fingerprints = {}, {}
     for index in tasks_to_run(tasks, set(wanted)):
         for segment in tasks[index].segments:
             if segment not in data:
@@ -176,7 +185,25 @@ def build_plan(cfg) -> RunPlan:
                 if len(data[segment]) == 0:
                     raise datasets.DatasetError(f"{cfg.CORRUPTION.DATASET}: no images for {segment.domain} at "
                                                 f"severity {segment.severity}")
-    templates = (list(dataset.ensemble_templates) if cfg.CLIP.PROMPT_MODE == "ensemble"
-                 else list(cfg.CLIP.PROMPT_TEMPLATE))
-    return RunPlan(cfg, methods.METHODS.canonical(cfg.MODEL.ADAPTATION), method_class(cfg), dataset, tasks,
-                   wanted, data, templates, spec, weights, device, save_dir, config_warnings(cfg))
+        fingerprints[index] = _task_fingerprint(cfg, [data[s] for s in tasks[index].segments])
+    if any(f is None for f in fingerprints.values()):
+        warnings.append(f"data set {dataset.name} does not list the files it reads (source_files): its data are not "
+                        f"part of the run's identity, so a resumed run cannot tell other data from these")
+    weights_sha256 = file_sha256(weights.path) if weights.path else None
+    plan = RunPlan(cfg, methods.METHODS.canonical(cfg.MODEL.ADAPTATION), method_class(cfg), dataset, tasks, wanted,
+                   data, (list(dataset.ensemble_templates) if cfg.CLIP.PROMPT_MODE == "ensemble"
+                          else list(cfg.CLIP.PROMPT_TEMPLATE)),
+                   spec, weights, device, save_dir, warnings, fingerprints, weights_sha256)
+    if cfg.RESUME:   # records of another config, other data or other weights are refused now, before any load
+        read_tasks(save_dir, tasks, config_hash(cfg), cfg.dump(), plan.identity_of)
+    return plan
+
+
+def _task_fingerprint(cfg, parts) -> dict | None:
+    files = []
+    for part in parts:
+        listed = getattr(part, "source_files", None)
+        if listed is None:
+            return None
+        files += listed()
+    return data_fingerprint(files, cfg.DATA_DIR)

@@ -5,6 +5,8 @@ differ."""
 from __future__ import annotations
 
 import hashlib
+import os
+from pathlib import Path
 
 import yaml
 
@@ -67,3 +69,28 @@ def describe_differences(configs: list, labels: list[str], ignore: tuple[str, ..
         values = ", ".join(f"{label}={f.get(key, '<missing>')!r}" for label, f in zip(labels, flats))
         lines.append(f"  {key}: {values}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ what a run reads
+
+def data_fingerprint(paths, data_dir) -> dict:
+    """A cheap identity of the files a task reads: their paths relative to DATA_DIR, sizes and modification times
+    (no content is read, so it costs a stat per file). ``content_sha1`` leaves out DATA_DIR and the times (the same
+    files copied elsewhere); ``exact_sha1`` covers them too (what resuming requires)."""
+    root = Path(data_dir).expanduser().resolve()
+    rows = []
+    for path in sorted({Path(p).resolve() for p in paths}):
+        stat = path.stat()
+        rows.append((os.path.relpath(path, root), stat.st_size, stat.st_mtime_ns))
+    content = hashlib.sha1(repr([(name, size) for name, size, _ in rows]).encode()).hexdigest()[:16]
+    exact = hashlib.sha1(repr((str(root), rows)).encode()).hexdigest()[:16]
+    return {"data_dir": str(root), "files": len(rows), "bytes": sum(size for _, size, _ in rows),
+            "content_sha1": content, "exact_sha1": exact}
+
+
+def file_sha256(path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()

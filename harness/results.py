@@ -5,13 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import platform
 import subprocess
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
+
+from conf.files import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _PACKAGES = ["torch", "torchvision", "open_clip_torch", "timm", "numpy", "yacs", "scipy", "pillow", "robustbench"]
@@ -56,29 +56,25 @@ def package_versions() -> dict:
     return versions
 
 
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-
-
 def write_results(save_dir: Path, payload: dict) -> None:
-    atomic_write(save_dir / "results.json", json.dumps(payload, indent=2, default=str) + "\n")
+    atomic_write_text(save_dir / "results.json", json.dumps(payload, indent=2, default=str) + "\n")
     buf = io.StringIO()
-    fields = ["method", "dataset", "domain", "severity", "n", "correct", "accuracy", "error"]
+    fields = ["method", "dataset", "domain", "severity", "n", "correct", "accuracy", "error", "seed", "config_hash"]
+    provenance = payload.get("provenance", {})
+    run = {"method": payload["method"], "dataset": payload["dataset"], "seed": provenance.get("seed", ""),
+           "config_hash": provenance.get("config_hash", "")}
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for r in payload["records"]:
-        writer.writerow({"method": payload["method"], "dataset": payload["dataset"], **r})
+        writer.writerow({**run, **r})
     summary = payload["summary"]
-    writer.writerow({"method": payload["method"], "dataset": payload["dataset"], "domain": "mean",
+    # The mean row only for a complete run: a mean over the finished domains is not the run's mean.
+    complete = payload.get("complete", True)
+    writer.writerow({**run, "domain": "mean" if complete else "mean (incomplete run: not computed)",
                      "severity": "", "n": summary["n_total"], "correct": "",
-                     "accuracy": summary["mean_accuracy"], "error": summary["mean_error"]})
-    atomic_write(save_dir / "results.csv", buf.getvalue())
+                     "accuracy": summary["mean_accuracy"] if complete else "",
+                     "error": summary["mean_error"] if complete else ""})
+    atomic_write_text(save_dir / "results.csv", buf.getvalue())
 
 
 def command_line() -> str:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from tqdm import tqdm
 
 import methods
 from conf.errors import UserError
+from conf.files import WriteError, remove_orphans
 from datasets.transforms import clip_image_transform
 from harness.build import RunPlan, build_plan
 from harness.identity import config_hash
@@ -23,7 +26,8 @@ from harness.report import paper
 from harness.report.text import format_table
 from harness.results import command_line, git_commit, make_record, package_versions, summarise, write_results
 from harness.stream import SegmentStream, make_loader, segment_labels, stream_order
-from harness.task_records import clear_tasks, read_tasks, write_task
+from harness.logs import file_logging, show_progress
+from harness.task_records import TASKS_DIR, clear_tasks, read_tasks, task_locks, write_task
 from harness.settings import tasks_to_run
 from models import build_zero_shot_clip
 
@@ -66,9 +70,12 @@ def evaluate(cfg_or_plan, progress: bool = True) -> dict:
     try:
         for warning in plan.warnings:
             logger.warning(warning)
-        state = prepare(plan)
-        run_tasks(plan, state, progress)
-        return finish(plan, state)
+        for orphan in remove_orphans(plan.save_dir) + remove_orphans(plan.save_dir / TASKS_DIR):
+            logger.info("Removed %s, left by an interrupted write", orphan)
+        with task_locks(plan.save_dir, tasks_to_run(plan.tasks, set(plan.wanted))):
+            state = prepare(plan)
+            run_tasks(plan, state, show_progress(progress))
+            return finish(plan, state)
     except UserError as err:
         err.log_path = log_path
         raise
@@ -78,14 +85,13 @@ def evaluate(cfg_or_plan, progress: bool = True) -> dict:
 
 
 def _attach_log_file(path: Path, append: bool) -> logging.Handler:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, mode="a" if append else "w")
-    handler.setFormatter(logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    if root.level > logging.INFO or root.level == logging.NOTSET:
-        root.setLevel(logging.INFO)
-    return handler
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not append:
+            path.write_text("")
+        return file_logging(path)
+    except OSError as err:
+        raise WriteError(f"cannot write the run's log {path}: {err.strerror or err}") from None
 
 
 # ------------------------------------------------------------------------------------------------ prepare
@@ -96,7 +102,7 @@ def prepare(plan: RunPlan) -> RunState:
     seed_everything(cfg)
     cfg_hash, config_dump = config_hash(cfg), cfg.dump()
     if cfg.RESUME:
-        done = read_tasks(plan.save_dir, plan.tasks, cfg_hash, config_dump)
+        done = read_tasks(plan.save_dir, plan.tasks, cfg_hash, config_dump, plan.identity_of)
     else:
         clear_tasks(plan.save_dir, plan.wanted)
         done = {}
@@ -120,6 +126,7 @@ def prepare(plan: RunPlan) -> RunState:
     provenance = {
         "config": config_dump,
         "config_hash": cfg_hash,
+        "seed": cfg.RNG_SEED,
         "command": command_line(),
         "git": git_commit(),
         "versions": package_versions(),
@@ -128,9 +135,15 @@ def prepare(plan: RunPlan) -> RunState:
         "method_precision": method.precision_info(),
         "device": device_name,
         "torch_threads": torch.get_num_threads(),
-        "data": {"data_dir": str(Path(cfg.DATA_DIR).resolve()), **plan.dataset.describe(cfg)},
+        "data": {"data_dir": str(Path(cfg.DATA_DIR).resolve()), **plan.dataset.describe(cfg),
+                 "fingerprints": {str(i): f for i, f in sorted(plan.data_fingerprints.items())},
+                 "image_shapes": [list(s) for s in sorted({tuple(p.image_shape) for p in plan.data.values()
+                                                          if hasattr(p, "image_shape")})]},
+        "weights_sha256": plan.weights_sha256,
         "save_dir": str(plan.save_dir),
         "config_warnings": list(plan.warnings),
+        "host": socket.gethostname(),
+        "started_at": _now(),
     }
     cost_info = getattr(method, "cost_info", None)
     if callable(cost_info):
@@ -153,7 +166,8 @@ def run_tasks(plan: RunPlan, state: RunState, progress: bool) -> None:
             # tasks ran before it in this process (exact resuming and sharding).
             seed_everything(cfg)
         records, seconds, images = run_task(plan, state, index, progress)
-        write_task(plan.save_dir, index, task, records, seconds, images, cfg_hash, config_dump, state.device_name)
+        write_task(plan.save_dir, index, task, records, seconds, images, cfg_hash, config_dump, state.device_name,
+                   plan.identity_of(index))
         state.done[index] = {"records": records, "wall_time_s": seconds, "images": images}
         _write_payload(plan, state)
 
@@ -214,7 +228,8 @@ def finish(plan: RunPlan, state: RunState) -> dict:
     row = paper.paper_row(cfg.CORRUPTION.DATASET, plan.method_name)
     reference = paper.comparable_reference(row, payload["records"])
     table = format_table(payload["records"], plan.dataset.domain_label,
-                         show_severity=bool(getattr(plan.dataset, "has_severities", True)), reference=reference)
+                         show_severity=bool(getattr(plan.dataset, "has_severities", True)), reference=reference,
+                         complete=payload["complete"])
     notes = ""
     if reference is not None:
         notes = f"\npaper: {row.paper_method} ({row.venue or 'BATCLIP paper'})"
@@ -228,6 +243,10 @@ def finish(plan: RunPlan, state: RunState) -> dict:
     logger.info("%s on %s (%s, %s / %s):\n%s%s", plan.method_name, cfg.CORRUPTION.DATASET, cfg.SETTING,
                 state.model_info["arch"], state.model_info["weights"], table, notes)
     return payload
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _write_payload(plan: RunPlan, state: RunState) -> dict:
@@ -244,6 +263,8 @@ def _write_payload(plan: RunPlan, state: RunState) -> dict:
         "domain_label": plan.dataset.domain_label,
         "has_severities": bool(getattr(plan.dataset, "has_severities", True)),
         "complete": len(finished) == len(plan.tasks),
+        # Every (domain, severity) record of the complete run, in order: what a table of this run must show.
+        "expected": [[s.domain, s.severity] for task in plan.tasks for s in task.segments],
         "records": records,
         "summary": summarise(records),
         "provenance": {
@@ -255,6 +276,7 @@ def _write_payload(plan: RunPlan, state: RunState) -> dict:
             "tasks_done": finished,
             "resumed_tasks": state.resumed,
             "run_domains": list(cfg.RUN_DOMAINS),
+            "finished_at": _now(),
         },
     }
     write_results(plan.save_dir, payload)

@@ -117,6 +117,8 @@ def resolve_weights(arch: str, weights: str, *, cache_dir: str = "", allow_downl
                                f"does not exist. Pass an existing .pt/.bin/.safetensors file, an open_clip "
                                f"pretrained tag for '{arch}' "
                                f"({open_clip.list_pretrained_tags_by_model(arch)}), or 'none'.")
+        if path.stat().st_size == 0:
+            raise WeightsError(f"MODEL.WEIGHTS {path.resolve()} is an empty file, not a checkpoint")
         return WeightsSource(weights, "file", str(path.resolve()))
     pretrained_cfg = get_pretrained_cfg(arch, weights)
     if not pretrained_cfg:
@@ -132,6 +134,17 @@ def resolve_weights(arch: str, weights: str, *, cache_dir: str = "", allow_downl
     return WeightsSource(weights, "tag", cached)
 
 
+def _unloadable(path: str, arch: str, err: Exception) -> str:
+    """One line saying why a checkpoint file does not load into ``arch``."""
+    text = str(err)
+    if "size mismatch" in text or "Missing key" in text or "Unexpected key" in text:
+        detail = next((line.strip() for line in text.splitlines() if "size mismatch" in line or "key" in line), "")
+        return (f"MODEL.WEIGHTS {path} does not fit MODEL.ARCH {arch} (is it a checkpoint of another "
+                f"architecture?): {detail[:200]}")
+    return (f"MODEL.WEIGHTS {path} cannot be read as a {arch} checkpoint ({type(err).__name__}; a corrupt or "
+            f"truncated file, or not a PyTorch / safetensors checkpoint)")
+
+
 def load_clip(arch: str, weights: str | WeightsSource, *, precision: str = "fp32", device="cpu",
               cache_dir: str = "", allow_download: bool = True, force_quick_gelu: bool = False) -> LoadedClip:
     """Build an open_clip CLIP for ``arch`` with ``weights`` (MODEL.WEIGHTS, or what resolve_weights made of it)."""
@@ -143,7 +156,10 @@ def load_clip(arch: str, weights: str | WeightsSource, *, precision: str = "fp32
         model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=None, **kwargs)
         described = "random"
     elif source.kind == "file":
-        model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=source.path, **kwargs)
+        try:
+            model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=source.path, **kwargs)
+        except Exception as err:  # noqa: BLE001 - whatever torch.load or load_state_dict raise: the file is wrong
+            raise WeightsError(_unloadable(source.path, arch, err)) from None
         described = source.path
     else:
         tag = source.requested

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -28,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import comparison, report  # noqa: E402
 from harness.cli import entry_point, parse_command_line  # noqa: E402
-from harness.results import atomic_write  # noqa: E402
+from harness.logs import console_logging  # noqa: E402
+from conf.files import atomic_write_text  # noqa: E402
 
 
 def parse_args(argv):
@@ -63,6 +63,9 @@ def parse_args(argv):
 def _print_and_write(tables, out, figure) -> None:
     for table in tables:
         print(report.to_markdown(table))
+        for run in table.incomplete:
+            print(f"warning: incomplete run, its row has no mean and its missing cells are empty: {run}",
+                  file=sys.stderr)
         if out:
             stem = "comparison" if len(tables) == 1 else f"comparison_{table.dataset}"
             for path in report.write_table(table, Path(out), stem, figure):
@@ -72,7 +75,7 @@ def _print_and_write(tables, out, figure) -> None:
 @entry_point
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    console_logging()
     with_paper = not args.no_paper
     if args.results:
         payloads = report.load_results(args.results)
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
     elif args.merge:
         merged = report.merge(report.load_results(args.merge))
         out = Path(args.out) if args.out else Path(merged["provenance"]["save_dir"])
-        atomic_write(out / "results.json", json.dumps(merged, indent=2, default=str) + "\n")
+        atomic_write_text(out / "results.json", json.dumps(merged, indent=2, default=str) + "\n")
         print(f"merged {len(args.merge)} results into {out / 'results.json'}"
               + ("" if merged["complete"] else " (some domains of CORRUPTION.TYPE are still missing)"))
         table = report.build_table([(merged["method"], [merged])], args.metric, with_paper)

@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from conf import ConfigError, config_names  # noqa: E402
 from datasets.corruptions import CORRUPTIONS  # noqa: E402
 from harness.cli import entry_point, parse_command_line  # noqa: E402
+from harness.logs import console_logging  # noqa: E402
 
 DEFAULT_METHODS = ["source", "tent", "batclip"]
 # Clean test images per severity in the generated Shapes-C, and the demo evaluates all of them: 10,000 per
@@ -109,10 +110,7 @@ def main(argv=None) -> int:
     if args.num_ex > args.images_per_severity:
         parser.error(f"--num-ex {args.num_ex} exceeds --images-per-severity {args.images_per_severity}")
     # The console handler's level, not the root's: the harness lowers the root level to INFO for its log file.
-    console = logging.StreamHandler()
-    console.setLevel(logging.INFO if args.verbose else logging.WARNING)
-    console.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)s: %(message)s", "%H:%M:%S"))
-    logging.getLogger().addHandler(console)
+    console = console_logging(logging.INFO if args.verbose else logging.WARNING)
     try:
         return run_demo(args)
     finally:

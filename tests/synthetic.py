@@ -124,7 +124,8 @@ def write_all_layouts(root: Path) -> Path:
     for seed, (name, folder, classes) in enumerate([("cifar10_c", "CIFAR-10-C", 10), ("cifar100_c", "CIFAR-100-C", 100),
                                                     ("shapes_c", "Shapes-C", 10)]):
         write_cifar_c(root, ALL_LAYOUT_DOMAINS[name], per_severity=8, num_classes=classes, folder=folder, seed=seed)
-    write_imagenet_c(root, ALL_LAYOUT_DOMAINS["imagenet_c"], severities=(5,), per_class=2, size=40, seed=3)
+    entries = write_imagenet_c(root, ALL_LAYOUT_DOMAINS["imagenet_c"], severities=(5,), per_class=2, size=40, seed=3)
+    (root / IMAGENET_C_SMALL_LIST).write_text("\n".join(sorted(entries)) + "\n")
     folders = {"office_home": "office_home", "pacs": "PACS", "vlcs": "VLCS", "terra_incognita": "terra_incognita"}
     for seed, (name, folder) in enumerate(folders.items(), start=4):
         ds = datasets.get_dataset(name)
@@ -136,13 +137,18 @@ def write_all_layouts(root: Path) -> Path:
     return root
 
 
-def small_run_overrides(dataset: str, config: str) -> dict:
-    """What a shipped config needs besides the tiny model and the ALL_LAYOUT_DOMAINS data to run in a test: the
-    domains written, 8 images per domain in batches of 4, every ImageNet-C image found, and three cost cuts on the
-    tiny model (SAR's 3 excluded blocks exceed its 2; WATT-P's 50 repeats and ImageNet-C VTE's 80 x 1000
-    ensemble prompts would cost a minute each)."""
-    overrides = {"CORRUPTION__TYPE": ALL_LAYOUT_DOMAINS[dataset], "CORRUPTION__NUM_EX": 8, "TEST__BATCH_SIZE": 4,
-                 "CORRUPTION__IMAGENET_C_LIST": "all"}
+# ImageNet-C's image list in write_all_layouts' copy (4 classes; "all" needs the 1000).
+IMAGENET_C_SMALL_LIST = "imagenet_c_small_list.txt"
+
+
+def small_run_overrides(dataset: str, config: str, data_dir: Path | None = None) -> dict:
+    """What a shipped config needs besides the tiny model and the ALL_LAYOUT_DOMAINS data (in ``data_dir``) to
+    run in a test: the domains written, 8 images per domain in batches of 4, ImageNet-C's images as listed, and
+    three cost cuts on the tiny model (SAR's 3 excluded blocks exceed its 2; WATT-P's 50 repeats and ImageNet-C
+    VTE's 80 x 1000 ensemble prompts would cost a minute each)."""
+    overrides = {"CORRUPTION__TYPE": ALL_LAYOUT_DOMAINS[dataset], "CORRUPTION__NUM_EX": 8, "TEST__BATCH_SIZE": 4}
+    if data_dir is not None:
+        overrides["CORRUPTION__IMAGENET_C_LIST"] = str(Path(data_dir) / IMAGENET_C_SMALL_LIST)
     if config == "sar":
         overrides["SAR__EXCLUDED_DEEPEST_BLOCKS"] = 1
     if config == "watt_p":

@@ -50,9 +50,11 @@ def no_model_loading(monkeypatch):
 
 
 def one_error_line(capsys) -> str:
+    """The error, one line and the last on stderr (log records may come before it), without a traceback."""
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
+    errors = [line for line in err if line.startswith("error: ")]
+    assert len(errors) == 1 and err[-1] == errors[0] and not any("Traceback" in line for line in err), err
+    return errors[0]
 
 
 @pytest.mark.parametrize("cfg, extra, needle", [

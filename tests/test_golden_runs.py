@@ -54,7 +54,7 @@ def test_golden_file_covers_every_shipped_config():
 def test_shipped_config_reproduces_its_golden_run(name, data_dir, tmp_path, recorded_logits):
     dataset, config = name.split("/")
     cfg = tiny_cfg(CONFIGS[name], DATA_DIR=str(data_dir), SAVE_DIR=str(tmp_path),
-                   **small_run_overrides(dataset, config))
+                   **small_run_overrides(dataset, config, data_dir))
     payload = evaluate(cfg, progress=False)
     assert payload["provenance"]["method_precision"]["weights"] == ["float32"]   # recorded with the results
     entry = golden_entry(payload, torch.cat(recorded_logits))

@@ -111,13 +111,23 @@ def test_imagenet_c_with_a_list_file_maps_wnids_to_sorted_class_indices(tmp_path
 
 
 def test_imagenet_c_all_walks_every_image_and_num_ex_limits(tmp_path):
-    write_imagenet_c(tmp_path, ["fog"], per_class=3)
+    write_imagenet_c(tmp_path, ["fog"], wnids=imagenet_wnids(), per_class=1, size=8)
+    (tmp_path / "ImageNet-C" / "fog" / "5" / imagenet_wnids()[3] / "extra.JPEG").write_bytes(
+        (tmp_path / "ImageNet-C" / "fog" / "5" / imagenet_wnids()[3]).iterdir().__next__().read_bytes())
     spec = get_dataset("imagenet_c")
-    assert len(spec.build_domain(cfg_for(tmp_path, CORRUPTION__IMAGENET_C_LIST="all"), "fog", 5)) == 12
+    ds = spec.build_domain(cfg_for(tmp_path, CORRUPTION__IMAGENET_C_LIST="all"), "fog", 5)
+    assert len(ds) == 1001 and ds.labels[:5] == [0, 1, 2, 3, 3]
     assert len(spec.build_domain(cfg_for(tmp_path, CORRUPTION__IMAGENET_C_LIST="all", CORRUPTION__NUM_EX=5),
                                  "fog", 5)) == 5
-    with pytest.raises(DatasetError, match="holds only 12"):
-        spec.build_domain(cfg_for(tmp_path, CORRUPTION__IMAGENET_C_LIST="all", CORRUPTION__NUM_EX=13), "fog", 5)
+    with pytest.raises(DatasetError, match="holds only 1001"):
+        spec.build_domain(cfg_for(tmp_path, CORRUPTION__IMAGENET_C_LIST="all", CORRUPTION__NUM_EX=1002), "fog", 5)
+    # a missing or empty class folder would silently shrink the 50,000-image evaluation: refused
+    missing = tmp_path / "ImageNet-C" / "fog" / "5" / imagenet_wnids()[7]
+    for image in missing.iterdir():
+        image.unlink()
+    with pytest.raises(DatasetError, match=rf"1 of the 1000 class folders are missing or hold no image, e.g. "
+                                           rf".*{imagenet_wnids()[7]}"):
+        spec.build_domain(cfg_for(tmp_path, CORRUPTION__IMAGENET_C_LIST="all"), "fog", 5)
 
 
 def test_imagenet_c_default_is_robustbench_canonical_5000_list():
@@ -148,6 +158,9 @@ def test_unreadable_image_names_the_file(tmp_path):
     path = tmp_path / "ImageNet-C" / "fog" / "5" / wnid / "broken.JPEG"
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not an image")
-    ds = Transformed(get_dataset("imagenet_c").build_domain(cfg_for(tmp_path, CORRUPTION__IMAGENET_C_LIST="all"), "fog", 5), T32)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{wnid}/broken.JPEG\n")
+    ds = Transformed(get_dataset("imagenet_c").build_domain(cfg_for(tmp_path, CORRUPTION__IMAGENET_C_LIST=str(listing)),
+                                                            "fog", 5), T32)
     with pytest.raises(DatasetError, match="broken.JPEG"):
         ds[0]

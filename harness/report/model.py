@@ -44,8 +44,17 @@ def column_labels(columns: list[Column]) -> list[str]:
 
 
 def payload_cells(payload) -> dict[Column, float]:
-    """{column: accuracy %} of one run."""
+    """{column: accuracy %} of one run (its finished records)."""
     return {c: 100.0 * r["accuracy"] for c, r in zip(record_columns(payload["records"]), payload["records"])}
+
+
+def expected_columns(payload) -> list[Column]:
+    """The columns a run has when it is complete: every (domain, severity) of its setting's tasks (written by the
+    harness as ``expected``); for results written without that list, the records it holds."""
+    expected = payload.get("expected")
+    if expected is None:
+        return record_columns(payload["records"])
+    return record_columns([{"domain": d, "severity": s} for d, s in expected])
 
 
 @dataclass
@@ -60,6 +69,8 @@ class Row:
     seeds: list = field(default_factory=list)
     method: str = ""
     note: str = ""
+    incomplete: list = field(default_factory=list)   # the runs of this row that lack some of their cells
+    expected: list = field(default_factory=list)     # the columns its runs have when complete
 
 
 @dataclass
@@ -70,6 +81,7 @@ class Table:
     metric: str = "accuracy"            # "accuracy" or "error" (error = 100 - accuracy)
     domain_label: str = "corruption"
     notes: list[str] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)   # runs with missing cells (their rows show no mean)
 
     @property
     def labels(self) -> list[str]:

@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 
 from harness.identity import describe_differences, differing_keys, identity_keys
-from harness.report.model import CompareError, Column, Row, payload_cells, record_columns
+from harness.report.model import CompareError, Column, Row, expected_columns, payload_cells, record_columns
 from harness.results import summarise
 
 SEED_KEY = "RNG_SEED"
@@ -77,24 +77,32 @@ def check_same_experiment(payloads: list[dict], ignore=(SEED_KEY,)) -> None:
 
 def aggregate(payloads: list[dict], label: str | None = None) -> Row:
     """One row from several runs of the same config that differ only in RNG_SEED: per cell the mean and the
-    sample standard deviation over runs; the mean column is each run's mean of its cells, averaged."""
+    sample standard deviation over runs; the mean column is each run's mean of its cells, averaged.
+
+    A run that has not finished every task of its setting leaves its missing cells empty: a cell is shown only
+    when every run has it, and the row has no mean (``row.incomplete`` names those runs)."""
     if not payloads:
         raise CompareError("nothing to aggregate")
     check_same_experiment(payloads)
-    columns = record_columns(payloads[0]["records"])
+    columns = expected_columns(payloads[0])
     for p in payloads[1:]:
-        other = record_columns(p["records"])
+        other = expected_columns(p)
         if other != columns:
             missing = sorted({c.domain for c in set(columns) ^ set(other)})
-            raise CompareError(f"{run_label(p)} has records for other domains/severities than {run_label(payloads[0])} "
+            raise CompareError(f"{run_label(p)} has other domains/severities than {run_label(payloads[0])} "
                                f"(differing: {missing}); merge shards first or finish the run")
     per_run = [payload_cells(p) for p in payloads]
-    cells = {c: _mean([run[c] for run in per_run]) for c in columns}
-    std = {c: _std([run[c] for run in per_run]) for c in columns} if len(payloads) > 1 else {}
-    run_means = [_mean([run[c] for c in columns]) for run in per_run]
+    incomplete = [f"{run_label(p)} ({sum(c in run for c in columns)} of {len(columns)} cells)"
+                  for p, run in zip(payloads, per_run) if not all(c in run for c in columns)]
+    shown = [c for c in columns if all(c in run for run in per_run)]
+    cells = {c: _mean([run[c] for run in per_run]) for c in shown}
+    std = {c: _std([run[c] for run in per_run]) for c in shown} if len(payloads) > 1 else {}
+    run_means = [_mean([run[c] for c in columns]) for run in per_run] if not incomplete else []
     seeds = [run_config(p).get(SEED_KEY) if (p.get("provenance") or {}).get("config") else None for p in payloads]
-    return Row(label or payloads[0]["method"], "measured", cells, std, _mean(run_means), _std(run_means),
-               len(payloads), seeds, payloads[0]["method"])
+    row = Row(label or payloads[0]["method"], "measured", cells, std, _mean(run_means) if run_means else None,
+              _std(run_means), len(payloads), seeds, payloads[0]["method"], incomplete=incomplete,
+              expected=columns)
+    return row
 
 
 def merge(payloads: list[dict]) -> dict:

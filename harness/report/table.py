@@ -27,12 +27,14 @@ def build_table(groups: list[tuple[str, list[dict]]], metric: str = "accuracy", 
     measured = [aggregate(runs, label) for label, runs in groups]
     columns: list[Column] = []
     for row in measured:
-        columns += [c for c in row.cells if c not in columns]
+        columns += [c for c in row.expected if c not in columns]
     rows: list[Row] = []
     notes: list[str] = []
     for (label, runs), row in zip(groups, measured):
-        row.mean = _row_mean(row, columns) if set(row.cells) != set(columns) else row.mean
-        if set(row.cells) != set(columns):
+        if row.incomplete:
+            row.note = "incomplete, no mean: " + "; ".join(row.incomplete)
+        elif set(row.cells) != set(columns):
+            row.mean = _row_mean(row, columns)
             row.mean_std = None
             row.note = "mean over its own cells only"
         rows.append(row)
@@ -61,7 +63,9 @@ def build_table(groups: list[tuple[str, list[dict]]], metric: str = "accuracy", 
             note += "; measured with " + ", ".join(mismatch)
         notes.append(note)
     first_run = groups[0][1][0]
-    return Table(dataset, columns, rows, metric, first_run.get("domain_label", "corruption"), notes)
+    table = Table(dataset, columns, rows, metric, first_run.get("domain_label", "corruption"), notes)
+    table.incomplete = [run for row in measured for run in row.incomplete]
+    return table
 
 
 def tables_from_results(payloads: list[dict], metric: str = "accuracy", with_paper: bool = True) -> list[Table]:

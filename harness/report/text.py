@@ -6,10 +6,11 @@ from harness.results import summarise
 
 
 def format_table(records: list[dict], domain_label: str = "corruption", show_severity: bool | None = None,
-                 reference: dict | None = None, reference_label: str = "paper") -> str:
+                 reference: dict | None = None, reference_label: str = "paper", complete: bool = True) -> str:
     """Per-domain accuracy and error (%), with the mean, as a fixed-width text table.
 
     show_severity: None = only when some record has a severity (data sets without severities record 0).
+    complete: False for a run that has not finished every task: its mean line shows no mean.
     reference: {domain: accuracy in %} (e.g. the paper's row): adds that column and the difference
     (measured - reference, in accuracy points) for the domains it has; its mean is over those domains."""
     if show_severity is None:
@@ -34,6 +35,9 @@ def format_table(records: list[dict], domain_label: str = "corruption", show_sev
                 line += f"{value:>{ref_width}.2f}{100 * r['accuracy'] - value:>+8.2f}"
         lines.append(line)
     s = summarise(records)
+    if not complete:
+        lines.append(f"{'mean':<{width}}{sev('')}{s['n_total']:>8}{'-':>9}{'-':>9}  (incomplete run: no mean)")
+        return "\n".join(lines)
     line = (f"{'mean':<{width}}{sev('')}{s['n_total']:>8}{100 * s['mean_accuracy']:>9.2f}"
             f"{100 * s['mean_error']:>9.2f}")
     if reference is not None and matched:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from harness.report.model import CompareError, Row, Table
-from harness.results import atomic_write
+from conf.files import atomic_write_text
 
 
 def _cell_text(table: Table, row: Row, column, digits: int = 2, pm: str = " ± ") -> str:
@@ -131,7 +131,7 @@ def write_table(table: Table, out_dir: Path, stem: str = "comparison", figure: s
     out_dir = Path(out_dir)
     written = []
     for suffix, text in ((".md", to_markdown(table)), (".csv", to_csv(table)), (".tex", to_latex(table))):
-        atomic_write(out_dir / f"{stem}{suffix}", text)
+        atomic_write_text(out_dir / f"{stem}{suffix}", text)
         written.append(out_dir / f"{stem}{suffix}")
     if figure and figure != "none":
         png = to_figure(table, out_dir / f"{stem}.png", figure)

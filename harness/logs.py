@@ -1,0 +1,54 @@
+"""Logging for runs and entry points: our records readable in a terminal and in a cluster job's log file.
+
+open_clip logs its routine steps (parsing the model name, loading the config, ...) at INFO on the root logger;
+they are dropped below WARNING so that they do not drown the run's own records. Progress bars are drawn only on
+a terminal: in a file they would leave carriage-return residue on the lines of the log records."""
+from __future__ import annotations
+
+import logging
+import sys
+
+NOISY_LIBRARIES = ("open_clip",)
+
+
+class LibraryNoiseFilter(logging.Filter):
+    """Drops records below WARNING that come from the files of NOISY_LIBRARIES."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        path = record.pathname.replace("\\", "/")
+        return not any(f"/{name}/" in path for name in NOISY_LIBRARIES)
+
+
+def console_logging(level: int = logging.INFO) -> logging.Handler:
+    """The entry points' console handler (stderr), with the filter; replaces an earlier one of ours."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_suite_console", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler()
+    handler._suite_console = True
+    handler.setLevel(level)
+    handler.addFilter(LibraryNoiseFilter())
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)s: %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    if root.level > level or root.level == logging.NOTSET:
+        root.setLevel(level)
+    return handler
+
+
+def file_logging(path) -> logging.Handler:
+    handler = logging.FileHandler(path, mode="a")
+    handler.addFilter(LibraryNoiseFilter())
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    return handler
+
+
+def show_progress(wanted: bool) -> bool:
+    """Progress bars only when asked for and stderr is a terminal."""
+    return wanted and sys.stderr.isatty()
