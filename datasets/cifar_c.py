@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from datasets.base import BenchmarkDataset, DatasetError, register_dataset
 from datasets.class_names import CIFAR10_CLASSES, CIFAR100_CLASSES, CIFAR_TEMPLATES
-from datasets.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS, NUM_SEVERITIES
+from datasets.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS, NUM_SEVERITIES, held_severities
 
 
 class NpyImages(Dataset):
@@ -72,6 +72,10 @@ class CifarC(BenchmarkDataset):
                                f"'{self.folder}/'.")
         if not 1 <= severity <= NUM_SEVERITIES:
             raise DatasetError(f"{self.name}: severity {severity} is not in 1..5 (CORRUPTION.SEVERITY)")
+        held = held_severities(root)
+        if severity not in held:
+            raise DatasetError(f"{root}: its files hold severities {held} only ({root / 'meta.json'}); severity "
+                               f"{severity} needs them written with scripts/make_corrupted.py --severities")
         images = _load_mmap(root / f"{domain}.npy", f"{self.name} corruption file (expected {self.layout(root)})")
         labels = _load_mmap(root / "labels.npy", f"{self.name} labels file (expected {self.layout(root)})")
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -82,16 +86,17 @@ class CifarC(BenchmarkDataset):
         if labels.ndim != 1 or len(labels) != len(images):
             raise DatasetError(f"{root / 'labels.npy'}: expected shape ({len(images)},) to match "
                                f"{domain}.npy, got {labels.shape}")
-        if len(images) % NUM_SEVERITIES or len(images) == 0:
+        if len(images) % len(held) or len(images) == 0:
             raise DatasetError(f"{root / (domain + '.npy')}: {len(images)} rows cannot be split into "
-                               f"{NUM_SEVERITIES} equal severity blocks")
-        block = len(images) // NUM_SEVERITIES
+                               f"{len(held)} equal severity blocks (severities {held})")
+        block = len(images) // len(held)
         n = block if cfg.CORRUPTION.NUM_EX < 0 else cfg.CORRUPTION.NUM_EX
         if n > block:
             raise DatasetError(f"{root / (domain + '.npy')}: CORRUPTION.NUM_EX {n} requested but the "
                                f"severity block holds only {block} images")
         # Like RobustBench: the first n images of the severity block (the harness fixes their order).
-        rows = np.arange((severity - 1) * block, (severity - 1) * block + n)
+        start = held.index(severity) * block
+        rows = np.arange(start, start + n)
         block_labels = np.asarray(labels[rows]).astype(np.int64)
         if block_labels.min() < 0 or block_labels.max() >= len(self.class_names):
             raise DatasetError(f"{root / 'labels.npy'}: labels must lie in [0, {len(self.class_names)}), "

@@ -1,6 +1,8 @@
 """Make a corrupted benchmark (the RobustBench CIFAR-C layout) from any clean image set.
 
     <out>/<name>-C/<corruption>.npy : uint8 (5N, H, W, 3), severity s in rows [(s-1)N, sN)
+    (with ``severities`` a subset of 1..5: one block of N rows per listed severity, in ascending order; meta.json
+    lists them, and the loader refuses a severity the files do not hold)
     <out>/<name>-C/labels.npy       : (5N,) labels (uint8 when they fit, as in the real files), N repeated 5x
     <out>/<name>-C/meta.json        : how it was made (seed, source, class names, library version)
 
@@ -37,6 +39,7 @@ CORRUPTIONS = [
 # The 4 held-out corruptions that CIFAR-10-C, CIFAR-100-C and ImageNet-C ship beside them.
 EXTRA_CORRUPTIONS = ["speckle_noise", "gaussian_blur", "spatter", "saturate"]
 NUM_SEVERITIES = 5
+SEVERITIES = tuple(range(1, NUM_SEVERITIES + 1))
 # Every corruption the library implements, in its order; a corruption's index here enters its seed, so adding
 # or removing corruptions from a run never changes the images of the others.
 ALL_CORRUPTIONS = CORRUPTIONS + EXTRA_CORRUPTIONS
@@ -143,12 +146,14 @@ def _corrupt_job(corruption: str, severity: int, seed: int) -> tuple[str, int, n
 def write_corrupted(images: np.ndarray, labels: np.ndarray, out_dir: str | Path,
                     corruptions: Sequence[str] = CORRUPTIONS, seed: int = 0,
                     class_names: Sequence[str] | None = None, source: str = "", progress: bool = True,
-                    overwrite: bool = True, workers: int = 1) -> Path:
-    """Write ``out_dir/<corruption>.npy`` (5 severity blocks) and ``out_dir/labels.npy``; returns ``out_dir``.
+                    overwrite: bool = True, workers: int = 1, severities: Sequence[int] = SEVERITIES) -> Path:
+    """Write ``out_dir/<corruption>.npy`` (one block per severity of ``severities``, all five by default) and
+    ``out_dir/labels.npy``; returns ``out_dir``.
 
-    With ``overwrite`` False, corruption files that already exist are kept (resuming an interrupted run).
-    ``workers`` > 1 corrupts (corruption, severity) blocks in that many processes; every block is seeded on
-    its own, so the files are identical whatever the number of workers."""
+    With ``overwrite`` False, corruption files that already exist are kept (resuming an interrupted run; they
+    must hold the same severities). ``workers`` > 1 corrupts (corruption, severity) blocks in that many
+    processes; every block is seeded on its own, so the files are identical whatever the number of workers and
+    whichever severities are written beside a block."""
     images = np.asarray(images)
     labels = np.asarray(labels)
     check_images(images, labels)
@@ -159,10 +164,19 @@ def write_corrupted(images: np.ndarray, labels: np.ndarray, out_dir: str | Path,
         check_corruption(name)
     if workers < 1:
         raise CorruptionError(f"workers must be >= 1, got {workers}")
+    severities = sorted({int(s) for s in severities})
+    if not severities:
+        raise CorruptionError("no severity requested")
+    for severity in severities:
+        check_corruption(corruptions[0], severity)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    held = held_severities(out_dir)
+    if not overwrite and _existing(out_dir) and held != severities:
+        raise CorruptionError(f"{out_dir} holds severities {held}, not {severities}: keep those, or write the "
+                              f"folder anew (without --keep-existing)")
     todo = [c for c in corruptions if overwrite or not (out_dir / f"{c}.npy").is_file()]
-    jobs = [(name, severity) for name in todo for severity in range(1, NUM_SEVERITIES + 1)]
+    jobs = [(name, severity) for name in todo for severity in severities]
 
     from tqdm import tqdm
     n = len(images)
@@ -170,29 +184,29 @@ def write_corrupted(images: np.ndarray, labels: np.ndarray, out_dir: str | Path,
         if workers == 1:
             for name in todo:
                 blocks = []
-                for severity in range(1, NUM_SEVERITIES + 1):
+                for severity in severities:
                     bar.set_postfix_str(f"{name} s{severity}")
                     blocks.append(corrupt_images(images, name, severity, seed, progress=bar))
                 _atomic_save(out_dir / f"{name}.npy", np.concatenate(blocks))
         else:
-            _corrupt_in_processes(images, jobs, seed, workers, out_dir, bar)
+            _corrupt_in_processes(images, jobs, seed, workers, out_dir, bar, len(severities))
     label_dtype = np.uint8 if labels.max() < 256 else np.int64
-    _atomic_save(out_dir / "labels.npy", np.tile(labels.astype(label_dtype), NUM_SEVERITIES))
+    _atomic_save(out_dir / "labels.npy", np.tile(labels.astype(label_dtype), len(severities)))
     from importlib import metadata
     try:
         version = metadata.version("imagecorruptions-imaug")
     except metadata.PackageNotFoundError:
         version = None
     meta = {"seed": int(seed), "images_per_severity": n, "image_shape": list(images.shape[1:]),
-            "severities": NUM_SEVERITIES, "corruptions": sorted(set(corruptions) | _existing(out_dir)),
+            "severities": severities, "corruptions": sorted(set(corruptions) | _existing(out_dir)),
             "class_names": list(class_names) if class_names is not None else None, "source": source,
             "library": f"imagecorruptions-imaug {version}"}
     atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
     return out_dir
 
 
-def _corrupt_in_processes(images, jobs, seed, workers, out_dir: Path, bar) -> None:
-    """Blocks in worker processes; each corruption's file is written once its five blocks are back."""
+def _corrupt_in_processes(images, jobs, seed, workers, out_dir: Path, bar, blocks_per_file: int) -> None:
+    """Blocks in worker processes; each corruption's file is written once all its blocks are back."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
     done: dict[str, dict[int, np.ndarray]] = {}
     with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(images,)) as pool:
@@ -202,9 +216,21 @@ def _corrupt_in_processes(images, jobs, seed, workers, out_dir: Path, bar) -> No
             bar.update(len(block))
             blocks = done.setdefault(name, {})
             blocks[severity] = block
-            if len(blocks) == NUM_SEVERITIES:
+            if len(blocks) == blocks_per_file:
                 _atomic_save(out_dir / f"{name}.npy", np.concatenate([blocks[s] for s in sorted(blocks)]))
                 del done[name]
+
+
+def held_severities(folder: Path) -> list[int]:
+    """The severities the files of a -C folder hold, in file order: those meta.json lists (written by
+    write_corrupted), else all five (RobustBench's files have no meta.json)."""
+    try:
+        listed = json.loads((Path(folder) / "meta.json").read_text()).get("severities")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if isinstance(listed, list) and listed and all(isinstance(s, int) for s in listed):
+        return sorted(listed)
+    return list(SEVERITIES)
 
 
 def _existing(out_dir: Path) -> set[str]:

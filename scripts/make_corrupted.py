@@ -7,7 +7,8 @@
     # the suite's synthetic Shapes test split (what scripts/demo.py generates)
     python scripts/make_corrupted.py --shapes 1000 --out ./data --name Shapes
 
-writes <out>/<name>-C/<corruption>.npy (uint8 (5N, H, W, 3): severities 1..5 stacked, N rows each),
+writes <out>/<name>-C/<corruption>.npy (uint8 (5N, H, W, 3): severities 1..5 stacked, N rows each; with
+--severities 5 only that block, and meta.json says which severities the files hold),
 <out>/<name>-C/labels.npy ((5N,), the N labels repeated) and <out>/<name>-C/meta.json (how it was made).
 The 15 ImageNet-C corruptions come from the imagecorruptions-imaug package; the result is deterministic
 from --seed. Images must be at least 32x32.
@@ -51,6 +52,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the corruptions' randomness")
     parser.add_argument("--keep-existing", action="store_true",
                         help="skip corruptions whose file already exists (resume an interrupted run)")
+    parser.add_argument("--severities", type=int, nargs="+", default=[1, 2, 3, 4, 5],
+                        help="severities to write (default all five; the loader refuses the others)")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes corrupting (corruption, severity) blocks in parallel; output is identical")
     parser.add_argument("--no-progress", action="store_true")
@@ -72,8 +75,9 @@ def main(argv=None) -> int:
         source_desc = f"datasets.shapes.clean_split('test', {args.shapes}) (seed {SPLIT_SEEDS['test']})"
     out = write_corrupted(images, labels, Path(args.out) / f"{args.name}-C", args.corruptions, seed=args.seed,
                           class_names=class_names, source=source_desc, progress=not args.no_progress,
-                          overwrite=not args.keep_existing, workers=args.workers)
-    print(f"wrote {out}: {len(args.corruptions)} corruption(s) x 5 severities x {len(images)} images")
+                          overwrite=not args.keep_existing, workers=args.workers, severities=args.severities)
+    print(f"wrote {out}: {len(args.corruptions)} corruption(s) x severities {sorted(set(args.severities))} x "
+          f"{len(images)} images")
     return 0
 
 

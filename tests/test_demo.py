@@ -95,10 +95,13 @@ def test_demo_runs_end_to_end_on_a_reduced_setting(tmp_path, capsys, monkeypatch
     assert demo.main(argv) == 0
     printed = capsys.readouterr().out
     assert "[skip] no_such_method" in printed
-    # the benchmark was generated in the RobustBench layout from the seeded Shapes test split
+    # the benchmark was generated in the RobustBench layout from the seeded Shapes test split, with the one
+    # severity the demo evaluates (meta.json says so), and the figure's path was printed
     root = data / "Shapes-C"
-    assert np.load(root / "gaussian_noise.npy").shape == (100, 32, 32, 3)
-    assert np.load(root / "labels.npy").tolist() == clean_split("test", 20)[1].tolist() * 5
+    assert np.load(root / "gaussian_noise.npy").shape == (20, 32, 32, 3)
+    assert np.load(root / "labels.npy").tolist() == clean_split("test", 20)[1].tolist()
+    assert json.loads((root / "meta.json").read_text())["severities"] == [5]
+    assert f"figure: {out / 'demo_table.png'}" in printed and (out / "demo_table.png").stat().st_size > 0
     summary = json.loads((out / "demo.json").read_text())
     import methods
     registered = [m for m in ("source", "tent", "batclip") if m in methods.METHODS]
@@ -118,6 +121,17 @@ def test_demo_runs_end_to_end_on_a_reduced_setting(tmp_path, capsys, monkeypatch
     assert demo.main(argv + ["--no-progress"]) == 0
     assert (root / "contrast.npy").stat().st_mtime_ns == mtime
     assert (out / "demo_table.md").read_text() == table
+    # a severity the files do not hold is refused by the loader, in one line naming the folder
+    from harness.build import build_plan, load_cfg
+    with pytest.raises(Exception, match=r"Shapes-C: its files hold severities \[5\] only"):
+        build_plan(load_cfg("conf/shapes_c/source.yaml", ["DATA_DIR", str(data), "CORRUPTION.SEVERITY", "[3]",
+                                                          "CORRUPTION.TYPE", "[contrast]"]))
+    # asking the demo for another severity writes the folder anew with both, and the severity-5 images stay
+    block5 = np.load(root / "contrast.npy")
+    assert demo.main(argv + ["--severities", "3", "5"]) == 0
+    both = np.load(root / "contrast.npy")
+    assert json.loads((root / "meta.json").read_text())["severities"] == [3, 5]
+    assert both.shape == (40, 32, 32, 3) and np.array_equal(both[20:], block5)
     # a benchmark generated differently is not silently reused
     capsys.readouterr()
     assert demo.main([a if a != "20" or argv[k - 1] != "--images-per-severity" else "30"
