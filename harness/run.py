@@ -276,6 +276,7 @@ def _write_payload(plan: RunPlan, state: RunState) -> dict:
             "tasks_done": finished,
             "resumed_tasks": state.resumed,
             "run_domains": list(cfg.RUN_DOMAINS),
+            "grad_scaler_skipped_steps": state.method.scaler_skipped_steps if state.method.scaler else None,
             "finished_at": _now(),
         },
     }

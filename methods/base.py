@@ -52,6 +52,9 @@ class TTAMethod(nn.Module):
         self.episodic = cfg.MODEL.EPISODIC
         self.reset_after_num_updates = cfg.MODEL.RESET_AFTER_NUM_UPDATES
         self.performed_updates = 0
+        # Steps the gradient scaler skipped (inf/NaN gradients under fp16), over the whole run; diagnostics only,
+        # recorded in the results, never reset.
+        self.scaler_skipped_steps = 0
 
     @classmethod
     def check_setup(cls, cfg, model_spec, class_names) -> None:
@@ -161,9 +164,12 @@ class TTAMethod(nn.Module):
         """zero_grad, backward and step, through the gradient scaler when there is one."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
+            scale = self.scaler.get_scale()
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.scaler.get_scale() < scale:     # the scaler backs off exactly when it skipped the step
+                self.scaler_skipped_steps += 1
         else:
             loss.backward()
             self.optimizer.step()

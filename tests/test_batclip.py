@@ -328,3 +328,20 @@ def test_end_to_end_on_synthetic_cifar10c(tmp_path):
     assert payload["provenance"]["adapted_parameters"] == 6 * 2 * 64 + 5 * 2 * 32
     saved = json.loads(next((tmp_path / "out" / "cifar10_c" / "batclip").glob("*/results.json")).read_text())
     assert saved["records"] == payload["records"]
+
+
+def test_skipped_scaler_steps_are_counted(tiny_clip):
+    """Under fp16 a GradScaler skips the step whose gradients overflow and backs off its scale; the method counts
+    those steps (recorded in the results as provenance.grad_scaler_skipped_steps). A CPU GradScaler and a loss made
+    infinite on purpose stand in for an fp16 overflow on a GPU."""
+    method = CpuScalerBatclip(tiny_cfg(BATCLIP_YAML), tiny_clip, 10).setup()
+    before = [p.detach().clone() for p in method.params]
+    first = method.params[0]
+    method.optimizer_step((first * float("inf")).sum())
+    assert method.scaler_skipped_steps == 1 and method.scaler.get_scale() == 500.0
+    assert all(torch.equal(p, b) for p, b in zip(method.params, before))        # the step was skipped
+    method.optimizer_step(method.params[0].square().sum())
+    assert method.scaler_skipped_steps == 1                                     # a finite step is taken
+    assert not torch.equal(method.params[0], before[0])
+    method.reset()
+    assert method.scaler_skipped_steps == 1                                     # a run-long diagnostic

@@ -1,0 +1,30 @@
+"""The benchmark scripts run (on the tiny CLIP, one step): they are how speed is measured, so they must not rot.
+Nothing here asserts a time."""
+import sys
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def test_bench_methods_prints_every_method_the_floor_and_the_loader(capsys, tmp_path):
+    import bench_methods
+    out = tmp_path / "performance.md"
+    assert bench_methods.main(["--device", "cpu", "--arch", "tiny-clip-test", "--shapes", "cifar10", "--batch", "2",
+                               "--steps", "1", "--warmup", "0", "--methods", "source", "batclip",
+                               "--loader-images", "8", "--write", str(out)]) == 0
+    table = out.read_text()
+    for row in ("| cifar10 | source | 2 |", "| cifar10 | batclip | 2 |", "(image tower fwd+bwd)",
+                "(batclip straightforward)", "CIFAR-C, 32 -> 224 bicubic", "ImageNet-C, JPEG decode"):
+        assert row in table
+    assert table in capsys.readouterr().out
+
+
+def test_bench_refusals_every_case_is_one_line_with_exit_2(capsys):
+    import bench_refusals
+    assert bench_refusals.main([]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines()[1:] if line.strip()]
+    assert len(rows) == 12
+    for row in rows:
+        assert row[46:51].strip() == "2" and "error: " in row, row
