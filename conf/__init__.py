@@ -6,8 +6,8 @@ from conf.compose import config_names
 from conf.errors import ConfigError, UserError
 from conf.options import Option
 from conf.registry import Registry, import_plugins
-from conf.loading import load_config, requested_plugins
+from conf.loading import keys_set_by, load_config, requested_plugins
 from conf.schema import check_values, declared_options, defaults, inert_settings, read_yaml
 
 __all__ = ["ConfigError", "config_names", "Option", "Registry", "UserError", "check_values", "declared_options", "defaults",
-           "import_plugins", "inert_settings", "load_config", "read_yaml", "requested_plugins"]
+           "import_plugins", "inert_settings", "keys_set_by", "load_config", "read_yaml", "requested_plugins"]

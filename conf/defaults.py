@@ -49,8 +49,11 @@ SUITE_OPTIONS = {
         "WEIGHTS": "openai",
         # Anchor-suite key; this suite is CLIP-only, so it must stay True.
         "USE_CLIP": Option(True, valid=lambda v: v is True, expected="True (this suite evaluates CLIP models only)"),
-        # Anchor-suite alias of WEIGHTS for a local file; used when WEIGHTS is left at a tag.
-        "CKPT_PATH": "",
+        # The authors' suite's key for a non-CLIP checkpoint (resnet26_gn) or TPT's CoOp-learned context; neither
+        # exists here, so a value is refused (CLIP weights from a file: MODEL.WEIGHTS <path>).
+        "CKPT_PATH": Option("", valid=lambda path: path == "",
+                            expected="'' (in the authors' suite a non-CLIP checkpoint or TPT's CoOp context, "
+                                     "neither of which exists here; give CLIP weights as MODEL.WEIGHTS <file>)"),
         "ADAPTATION": "source",
         "EPISODIC": False,
         "RESET_AFTER_NUM_UPDATES": Option(0, within="[0, inf)"),
@@ -72,6 +75,10 @@ SUITE_OPTIONS = {
         "SEVERITY": [5],
         # Images per domain; -1 = all (ImageNet-C: all of the selected list, see IMAGENET_C_LIST).
         "NUM_EX": Option(-1, valid=lambda n: n == -1 or n >= 1, expected="-1 (all images) or a count >= 1"),
+        # Which NUM_EX images: "authors" = the seeded random sample the authors' suite's loaders draw (Python's
+        # random seeded with RNG_SEED shuffles the domain's images in their loader's order, then samples NUM_EX),
+        # so their YAMLs and command lines select the same images here; "first_n" = RobustBench's first NUM_EX.
+        "SUBSET": Option("authors", choices=("authors", "first_n")),
         # ImageNet-C: "robustbench_5000" (the paper's and RobustBench's canonical list), "all" (50,000) or a list
         # file.
         "IMAGENET_C_LIST": "robustbench_5000",
@@ -115,6 +122,25 @@ SUITE_OPTIONS = {
     "CUDNN": {
         "BENCHMARK": True,
     },
+}
+
+# Keys of the authors' suite (sarthaxxxxx/BATCLIP and the suite it forks) that this schema does not have, and
+# why: an unknown-key error for one of them says so instead of only listing near names.
+FOREIGN_KEYS = {
+    "EATA.MARGIN_E0": "the authors' SAR reads its margin from EATA.MARGIN_E0; here it is SAR.MARGIN_E0",
+    "CLIP.PROMPT_PATH": "CuPL prompt files (CLIP.PROMPT_MODE cupl / all_prompts) are not implemented here",
+    "SOURCE": "source-data loading is not part of this suite (test-time adaptation without source data only)",
+    "BN": "BatchNorm-statistics methods (norm_test, norm_alpha, norm_ema) are not in this suite",
+}
+# Config nodes of methods the authors' suite has and this one does not.
+FOREIGN_METHOD_NODES = ("EATA", "COTTA", "GTTA", "RMT", "SANTA", "ADACONTRAST", "LAME", "DEYO", "ROID", "CMF",
+                        "M_TEACHER", "CONTRAST")
+
+# Defaults of the authors' suites that differ from this suite's and change what a run computes: a config file
+# that leaves such a key unset ran with their default there and runs with ours here, so the run says so.
+AUTHORS_DEFAULTS = {
+    "CLIP.PRECISION": ("fp16", "their source and VTE runs then use fp16 weights; set CLIP.PRECISION fp16 (CUDA) to "
+                               "match"),
 }
 
 # Keys of the authors' suite that do nothing here: they load (so their YAML files run), and setting one to another

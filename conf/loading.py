@@ -22,6 +22,15 @@ def requested_plugins(cfg_file, opts) -> list[str]:
     return [str(m) for m in found]
 
 
+def keys_set_by(cfg_file) -> frozenset[str]:
+    """The leaf keys the config file (or the composition it names) sets."""
+    from conf.schema import flat_keys
+    keys: set[str] = set()
+    for _, data in (config_layers(cfg_file) if cfg_file else []):
+        keys.update(flat_keys(data))
+    return frozenset(keys)
+
+
 def load_config(cfg_file=None, opts=None, nodes: Mapping[str, dict] | None = None) -> CN:
     """defaults (suite keys + ``nodes``) <- the YAML file (or the composition it names, conf/compose.py) <-
     ``KEY VALUE`` pairs; not frozen, values not checked beyond their types (harness/build.py checks them against the

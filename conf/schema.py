@@ -15,7 +15,7 @@ from typing import Mapping
 import yaml
 from yacs.config import CfgNode as CN
 
-from conf.defaults import INERT_KEYS, SUITE_OPTIONS
+from conf.defaults import FOREIGN_KEYS, FOREIGN_METHOD_NODES, INERT_KEYS, SUITE_OPTIONS
 from conf.errors import ConfigError
 from conf.options import Option, defaults_tree, options_of
 
@@ -55,6 +55,12 @@ def flat_keys(node, prefix: str = "") -> list[str]:
 
 
 def _unknown_key(defaults_cfg: CN, key: str, source: str) -> ConfigError:
+    node = key.split(".")[0]
+    why = FOREIGN_KEYS.get(key) or FOREIGN_KEYS.get(node)
+    if why is None and node in FOREIGN_METHOD_NODES:
+        why = f"{node} configures a method of the authors' suite that this suite does not have"
+    if why:
+        return ConfigError(f"Config key '{key}' in {source} is not supported: {why}")
     valid = flat_keys(defaults_cfg)
     near = difflib.get_close_matches(key, valid, n=5, cutoff=0.5)
     leaf = key.rsplit(".", 1)[-1]
@@ -108,6 +114,9 @@ def _merge(cfg: CN, data: Mapping, source: str, defaults_cfg: CN, prefix: str = 
     for key, raw in data.items():
         full = f"{prefix}{key}"
         if key not in cfg:
+            while isinstance(raw, Mapping) and raw:     # name the first leaf of an unknown group: EATA.MARGIN_E0
+                key, raw = next(iter(raw.items()))
+                full = f"{full}.{key}"
             raise _unknown_key(defaults_cfg, full, source)
         if isinstance(cfg[key], CN):
             if not isinstance(raw, Mapping):

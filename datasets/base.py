@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import random
 from typing import Sequence
 
 from torch.utils.data import Dataset
@@ -47,13 +48,40 @@ class BenchmarkDataset:
         """Data-set facts recorded in the results (e.g. which ImageNet-C list was used)."""
         return {}
 
+    def config_warnings(self, cfg) -> list[str]:
+        """Where this data set reads what the config asks differently from the authors' suite (logged)."""
+        return []
+
+
+# The clean test set of a corruption benchmark, as a domain (CORRUPTION.TYPE ['none'], as in the authors' suite).
+CLEAN = "none"
+
+
+def select_subset(items: list, cfg, where) -> list:
+    """CORRUPTION.NUM_EX of a domain's ``items`` (-1: all of them, in the given order).
+
+    ``items`` must be in the order the authors' suite's loader lists them. CORRUPTION.SUBSET "authors" draws what
+    their ``get_test_loader`` draws: Python's ``random`` seeded with RNG_SEED shuffles the list, then
+    ``random.sample`` takes NUM_EX of it (the sample's order is kept). "first_n": RobustBench's first NUM_EX."""
+    n = cfg.CORRUPTION.NUM_EX
+    if n < 0:
+        return list(items)
+    if n > len(items):
+        raise DatasetError(f"{where}: CORRUPTION.NUM_EX {n} requested but it holds only {len(items)} images")
+    if cfg.CORRUPTION.SUBSET == "first_n":
+        return list(items[:n])
+    rng = random.Random(cfg.RNG_SEED)
+    shuffled = list(items)
+    rng.shuffle(shuffled)
+    return rng.sample(shuffled, n)
+
 
 DATASETS = Registry("data set", "CORRUPTION.DATASET")
 
 
 def register_dataset(cls: type[BenchmarkDataset]) -> type[BenchmarkDataset]:
-    """Class decorator: registers one instance under ``cls.name``."""
-    DATASETS.add(cls.name, cls())
+    """Class decorator: registers one instance under ``cls.name`` (and the names in ``cls.aliases``)."""
+    DATASETS.add(cls.name, cls(), getattr(cls, "aliases", ()))
     return cls
 
 

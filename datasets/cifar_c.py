@@ -2,6 +2,7 @@
 
 DATA_DIR/CIFAR-10-C/<corruption>.npy : uint8 (N, H, W, 3), five equal severity blocks of N/5 rows
 DATA_DIR/CIFAR-10-C/labels.npy       : (N,) integer labels (the same N/5 labels repeated per severity)
+DATA_DIR/cifar-10-batches-py/test_batch (cifar-100-python/test): the clean test set, domain "none"
 
 The real files hold 32x32 images. Other sizes (a -C set made with scripts/make_corrupted.py from larger images)
 are read as they are: the model's transform resizes every image to its input size, and the results record the
@@ -9,6 +10,7 @@ size read (provenance.data.image_shapes).
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from datasets.base import BenchmarkDataset, DatasetError, register_dataset
+from datasets.base import CLEAN, BenchmarkDataset, DatasetError, register_dataset, select_subset
 from datasets.class_names import CIFAR10_CLASSES, CIFAR100_CLASSES, CIFAR_TEMPLATES
 from datasets.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS, NUM_SEVERITIES, held_severities
 
@@ -55,9 +57,60 @@ def _load_mmap(path: Path, what: str) -> np.ndarray:
         raise DatasetError(f"Cannot read {what} {path} as a .npy array: {err}") from err
 
 
+class CleanImages(Dataset):
+    """(PIL image, label) for rows of an in-memory uint8 (N, H, W, 3) array read from one file."""
+
+    def __init__(self, path: Path, images: np.ndarray, labels: np.ndarray):
+        self.path, self.images, self.labels = path, images, labels
+        self.image_shape = tuple(int(v) for v in images.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return Image.fromarray(self.images[i]), int(self.labels[i])
+
+    def source_files(self) -> list[Path]:
+        return [self.path]
+
+
 class CifarC(BenchmarkDataset):
     folder = ""
     ensemble_templates = CIFAR_TEMPLATES
+    # The clean test set (domain "none"), in torchvision's on-disk format: DATA_DIR/<clean_file>, a pickled dict
+    # with b"data" (N, 3072) uint8 and the labels under ``clean_labels_key``. "" = this data set has none.
+    clean_file = ""
+    clean_labels_key = b"labels"
+
+    def clean_test_set(self, cfg) -> Dataset:
+        """The clean test images in the file's order. The authors' suite reads them with torchvision's CIFAR class,
+        which has no sample list, so it never shuffles or subsamples them: CORRUPTION.NUM_EX means something only
+        with CORRUPTION.SUBSET first_n."""
+        path = Path(cfg.DATA_DIR).expanduser() / self.clean_file
+        layout = (f"torchvision's format: {path}, a pickled dict with b'data' (N, 3072) uint8 and "
+                  f"{self.clean_labels_key!r} (torchvision.datasets.{'CIFAR10' if '10-' in self.clean_file else 'CIFAR100'}"
+                  f"(DATA_DIR, train=False, download=True) writes it)")
+        if not path.is_file():
+            raise DatasetError(f"{self.name} clean test set (CORRUPTION.TYPE none): {path} does not exist; expected "
+                               f"{layout}")
+        try:
+            with open(path, "rb") as f:
+                content = pickle.load(f, encoding="bytes")
+            data = np.asarray(content[b"data"], dtype=np.uint8)
+            labels = np.asarray(content[self.clean_labels_key])
+        except Exception as err:  # noqa: BLE001 - any failure: not the expected file
+            raise DatasetError(f"{path}: not a CIFAR test batch in {layout} ({type(err).__name__})") from None
+        if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (len(data),):
+            raise DatasetError(f"{path}: expected b'data' (N, 3072) and N labels, got {data.shape} and {labels.shape}")
+        if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= len(self.class_names):
+            raise DatasetError(f"{path}: labels must be integers in [0, {len(self.class_names)})")
+        if cfg.CORRUPTION.NUM_EX >= 0 and cfg.CORRUPTION.SUBSET == "authors":
+            raise DatasetError(f"{path}: the authors' suite ignores CORRUPTION.NUM_EX for the clean CIFAR test set "
+                               f"(it reads all {len(data)} images in file order); use NUM_EX -1, or CORRUPTION.SUBSET "
+                               f"first_n for the first NUM_EX")
+        rows = np.asarray(select_subset(range(len(data)), cfg, path), dtype=np.int64)
+        images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)[rows]
+        return CleanImages(path, np.ascontiguousarray(images), labels[rows].astype(np.int64))
 
     def layout(self, root: Path) -> str:
         return (f"{root}/<corruption>.npy as uint8 (N, 32, 32, 3) with N = 5 x images per severity "
@@ -65,6 +118,8 @@ class CifarC(BenchmarkDataset):
 
     def build_domain(self, cfg, domain: str, severity: int) -> Dataset:
         self.check_domain(domain)
+        if domain == CLEAN:
+            return self.clean_test_set(cfg)
         root = Path(cfg.DATA_DIR).expanduser() / self.folder
         if not root.is_dir():
             raise DatasetError(f"{self.name}: data directory {root} does not exist. Expected the RobustBench "
@@ -90,13 +145,9 @@ class CifarC(BenchmarkDataset):
             raise DatasetError(f"{root / (domain + '.npy')}: {len(images)} rows cannot be split into "
                                f"{len(held)} equal severity blocks (severities {held})")
         block = len(images) // len(held)
-        n = block if cfg.CORRUPTION.NUM_EX < 0 else cfg.CORRUPTION.NUM_EX
-        if n > block:
-            raise DatasetError(f"{root / (domain + '.npy')}: CORRUPTION.NUM_EX {n} requested but the "
-                               f"severity block holds only {block} images")
-        # Like RobustBench: the first n images of the severity block (the harness fixes their order).
         start = held.index(severity) * block
-        rows = np.arange(start, start + n)
+        # The severity block's rows in file order (RobustBench's and the authors' sample list), NUM_EX of them.
+        rows = np.asarray(select_subset(range(start, start + block), cfg, root / f"{domain}.npy"), dtype=np.int64)
         block_labels = np.asarray(labels[rows]).astype(np.int64)
         if block_labels.min() < 0 or block_labels.max() >= len(self.class_names):
             raise DatasetError(f"{root / 'labels.npy'}: labels must lie in [0, {len(self.class_names)}), "
@@ -109,7 +160,8 @@ class Cifar10C(CifarC):
     name = "cifar10_c"
     folder = "CIFAR-10-C"
     class_names = CIFAR10_CLASSES
-    domains = CORRUPTIONS + EXTRA_CORRUPTIONS
+    domains = CORRUPTIONS + EXTRA_CORRUPTIONS + [CLEAN]
+    clean_file = "cifar-10-batches-py/test_batch"
 
 
 @register_dataset
@@ -117,6 +169,8 @@ class Cifar100C(CifarC):
     name = "cifar100_c"
     folder = "CIFAR-100-C"
     class_names = CIFAR100_CLASSES
-    domains = CORRUPTIONS + EXTRA_CORRUPTIONS
+    domains = CORRUPTIONS + EXTRA_CORRUPTIONS + [CLEAN]
+    clean_file = "cifar-100-python/test"
+    clean_labels_key = b"fine_labels"
 
 

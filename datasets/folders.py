@@ -9,17 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from datasets.base import DatasetError
+from datasets.base import DatasetError, select_subset
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"}
 
-# CORRUPTION.NUM_EX on a folder data set: a fixed random subset (this seed, independent of RNG_SEED, so every
-# run with the same NUM_EX sees the same images); the harness then orders them with its own permutation.
-SUBSET_SEED = 0
 
 
 class ImageFiles(Dataset):
@@ -90,11 +86,13 @@ def check_no_severity(name: str, severity: int) -> None:
 
 
 def take_subset(cfg, files: list[Path], labels: list[int], where: Path) -> tuple[list[Path], list[int]]:
-    """CORRUPTION.NUM_EX images (-1 = all): a fixed random subset, kept in listing order."""
-    n = cfg.CORRUPTION.NUM_EX
-    if n < 0:
+    """CORRUPTION.NUM_EX images (-1 = all) of a class-folder set (datasets.base.select_subset). The authors'
+    suite reads such a set with torchvision's ImageFolder, which lists class folders and files in name order (so
+    ImageNet-V2's folder "10" comes before "2"); the subset is drawn from that order."""
+    if cfg.CORRUPTION.NUM_EX < 0:
         return files, labels
-    if n > len(files):
-        raise DatasetError(f"{where}: CORRUPTION.NUM_EX {n} requested but it holds only {len(files)} images")
-    keep = np.sort(np.random.default_rng(SUBSET_SEED).permutation(len(files))[:n])
-    return [files[i] for i in keep], [labels[i] for i in keep]
+    pairs = list(zip(files, labels))
+    if cfg.CORRUPTION.SUBSET == "authors":
+        pairs.sort(key=lambda pair: (pair[0].parent.name, pair[0].name))
+    chosen = select_subset(pairs, cfg, where)
+    return [f for f, _ in chosen], [label for _, label in chosen]

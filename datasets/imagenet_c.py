@@ -5,7 +5,9 @@ CORRUPTION.IMAGENET_C_LIST chooses the images:
   robustbench distribution's data files without importing the package (its import is broken today);
 - all: every image found under the severity folder (50,000 for the real data set);
 - a path to a text file in the same format (one ``wnid/file`` per line).
-The class index is the wnid's position in the sorted list of the 1000 ImageNet wnids.
+The class index is the wnid's position in the sorted list of the 1000 ImageNet wnids. The domain "none" is the clean
+ImageNet validation set, DATA_DIR/imagenet/val/<wnid>/<image> (or DATA_DIR/imagenet2012/val), read with the same
+list (RobustBench's 5,000 ImageNet-C images are validation images).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from datasets.base import BenchmarkDataset, DatasetError, register_dataset
+from datasets.base import CLEAN, BenchmarkDataset, DatasetError, register_dataset, select_subset
 from datasets.class_names import IMAGENET_CLASSES, IMAGENET_TEMPLATES
 from datasets.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS
 from datasets.folders import IMAGE_SUFFIXES, ImageFiles
@@ -64,7 +66,7 @@ class ImageNetC(BenchmarkDataset):
     folder = "ImageNet-C"
     class_names = IMAGENET_CLASSES
     ensemble_templates = IMAGENET_TEMPLATES
-    domains = CORRUPTIONS + EXTRA_CORRUPTIONS
+    domains = CORRUPTIONS + EXTRA_CORRUPTIONS + [CLEAN]
 
     def image_list(self, cfg) -> tuple[str, list[str] | None]:
         choice = cfg.CORRUPTION.IMAGENET_C_LIST
@@ -92,32 +94,70 @@ class ImageNetC(BenchmarkDataset):
                                f"of {layout}; a list file reads a chosen subset)")
         return entries
 
+    def config_warnings(self, cfg) -> list[str]:
+        warnings = []
+        default_list = cfg.CORRUPTION.IMAGENET_C_LIST == "robustbench_5000"
+        if CLEAN in cfg.CORRUPTION.TYPE and default_list:
+            warnings.append("CORRUPTION.TYPE none reads RobustBench's 5,000 validation images "
+                            "(CORRUPTION.IMAGENET_C_LIST); the authors' suite reads all 50,000 for 'none': set "
+                            "CORRUPTION.IMAGENET_C_LIST all to match")
+        set_by_file = getattr(cfg, "_keys_set_by_file", None)
+        if ("correlated" in cfg.SETTING and default_list and set_by_file is not None
+                and "CORRUPTION.IMAGENET_C_LIST" not in set_by_file):
+            warnings.append(f"SETTING {cfg.SETTING}: the authors' suite reads ImageNet-C from its 50,000-image list "
+                            f"in correlated settings; this run reads RobustBench's 5,000 (CORRUPTION.IMAGENET_C_LIST; "
+                            f"set it to say which)")
+        return warnings
+
     def describe(self, cfg) -> dict:
         return {"imagenet_c_list": cfg.CORRUPTION.IMAGENET_C_LIST}
 
+    def clean_root(self, cfg) -> Path:
+        """The ImageNet validation set in class folders: DATA_DIR/imagenet/val (or the anchor suite's
+        DATA_DIR/imagenet2012/val)."""
+        data = Path(cfg.DATA_DIR).expanduser()
+        for root in (data / "imagenet" / "val", data / "imagenet2012" / "val"):
+            if root.is_dir():
+                return root
+        return data / "imagenet" / "val"
+
     def build_domain(self, cfg, domain: str, severity: int) -> Dataset:
         self.check_domain(domain)
-        base = Path(cfg.DATA_DIR).expanduser() / self.folder
-        root = base / domain / str(severity)
-        layout = f"{base}/<corruption>/<severity>/<wnid>/<image>.JPEG"
+        if domain == CLEAN:
+            root = self.clean_root(cfg)
+            layout = f"{root}/<wnid>/<image>.JPEG (the ImageNet validation set in class folders)"
+            what = "ImageNet validation set (CORRUPTION.TYPE none)"
+        else:
+            base = Path(cfg.DATA_DIR).expanduser() / self.folder
+            root = base / domain / str(severity)
+            layout = f"{base}/<corruption>/<severity>/<wnid>/<image>.JPEG"
+            what = "ImageNet-C"
         if not root.is_dir():
-            raise DatasetError(f"ImageNet-C: directory {root} does not exist. Expected the layout {layout}; set "
-                               f"DATA_DIR to the folder that contains 'ImageNet-C/'.")
+            raise DatasetError(f"{what}: directory {root} does not exist. Expected the layout {layout}; set "
+                               f"DATA_DIR to the folder that contains it.")
         wnid_index = {w: i for i, w in enumerate(imagenet_wnids())}
+        choice = cfg.CORRUPTION.IMAGENET_C_LIST
+        if cfg.CORRUPTION.NUM_EX >= 0 and cfg.CORRUPTION.SUBSET == "authors" and choice in ("robustbench_5000", "all"):
+            if domain != CLEAN:
+                raise DatasetError(
+                    f"{what} {root}: with CORRUPTION.NUM_EX the authors' suite samples from its own 50,000-image list "
+                    f"in that file's order (datasets/imagenet_list/imagenet_val_ids_50k.txt of "
+                    f"mariodoebler/test-time-adaptation): give that file as CORRUPTION.IMAGENET_C_LIST, or set "
+                    f"CORRUPTION.SUBSET first_n for the first NUM_EX of the {choice} list")
+            if choice == "robustbench_5000":
+                raise DatasetError(f"{what} {root}: with CORRUPTION.NUM_EX the authors' suite samples from all 50,000 "
+                                   f"validation images: set CORRUPTION.IMAGENET_C_LIST all (or CORRUPTION.SUBSET "
+                                   f"first_n for the first NUM_EX of RobustBench's 5,000)")
         _, entries = self.image_list(cfg)
         if entries is None:
             entries = self.all_images(root, wnid_index, layout)
-        n = len(entries) if cfg.CORRUPTION.NUM_EX < 0 else cfg.CORRUPTION.NUM_EX
-        if n > len(entries):
-            raise DatasetError(f"ImageNet-C {root}: CORRUPTION.NUM_EX {n} requested but the image list "
-                               f"({cfg.CORRUPTION.IMAGENET_C_LIST}) holds only {len(entries)}")
-        entries = entries[:n]
+        entries = select_subset(entries, cfg, f"{root} ({choice} list)")
         unknown = sorted({e.split("/")[0] for e in entries} - set(wnid_index))
         if unknown:
-            raise DatasetError(f"ImageNet-C {root}: folders {unknown[:5]} are not ImageNet wnids")
+            raise DatasetError(f"{what} {root}: folders {unknown[:5]} are not ImageNet wnids")
         files = [root / e for e in entries]
         missing = [f for f in files if not f.is_file()]
         if missing:
-            raise DatasetError(f"ImageNet-C: {len(missing)} of {len(files)} listed images are missing, e.g. "
-                               f"{missing[0]} (layout {layout}; list {cfg.CORRUPTION.IMAGENET_C_LIST})")
+            raise DatasetError(f"{what}: {len(missing)} of {len(files)} listed images are missing, e.g. "
+                               f"{missing[0]} (layout {layout}; list {choice})")
         return ImageFiles(files, [wnid_index[e.split("/")[0]] for e in entries])

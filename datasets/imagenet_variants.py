@@ -96,6 +96,7 @@ class ImageNetR(WnidSubset):
 @register_dataset
 class ImageNetSketch(WnidSubset):
     name = "imagenet_sketch"
+    aliases = ("imagenet_k",)   # the authors' suite's name
     folder = "ImageNet-Sketch/sketch"
     domains = ["ImageNet-Sketch"]
     wnids = ()                  # all 1000

@@ -20,7 +20,8 @@ import datasets
 import methods
 from conf import ConfigError
 from conf.files import check_writable_folder
-from harness.identity import config_hash, data_fingerprint, file_sha256
+from conf.defaults import AUTHORS_DEFAULTS
+from harness.identity import config_hash, data_fingerprint, file_sha256, flatten
 from harness.settings import SETTINGS, Segment, SettingError, Task, build_tasks, tasks_to_run
 from harness.task_records import read_tasks
 from models import ModelSpec, model_spec, resolve_model_weights
@@ -36,10 +37,24 @@ def load_cfg(cfg_file=None, opts=None, freeze: bool = True):
     opts = [str(o) for o in (opts or [])]
     conf.import_plugins(conf.requested_plugins(cfg_file, opts))
     cfg = conf.load_config(cfg_file, opts, methods.declared_nodes())
+    _as_the_authors_wrote_it(cfg)
+    if cfg_file:     # kept beside the config (not a key: it does not enter dumps or hashes), for config_warnings
+        object.__setattr__(cfg, "_keys_set_by_file", conf.keys_set_by(cfg_file) | set(opts[0::2]))
     check_config(cfg)
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def _as_the_authors_wrote_it(cfg) -> None:
+    """Spellings of the authors' suite, resolved to this suite's: a data set's alias (imagenet_k for
+    imagenet_sketch), and for a data set with a single domain (the ImageNet variants) CORRUPTION.TYPE [""] or
+    left at the corruption default, which mean the whole set there."""
+    dataset = datasets.get_dataset(cfg.CORRUPTION.DATASET)
+    cfg.CORRUPTION.DATASET = datasets.DATASETS.canonical(cfg.CORRUPTION.DATASET)
+    types = list(cfg.CORRUPTION.TYPE)
+    if len(dataset.domains) == 1 and (all(t == "" for t in types) or types == list(conf.defaults().CORRUPTION.TYPE)):
+        cfg.CORRUPTION.TYPE = list(dataset.domains)
 
 
 def method_class(cfg) -> type:
@@ -56,6 +71,15 @@ def check_config(cfg) -> None:
             dataset.check_domain(domain)
         except datasets.DatasetError as err:
             raise ConfigError(str(err)) from None
+    if cfg.CORRUPTION.NUM_EX >= 0 and cfg.CORRUPTION.SUBSET == "authors" and "mixed_domains" in cfg.SETTING:
+        raise ConfigError(f"SETTING {cfg.SETTING} with CORRUPTION.NUM_EX {cfg.CORRUPTION.NUM_EX}: the authors' suite "
+                          f"samples NUM_EX images from the whole mixed stream, this suite per domain; set "
+                          f"CORRUPTION.SUBSET first_n (the first NUM_EX of each domain) or NUM_EX -1")
+    if getattr(dataset, "has_severities", True):
+        bad = [s for s in cfg.CORRUPTION.SEVERITY if not isinstance(s, int) or not 1 <= s <= 5]
+        if bad or not cfg.CORRUPTION.SEVERITY:
+            raise ConfigError(f"CORRUPTION.SEVERITY = {list(cfg.CORRUPTION.SEVERITY)}: {dataset.name} needs a list of "
+                              f"severities in 1..5")
     unknown = [d for d in cfg.RUN_DOMAINS if d not in cfg.CORRUPTION.TYPE]
     if unknown:
         raise ConfigError(f"RUN_DOMAINS / --domains {unknown} are not in CORRUPTION.TYPE {list(cfg.CORRUPTION.TYPE)}")
@@ -72,12 +96,20 @@ def check_method(cfg, spec: ModelSpec | None = None, class_names=None) -> None:
 def config_warnings(cfg) -> list[str]:
     """Keys that are set but change nothing for this run."""
     warnings = conf.inert_settings(cfg)
+    set_by_file = getattr(cfg, "_keys_set_by_file", None)
+    if set_by_file is not None:
+        for key, (theirs, why) in AUTHORS_DEFAULTS.items():
+            if key not in set_by_file:
+                warnings.append(f"{key} is not set: its default is {theirs} in the authors' suite and "
+                                f"{dict(flatten(dict(cfg)))[key]} here ({why})")
     cls = method_class(cfg)
     if cls.protocol == methods.base.TRAINING_FREE:
         if cfg.OPTIM.STEPS != 1:
             warnings.append(f"OPTIM.STEPS = {cfg.OPTIM.STEPS} has no effect: {cls.method_name} trains nothing")
         if cfg.MODEL.EPISODIC:
             warnings.append(f"MODEL.EPISODIC = True has no effect: {cls.method_name} trains nothing")
+    warnings += cls.config_warnings(cfg)
+    warnings += datasets.get_dataset(cfg.CORRUPTION.DATASET).config_warnings(cfg)
     own = methods.own_nodes(cls)
     base = conf.defaults(methods.declared_nodes())
     for node in methods.declared_nodes():

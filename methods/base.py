@@ -62,6 +62,11 @@ class TTAMethod(nn.Module):
         the run plan calls this before any model loads. Raise conf.ConfigError with one line. Single options
         declare their accepted values in ``config_defaults`` instead."""
 
+    @classmethod
+    def config_warnings(cls, cfg) -> list[str]:
+        """Keys the method is given but does not use as given (logged and recorded with the results)."""
+        return []
+
     def setup(self) -> "TTAMethod":
         """Choose and free the adapted parameters, build optimizer and scaler, register method state, and take
         the snapshot that ``reset()`` restores."""

@@ -31,6 +31,16 @@ from methods.registry import register_method
 logger = logging.getLogger(__name__)
 
 EMA_DECAY = 0.9   # the original's update_ema: 0.9 * ema + (1 - 0.9) * loss
+AUTHORS_TRANSFORMER_LR = 0.001
+
+
+def authors_sgd(cfg) -> dict:
+    """The SGD arguments of the authors' SAR.setup_optimizer: lr 0.001 when the architecture's name, lower-cased
+    with "-" as "_", contains "vit_" or "swin_" (ViT-B-16 does), else OPTIM.LR; momentum OPTIM.MOMENTUM; torch's
+    defaults for the rest (no Nesterov, dampening 0, weight decay 0)."""
+    name = cfg.MODEL.ARCH.lower().replace("-", "_")
+    transformer = "vit_" in name or "swin_" in name
+    return {"lr": AUTHORS_TRANSFORMER_LR if transformer else float(cfg.OPTIM.LR), "momentum": float(cfg.OPTIM.MOMENTUM)}
 
 
 @register_method("sar")
@@ -51,6 +61,11 @@ class SAR(NormAffineTTA):
         # After a recovery the original's SAR.forward re-assigns the old EMA (self.ema = ema after reset()), so
         # the low average survives the reset; the anchor suite clears it. False = cleared (anchor suite).
         "KEEP_EMA_AFTER_RECOVERY": False,
+        # The base optimizer of SAM. "authors": as the authors' SAR.setup_optimizer (both suites), whatever
+        # OPTIM.METHOD says: SGD with momentum OPTIM.MOMENTUM and no Nesterov, dampening or weight decay, at
+        # learning rate 0.001 for ViT and Swin architectures (the SAR paper's for transformers) and OPTIM.LR
+        # otherwise. "config": the optimizer OPTIM describes.
+        "OPTIMIZER": Option("authors", choices=("authors", "config")),
     }}
 
     @classmethod
@@ -90,6 +105,26 @@ class SAR(NormAffineTTA):
             if final is not None:
                 excluded.add(id(final))
         return [m for m in super().adapted_norm_layers() if id(m) not in excluded]
+
+    @classmethod
+    def config_warnings(cls, cfg) -> list[str]:
+        if cfg.SAR.OPTIMIZER != "authors":
+            return []
+        sgd = authors_sgd(cfg)
+        o = cfg.OPTIM
+        unused = [f"OPTIM.{key} {value}" for key, value, used in (
+            ("METHOD", o.METHOD, o.METHOD == "SGD"), ("LR", o.LR, o.LR == sgd["lr"]),
+            ("NESTEROV", o.NESTEROV, not o.NESTEROV), ("WD", o.WD, o.WD == 0), ("DAMPENING", o.DAMPENING,
+                                                                                     o.DAMPENING == 0)) if not used]
+        if not unused:
+            return []
+        return [f"SAR runs SAM over SGD(lr={sgd['lr']}, momentum={sgd['momentum']}), as the authors' suite does for "
+                f"MODEL.ARCH {cfg.MODEL.ARCH}: {', '.join(unused)} not used (SAR.OPTIMIZER config uses them)"]
+
+    def setup_optimizer(self) -> torch.optim.Optimizer:
+        if self.cfg.SAR.OPTIMIZER == "config":
+            return super().setup_optimizer()
+        return torch.optim.SGD(self.params, **authors_sgd(self.cfg))
 
     def setup_scaler(self):
         return None   # SAM's two gradient evaluations run in fp32

@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import torch
 
+from conf.errors import ConfigError
 from conf.options import Option
 from methods.augmentations import VIEW_AUGMENTATIONS, confident_views_setup, lowest_entropy_views
 from methods.base import TRAINING_FREE, TTAMethod
 from methods.registry import register_method
+
+
+# The default of TPT.SELECTION_P and VTE.SELECTION_P (the references' 0.1).
+TPT_SELECTION_DEFAULT = 0.1
 
 
 @register_method("vte")
@@ -36,6 +41,9 @@ class VTE(TTAMethod):
     @classmethod
     def check_setup(cls, cfg, model_spec, class_names) -> None:
         confident_views_setup(cfg, "VTE")
+        if cfg.TPT.SELECTION_P != TPT_SELECTION_DEFAULT and cfg.VTE.SELECTION_P == TPT_SELECTION_DEFAULT:
+            raise ConfigError(f"TPT.SELECTION_P = {cfg.TPT.SELECTION_P}: the authors' suite reads VTE's view "
+                              f"fraction from TPT.SELECTION_P; here it is VTE.SELECTION_P (set that)")
 
     def __init__(self, cfg, model, num_classes):
         super().__init__(cfg, model, num_classes)

@@ -48,7 +48,9 @@ def check_arch(arch: str) -> None:
     register_model_configs()
     if arch not in open_clip.list_models():
         near = difflib.get_close_matches(arch, open_clip.list_models(), n=5, cutoff=0.4)
-        raise WeightsError(f"Unknown CLIP architecture MODEL.ARCH '{arch}' (names are case-sensitive). "
+        raise WeightsError(f"Unknown CLIP architecture MODEL.ARCH '{arch}' (names are case-sensitive; this suite "
+                           f"evaluates open_clip CLIP models only, where the authors' suite reads names such as "
+                           f"Standard or resnet50 as RobustBench / torchvision models with MODEL.USE_CLIP False). "
                            f"Nearest open_clip names: {near}")
 
 

@@ -10,13 +10,6 @@ from models.clip import ZeroShotCLIP, zero_shot_head
 from models.weights import WeightsSource, load_clip, resolve_weights
 
 
-def configured_weights(cfg) -> str:
-    """MODEL.WEIGHTS, or the anchor suite's MODEL.CKPT_PATH for a local file when WEIGHTS is left at 'openai'."""
-    if cfg.MODEL.CKPT_PATH and cfg.MODEL.WEIGHTS == "openai":
-        return cfg.MODEL.CKPT_PATH
-    return cfg.MODEL.WEIGHTS
-
-
 def check_precision(precision: str, device) -> None:
     if str(torch.device(device).type) == "cpu" and precision != "fp32":
         raise ConfigError(f"CLIP.PRECISION {precision} needs CUDA; on the CPU use fp32.")
@@ -24,7 +17,7 @@ def check_precision(precision: str, device) -> None:
 
 def resolve_model_weights(cfg) -> WeightsSource:
     """The weights a run would load, checked without loading them (harness.build calls this first)."""
-    return resolve_weights(cfg.MODEL.ARCH, configured_weights(cfg), cache_dir=cfg.CKPT_DIR,
+    return resolve_weights(cfg.MODEL.ARCH, cfg.MODEL.WEIGHTS, cache_dir=cfg.CKPT_DIR,
                            allow_download=cfg.MODEL.ALLOW_DOWNLOAD)
 
 

@@ -146,7 +146,8 @@ def small_run_overrides(dataset: str, config: str, data_dir: Path | None = None)
     run in a test: the domains written, 8 images per domain in batches of 4, ImageNet-C's images as listed, and
     three cost cuts on the tiny model (SAR's 3 excluded blocks exceed its 2; WATT-P's 50 repeats and ImageNet-C
     VTE's 80 x 1000 ensemble prompts would cost a minute each)."""
-    overrides = {"CORRUPTION__TYPE": ALL_LAYOUT_DOMAINS[dataset], "CORRUPTION__NUM_EX": 8, "TEST__BATCH_SIZE": 4}
+    overrides = {"CORRUPTION__TYPE": ALL_LAYOUT_DOMAINS[dataset], "CORRUPTION__NUM_EX": 8, "TEST__BATCH_SIZE": 4,
+                 "CORRUPTION__SUBSET": "first_n"}
     if data_dir is not None:
         overrides["CORRUPTION__IMAGENET_C_LIST"] = str(Path(data_dir) / IMAGENET_C_SMALL_LIST)
     if config == "sar":

@@ -43,9 +43,10 @@ def test_cifar_c_upsamples_per_image_with_bicubic(tmp_path):
     torch.testing.assert_close(image, torch.from_numpy(expected).permute(2, 0, 1))
 
 
-def test_cifar_c_num_ex_takes_the_first_images_of_the_block(tmp_path):
+def test_cifar_c_num_ex_first_n_takes_the_first_images_of_the_block(tmp_path):
     write_cifar_c(tmp_path, ["fog"], per_severity=8)
-    ds = get_dataset("cifar10_c").build_domain(cfg_for(tmp_path, CORRUPTION__NUM_EX=3), "fog", 2)
+    ds = get_dataset("cifar10_c").build_domain(cfg_for(tmp_path, CORRUPTION__NUM_EX=3, CORRUPTION__SUBSET="first_n"),
+                                               "fog", 2)
     assert list(ds.indices) == [8, 9, 10]
 
 
@@ -117,10 +118,10 @@ def test_imagenet_c_all_walks_every_image_and_num_ex_limits(tmp_path):
     spec = get_dataset("imagenet_c")
     ds = spec.build_domain(cfg_for(tmp_path, CORRUPTION__IMAGENET_C_LIST="all"), "fog", 5)
     assert len(ds) == 1001 and ds.labels[:5] == [0, 1, 2, 3, 3]
-    assert len(spec.build_domain(cfg_for(tmp_path, CORRUPTION__IMAGENET_C_LIST="all", CORRUPTION__NUM_EX=5),
-                                 "fog", 5)) == 5
+    first_n = dict(CORRUPTION__IMAGENET_C_LIST="all", CORRUPTION__SUBSET="first_n")
+    assert len(spec.build_domain(cfg_for(tmp_path, CORRUPTION__NUM_EX=5, **first_n), "fog", 5)) == 5
     with pytest.raises(DatasetError, match="holds only 1001"):
-        spec.build_domain(cfg_for(tmp_path, CORRUPTION__IMAGENET_C_LIST="all", CORRUPTION__NUM_EX=1002), "fog", 5)
+        spec.build_domain(cfg_for(tmp_path, CORRUPTION__NUM_EX=1002, **first_n), "fog", 5)
     # a missing or empty class folder would silently shrink the 50,000-image evaluation: refused
     missing = tmp_path / "ImageNet-C" / "fog" / "5" / imagenet_wnids()[7]
     for image in missing.iterdir():

@@ -36,10 +36,11 @@ def column_labels(columns: list[Column]) -> list[str]:
         per_domain[c.domain] = per_domain.get(c.domain, 0) + 1
     labels = []
     for c in columns:
+        name = "clean" if c.domain == "none" else c.domain      # the clean test set (CORRUPTION.TYPE none)
         if per_domain[c.domain] == 1:
-            labels.append(c.domain)
+            labels.append(name)
         else:
-            labels.append(f"{c.domain}@{c.severity}" + (f"#{c.occurrence + 1}" if c.occurrence else ""))
+            labels.append(f"{name}@{c.severity}" + (f"#{c.occurrence + 1}" if c.occurrence else ""))
     return labels
 
 
