@@ -9,17 +9,31 @@ from conf.compose import config_layers
 from conf.schema import defaults, merge_mapping, merge_pairs, typed_value
 
 
+def _requested(cfg_file, opts, key: str, default) -> list:
+    """Every value the config file's layers and the command line give MODEL.<key>, in order (read before the schema
+    is built)."""
+    found = []
+    for _, data in (config_layers(cfg_file) if cfg_file else []):
+        model = data.get("MODEL") or {}
+        if key in model:
+            found.append(model[key])
+    opts = [str(o) for o in opts or []]
+    for name, value in zip(opts[0::2], opts[1::2]):
+        if name == f"MODEL.{key}":
+            found.append(typed_value(name, value, default, "the command-line overrides"))
+    return found
+
+
 def requested_plugins(cfg_file, opts) -> list[str]:
     """The modules MODEL.EXTRA_MODULES names in the config and on the command line (imported before the schema is
     built, because they may declare config keys)."""
-    found = []
-    for _, data in (config_layers(cfg_file) if cfg_file else []):
-        found += list((data.get("MODEL") or {}).get("EXTRA_MODULES", []) or [])
-    opts = [str(o) for o in opts or []]
-    for key, value in zip(opts[0::2], opts[1::2]):
-        if key == "MODEL.EXTRA_MODULES":
-            found += typed_value(key, value, [], "the command-line overrides")
-    return [str(m) for m in found]
+    return [str(m) for value in _requested(cfg_file, opts, "EXTRA_MODULES", []) for m in (value or [])]
+
+
+def requested_method(cfg_file, opts) -> str | None:
+    """The MODEL.ADAPTATION the config file and the command line end with (None: the default's)."""
+    found = _requested(cfg_file, opts, "ADAPTATION", "")
+    return str(found[-1]) if found else None
 
 
 def keys_set_by(cfg_file) -> frozenset[str]:

@@ -72,6 +72,17 @@ class Registry:
         return len(self._objects)
 
 
+# The modules import_plugins has imported, by name: a config's schema leaves out the nodes of those it does not
+# name itself, so that a config's keys and hash do not depend on which other configs this process loaded before.
+PLUGIN_MODULES: set[str] = set()
+
+
+def plugin_module_name(entry) -> str:
+    """The module name an entry of MODEL.EXTRA_MODULES is imported under."""
+    entry = str(entry)
+    return f"extra_{Path(entry).stem}" if entry.endswith(".py") else entry
+
+
 def import_plugins(modules: Iterable[str]) -> None:
     """Import the modules named in MODEL.EXTRA_MODULES (dotted names or .py paths) so that their
     ``@register_method`` / ``@register_dataset`` / ``@register_setting`` decorators run."""
@@ -81,7 +92,7 @@ def import_plugins(modules: Iterable[str]) -> None:
             path = Path(entry).expanduser().resolve()
             if not path.is_file():
                 raise ConfigError(f"{PLUGIN_KEY}: file {path} does not exist")
-            name = f"extra_{path.stem}"
+            name = plugin_module_name(entry)
             if name in sys.modules:
                 continue
             spec = importlib.util.spec_from_file_location(name, path)
@@ -92,7 +103,9 @@ def import_plugins(modules: Iterable[str]) -> None:
             except BaseException:
                 del sys.modules[name]
                 raise
+            PLUGIN_MODULES.add(name)
         else:
+            fresh = entry not in sys.modules     # a module imported otherwise (a built-in one) is no plug-in
             try:
                 importlib.import_module(entry)
             except ModuleNotFoundError as err:
@@ -100,3 +113,5 @@ def import_plugins(modules: Iterable[str]) -> None:
                     raise ConfigError(f"{PLUGIN_KEY}: no module named '{entry}' (give a dotted module name on the "
                                       f"Python path or a path to a .py file)") from None
                 raise
+            if fresh:
+                PLUGIN_MODULES.add(entry)

@@ -75,7 +75,7 @@ def _type_name(value) -> str:
             list: "a list", tuple: "a list"}.get(type(value), type(value).__name__)
 
 
-def _decode(value):
+def decode_value(value):
     """As yacs decodes a value: strings through ast.literal_eval (YAML reads ``1e-3`` as a string)."""
     if isinstance(value, str):
         try:
@@ -89,7 +89,7 @@ def typed_value(key: str, raw, default, source: str):
     """``raw`` converted to the type of the key's default, or a ConfigError naming key, value and expected type.
     As yacs, with two additions: an integer where a number is expected, and on the command line a YAML-style list
     (``[fog, snow]``, as written in our YAML files) where a list is expected."""
-    value = _decode(raw)
+    value = decode_value(raw)
     if isinstance(default, (list, tuple)) and isinstance(value, str) and value.strip().startswith("["):
         try:
             value = yaml.safe_load(value)

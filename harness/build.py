@@ -32,11 +32,13 @@ from models.weights import WeightsSource
 # ------------------------------------------------------------------------------------------------ configs
 
 def load_cfg(cfg_file=None, opts=None, freeze: bool = True):
-    """Defaults <- YAML file <- ``KEY VALUE`` pairs, with the keys of every registered method (and of the
-    plug-ins named in MODEL.EXTRA_MODULES) in the schema; checked by ``check_config``."""
+    """Defaults <- YAML file <- ``KEY VALUE`` pairs, with the keys of every built-in method and of the plug-ins
+    named in MODEL.EXTRA_MODULES in the schema (not those of plug-ins other configs of this process named: a
+    config's keys and hash are the same in any process); checked by ``check_config``."""
     opts = [str(o) for o in (opts or [])]
-    conf.import_plugins(conf.requested_plugins(cfg_file, opts))
-    cfg = conf.load_config(cfg_file, opts, methods.declared_nodes())
+    plugins = conf.requested_plugins(cfg_file, opts)
+    conf.import_plugins(plugins)
+    cfg = conf.load_config(cfg_file, opts, methods.declared_nodes(_other_configs_plugins(cfg_file, opts, plugins)))
     _as_the_authors_wrote_it(cfg)
     if cfg_file:     # kept beside the config (not a key: it does not enter dumps or hashes), for config_warnings
         object.__setattr__(cfg, "_keys_set_by_file", conf.keys_set_by(cfg_file) | set(opts[0::2]))
@@ -44,6 +46,16 @@ def load_cfg(cfg_file=None, opts=None, freeze: bool = True):
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def _other_configs_plugins(cfg_file, opts, plugins) -> set[str]:
+    """The plug-in modules imported in this process for other configs, whose method nodes stay out of this one:
+    all but those it names and those defining its method (and the classes its method derives from)."""
+    keep = {conf.plugin_module_name(p) for p in plugins}
+    name = conf.requested_method(cfg_file, opts)
+    if name and name in methods.METHODS:
+        keep |= {klass.__module__ for klass in methods.METHODS.get(name).__mro__}
+    return conf.PLUGIN_MODULES - keep
 
 
 def _as_the_authors_wrote_it(cfg) -> None:
@@ -113,7 +125,7 @@ def config_warnings(cfg) -> list[str]:
     own = methods.own_nodes(cls)
     base = conf.defaults(methods.declared_nodes())
     for node in methods.declared_nodes():
-        if node not in own and cfg[node] != base[node]:
+        if node not in own and node in cfg and cfg[node] != base[node]:
             changed = sorted(k for k in cfg[node] if cfg[node][k] != base[node][k])
             warnings.append(f"{', '.join(f'{node}.{k}' for k in changed)} set, but method {cls.method_name} does "
                             f"not read the {node} keys")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 
-NOISY_LIBRARIES = ("open_clip",)
+NOISY_LIBRARIES = ("open_clip", "submitit")
 
 
 class LibraryNoiseFilter(logging.Filter):

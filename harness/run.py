@@ -27,7 +27,7 @@ from harness.report.text import format_table
 from harness.results import command_line, git_commit, make_record, package_versions, summarise, write_results
 from harness.stream import SegmentStream, make_loader, segment_labels, stream_order
 from harness.logs import file_logging, show_progress
-from harness.task_records import TASKS_DIR, clear_tasks, read_tasks, task_locks, write_task
+from harness.task_records import TASKS_DIR, clear_tasks, read_tasks, results_lock, task_locks, write_task
 from harness.settings import tasks_to_run
 from models import build_zero_shot_clip
 
@@ -220,12 +220,8 @@ def _without_worker_traceback(err: UserError) -> UserError:
 def finish(plan: RunPlan, state: RunState) -> dict:
     """The results file from every finished task (other shards' too) and the logged table."""
     cfg = plan.cfg
-    if cfg.RUN_DOMAINS:
-        # Other shards may have finished tasks meanwhile: the results file shows every finished task.
-        stored = read_tasks(plan.save_dir, plan.tasks, state.provenance["config_hash"], state.provenance["config"])
-        state.done = {**stored, **state.done}
     payload = _write_payload(plan, state)
-    row = paper.paper_row(cfg.CORRUPTION.DATASET, plan.method_name)
+    row = paper.paper_row_for_run(cfg.CORRUPTION.DATASET, plan.method_name, cfg)
     reference = paper.comparable_reference(row, payload["records"])
     table = format_table(payload["records"], plan.dataset.domain_label,
                          show_severity=bool(getattr(plan.dataset, "has_severities", True)), reference=reference,
@@ -250,7 +246,16 @@ def _now() -> str:
 
 
 def _write_payload(plan: RunPlan, state: RunState) -> dict:
-    """results.json / results.csv from every finished task, in the setting's order."""
+    """results.json / results.csv from every finished task, in the setting's order; with RUN_DOMAINS, other
+    shards' finished tasks too (read under the results lock, so that the last shard to write lists them all)."""
+    with results_lock(plan.save_dir):
+        if plan.cfg.RUN_DOMAINS:
+            stored = read_tasks(plan.save_dir, plan.tasks, state.provenance["config_hash"], state.provenance["config"])
+            state.done = {**stored, **state.done}
+        return _payload_written(plan, state)
+
+
+def _payload_written(plan: RunPlan, state: RunState) -> dict:
     cfg, done = plan.cfg, state.done
     finished = sorted(done)
     records = [r for i in finished for r in done[i]["records"]]

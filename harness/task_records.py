@@ -123,6 +123,17 @@ def task_locks(save_dir: Path, indices):
             handle.close()   # closing releases the lock
 
 
+@contextlib.contextmanager
+def results_lock(save_dir: Path):
+    """Held while a process reads the task records and writes results.json from them, so that of several shards
+    of one run the last writer lists every task finished before it (a shard's write cannot undo another's)."""
+    path = Path(save_dir) / TASKS_DIR / "results.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def clear_tasks(save_dir: Path, indices) -> None:
     for index in indices:
         task_path(save_dir, index).unlink(missing_ok=True)

@@ -26,12 +26,15 @@ def own_nodes(cls) -> dict[str, dict]:
     return nodes
 
 
-def declared_nodes() -> dict[str, dict]:
-    """Every node declared by a registered method. A node belongs to the class whose ``config_defaults`` declares
-    it; subclasses share it. Two unrelated classes declaring one node name is an error."""
+def declared_nodes(leave_out_modules=frozenset()) -> dict[str, dict]:
+    """Every node declared by a registered method, except those of methods defined in ``leave_out_modules`` (plug-in
+    modules another config imported). A node belongs to the class whose ``config_defaults`` declares it;
+    subclasses share it. Two unrelated classes declaring one node name is an error."""
     owners: dict[str, type] = {}
     nodes: dict[str, dict] = {}
     for cls in {id(c): c for _, c in METHODS.items()}.values():
+        if any(cls.__module__ == m or cls.__module__.startswith(m + ".") for m in leave_out_modules):
+            continue
         for klass in cls.__mro__:
             for node, keys in (klass.__dict__.get("config_defaults", {}) or {}).items():
                 if node in owners and owners[node] is not klass:

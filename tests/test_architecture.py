@@ -20,8 +20,8 @@ ALLOWED = {
     "harness": {"conf", "datasets", "models", "methods"},
 }
 # Inside harness, reporting is apart from running: harness.report imports none of these.
-RUNNING = {"harness.build", "harness.run", "harness.comparison", "harness.cli", "harness.settings",
-           "harness.stream"}
+RUNNING = {"harness.build", "harness.run", "harness.comparison", "harness.cli", "harness.settings", "harness.stream",
+           "harness.grid", "harness.launch"}
 
 
 def module_name(path: Path) -> str:

@@ -150,6 +150,30 @@ def test_paper_rows_beside_measured_rows_with_the_difference_per_cell():
         == ["measured"]
 
 
+def test_paper_row_of_a_run_is_the_row_of_the_shipped_config_it_matches():
+    from harness.build import load_cfg
+
+    def row_for(config, *opts):
+        cfg = load_cfg(f"conf/imagenet_c/{config}.yaml", list(opts))
+        found = paper.paper_row_for_run("imagenet_c", cfg.MODEL.ADAPTATION, cfg)
+        return found.method if found else None
+
+    # StatA has two paper rows (gamma 0.1 and -1); each shipped config gets its own, a CfgNode or a YAML dump alike
+    assert row_for("stata") == "stata" and row_for("stata_gamma_m1") == "stata_gamma_m1"
+    cfg = load_cfg("conf/imagenet_c/stata_gamma_m1.yaml")
+    assert paper.paper_row_for_run("imagenet_c", "stata", cfg.dump()).method == "stata_gamma_m1"
+    # a run that keeps gamma -1's stream but changes another key is still that row
+    assert row_for("stata_gamma_m1", "STATA.N_NEIGHBORS", "5") == "stata_gamma_m1"
+    # a stream neither row describes as well as the other: no paper row rather than the wrong one
+    assert row_for("stata", "TEST.DELTA_DIRICHLET", "0.5", "TEST.CORRELATION_SAMPLER", "anchor") is None
+    assert row_for("stata", "TEST.CORRELATION_SAMPLER", "anchor") is None     # gamma 0.1 without StatA's sampler
+    assert row_for("stata", "TEST.DELTA_DIRICHLET", "0.0") == "stata_gamma_m1"  # a sorted stream, whatever sampler
+    # a method with one row gets it whatever its keys; other data sets and unknown methods none
+    assert paper.paper_row_for_run("imagenet_c", "batclip", {"OPTIM": {"LR": 1.0}}).method == "batclip"
+    assert paper.paper_row_for_run("cifar10_c", "stata", {}) is None
+    assert paper.paper_row_for_run("imagenet_c", "nope", {}) is None
+
+
 def test_merge_of_shards_and_disagreeing_shards(tmp_path):
     a = fake_payload({"gaussian_noise": (3, 10), "fog": (4, 10)}, CORRUPTION__TYPE=DOMAINS)
     b = fake_payload({"shot_noise": (5, 10), "fog": (4, 10)}, CORRUPTION__TYPE=DOMAINS)

@@ -140,7 +140,39 @@ def test_keys_that_change_nothing_warn():
 
 
 def test_declared_options_cover_every_method_node():
-    """Every method's keys are in the schema with their defaults (the tiny tests rely on the same defaults)."""
+    """Every method's keys are in the schema with their defaults (the tiny tests rely on the same defaults); plug-ins
+    other tests imported are not in a config that does not name them."""
+    import conf
     cfg = tiny_cfg()
-    for node, keys in methods.declared_nodes().items():
+    for node, keys in methods.declared_nodes(conf.PLUGIN_MODULES).items():
         assert set(cfg[node]) == set(keys), node
+
+
+def test_a_config_does_not_take_the_keys_of_plugins_other_configs_of_the_process_imported(tmp_path):
+    # A process that loads several configs (a grid, scripts/compare.py): a plug-in named by one config must not
+    # enter the keys, dump and hash of another, else that config's run folder and identity depend on what was
+    # loaded before it in the same process.
+    module = tmp_path / "other_plugin_method.py"
+    module.write_text(
+        "from methods.base import TTAMethod\n"
+        "from methods.registry import register_method\n"
+        "@register_method('other_plugin_method')\n"
+        "class OtherPlugin(TTAMethod):\n"
+        "    config_defaults = {'OTHERPLUGIN': {'BETA': 0.5}}\n"
+        "    def forward_and_adapt(self, x):\n"
+        "        return self.model(x)\n")
+    before = load_cfg("conf/cifar10_c/tent.yaml")
+    with_plugin = load_cfg("conf/cifar10_c/source.yaml", ["MODEL.EXTRA_MODULES", f"['{module}']",
+                                                          "MODEL.ADAPTATION", "other_plugin_method"])
+    assert with_plugin.OTHERPLUGIN.BETA == 0.5
+    after = load_cfg("conf/cifar10_c/tent.yaml")
+    assert "OTHERPLUGIN" not in after and after.dump() == before.dump()
+    assert config_hash(after) == config_hash(before)
+    with pytest.raises(ConfigError, match="Unknown config key 'OTHERPLUGIN.BETA'"):
+        load_cfg("conf/cifar10_c/tent.yaml", ["OTHERPLUGIN.BETA", "0.1"])
+    # warnings still look at the nodes a config has: a key of another method's node set in the plug-in's config
+    from harness.build import config_warnings
+    assert config_warnings(after) == config_warnings(before) == []
+    flagged = load_cfg("conf/cifar10_c/source.yaml", ["MODEL.EXTRA_MODULES", f"['{module}']",
+                                                      "MODEL.ADAPTATION", "other_plugin_method", "SAR.RHO", "0.1"])
+    assert any(w.startswith("SAR.RHO set, but method other_plugin_method") for w in config_warnings(flagged))

@@ -9,6 +9,12 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+import yaml
+
+from conf.compose import METHODS_DIR, method_config
+from conf.schema import decode_value
+from harness.identity import flatten
+
 PAPER_DIR = Path(__file__).resolve().parent / "paper_results"
 MAIN_TABLE = PAPER_DIR / "batclip_paper_main_table.csv"
 DG_TABLE = PAPER_DIR / "batclip_paper_dg_table.csv"
@@ -136,6 +142,39 @@ def paper_row(dataset: str, method: str) -> PaperRow | None:
         if row.dataset == dataset and row.method == method:
             return row
     return None
+
+
+def paper_row_for_run(dataset: str, method: str, config) -> PaperRow | None:
+    """The paper's row for a run of the registered method ``method`` (MODEL.ADAPTATION) with ``config`` (its
+    config as a mapping, a CfgNode or a YAML dump). Where the paper reports that method in several configurations
+    (StatA with gamma 0.1 and -1), the row whose shipped config (conf/methods/<name>.yaml) the run agrees with on
+    every key that tells those configurations apart, if exactly one does; else None (a run of neither)."""
+    candidates = [row for row in paper_rows() if row.dataset == dataset and _registered_name(row.method) == method]
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    run = flatten(dict(yaml.safe_load(config) if isinstance(config, str) else config))
+    shipped = {row.method: _shipped_keys(row.method, dataset) for row in candidates}
+    telling = {key for keys in shipped.values() for key in keys
+               if len({repr(other.get(key, "<unset>")) for other in shipped.values()}) > 1}
+    agreeing = [row for row in candidates
+                if all(run.get(key) == value for key, value in shipped[row.method].items() if key in telling)]
+    return agreeing[0] if len(agreeing) == 1 else None
+
+
+def _registered_name(name: str) -> str:
+    """MODEL.ADAPTATION of a paper row's method: the name itself, or that of the shipped config it names."""
+    if not (METHODS_DIR / f"{name}.yaml").is_file():
+        return name
+    keys, _ = method_config(name)
+    return (keys.get("MODEL") or {}).get("ADAPTATION", name)
+
+
+def _shipped_keys(name: str, dataset: str) -> dict:
+    keys, per_dataset = method_config(name)
+    flat = flatten(keys)
+    flat.update(flatten(per_dataset.get(dataset) or {}))
+    flat.pop("MODEL.ADAPTATION", None)
+    return {k: decode_value(v) for k, v in flat.items()}
 
 
 def paper_methods(dataset: str) -> list[str]:

@@ -40,7 +40,7 @@ def build_table(groups: list[tuple[str, list[dict]]], metric: str = "accuracy", 
         rows.append(row)
         if not with_paper:
             continue
-        reference = paper.paper_row(dataset, row.method)
+        reference = paper.paper_row_for_run(dataset, row.method, run_config(runs[0]))
         shown = paper.comparable_reference(reference, runs[0]["records"])
         if not shown:
             continue

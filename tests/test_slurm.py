@@ -1,0 +1,106 @@
+"""The grid on a real SLURM: scripts/slurm_local.sh brings up a single-node SLURM with accounting on this machine
+(it needs root and Debian's slurm-wlm packages; .ci/run installs them), and the tiny grid goes through submitit's
+SLURM executor as one job array. A job pre-empted by SLURM's signal is requeued and resumes; a cancelled one shows
+as failed with SLURM's state. Where SLURM cannot start, the test is skipped with the reason."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from harness import grid as grids
+from harness import launch
+from tests.grid_support import ROOT, grid_command, task_records, wait_until, write_grid, write_shapes
+from tests.test_grid import _paused_pid, grid_main
+
+SCRIPT = ROOT / "scripts" / "slurm_local.sh"
+SLURM_FLAGS = ["--launcher", "slurm", "--gpus-per-job", "0", "--cpus-per-job", "1", "--timeout-min", "10"]
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if not sys.platform.startswith("linux"):
+        pytest.skip(f"SLURM test skipped: scripts/slurm_local.sh runs on Linux, not {sys.platform}")
+    was_up = subprocess.run(["scontrol", "ping"], capture_output=True, text=True).returncode == 0 \
+        if subprocess.run(["which", "scontrol"], capture_output=True).returncode == 0 else False
+    started = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=180)
+    if started.returncode != 0:
+        reason = (started.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"SLURM test skipped: `bash scripts/slurm_local.sh start` exited {started.returncode}: {reason}")
+    yield
+    if not was_up:
+        subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return write_shapes(tmp_path_factory.mktemp("shapes") / "data")
+
+
+def _statuses(grid):
+    return {s.job.id: s for s in launch.job_statuses(grid)}
+
+
+def _slurm_id(grid, job) -> str:
+    return launch.read_submissions(grid)[job.id]["scheduler_id"]
+
+
+def test_the_tiny_grid_on_slurm_preempted_job_requeued_cancelled_job_failed(slurm, tmp_path, shapes):
+    # the reference: the same grid, uninterrupted, in this process
+    reference = tmp_path / "reference"
+    ref_grid = write_grid(reference, pausable=True)
+    assert grid_main("run", ref_grid, "--launcher", "debug", "DATA_DIR", shapes, "SAVE_DIR", reference / "out") == 0
+
+    # 1. one job array; one job waits inside a batch, SLURM signals it (as before a time limit or a pre-emption):
+    #    submitit requeues it, it resumes, and the grid's records are the uninterrupted ones
+    folder = tmp_path / "preempted"
+    path = write_grid(folder, pausable=True)
+    opts = ["DATA_DIR", shapes, "SAVE_DIR", folder / "out"]
+    (folder / "PAUSE").touch()
+    result = grid_command("run", path, *SLURM_FLAGS, "--no-wait", *opts)
+    assert result.returncode == 0, result.stdout + result.stderr
+    grid = grids.load_grid(path, opts)
+    array = {_slurm_id(grid, job).split("_")[0] for job in grid.jobs}
+    assert len(array) == 1                                     # one submission: a job array
+    wait_until(lambda: _paused_pid(folder), 120, "a job to pause inside a batch")
+    paused = wait_until(lambda: next((s for s in _statuses(grid).values() if s.state == "running"
+                                      and (grids.read_state(grid.folder, s.job) or {}).get("state") == "running"
+                                      and grids.lock_held(grid.folder, s.job)), None), 60, "the paused job")
+    signal = subprocess.run(["scancel", "--signal=USR2", _slurm_id(grid, paused.job)], capture_output=True, text=True)
+    assert signal.returncode == 0, signal.stderr
+    wait_until(lambda: all(s.state == "done" for s in _statuses(grid).values()), 240, "every job done after requeue")
+    log = (grid.folder / "submitit").glob(f"{_slurm_id(grid, paused.job)}_0_log.out")
+    text = "".join(p.read_text() for p in log)
+    # (submitit calls any signal in the last 10 min of a job's time "timed-out"; requeued all the same)
+    assert "Caught signal SIGUSR2" in text and "Requeued job" in text
+    assert task_records(folder / "out") == task_records(reference / "out")
+    result = grid_command("run", path, *SLURM_FLAGS, *opts)
+    assert result.returncode == 0 and "0 of 4 jobs to submit (4 done, 0 running)" in result.stdout
+    table = (grid.folder / "tables" / "shapes_c.md").read_text()
+    assert "| source |" in table and "| pausable_tent |" in table
+
+    # 2. a job cancelled while it runs (no requeue): failed, with SLURM's word for it, the others finish
+    folder = tmp_path / "cancelled"
+    path = write_grid(folder, pausable=True)
+    opts = ["DATA_DIR", shapes, "SAVE_DIR", folder / "out"]
+    (folder / "PAUSE").touch()
+    assert grid_command("run", path, *SLURM_FLAGS, "--no-wait", *opts).returncode == 0
+    grid = grids.load_grid(path, opts)
+    wait_until(lambda: _paused_pid(folder), 120, "a job to pause inside a batch")
+    wait_until(lambda: [s.state for s in _statuses(grid).values()].count("done") == 3, 120, "the other jobs done")
+    victim = next(s for s in _statuses(grid).values() if s.state != "done")
+    assert subprocess.run(["scancel", _slurm_id(grid, victim.job)]).returncode == 0
+    status = wait_until(lambda: (lambda s: s if s.state == "failed" else None)(_statuses(grid)[victim.job.id]), 120,
+                        "the cancelled job to show as failed")
+    assert "CANCELLED" in status.detail and "log.txt" in status.log
+    result = grid_command("status", path, *opts)
+    assert result.returncode == 1 and f"failed   {victim.job.id}" in result.stdout
+    (folder / "PAUSE").unlink()
+    result = grid_command("run", path, *SLURM_FLAGS, "--retry-failed", *opts)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 of 4 jobs to submit" in result.stdout
+    assert task_records(folder / "out") == task_records(reference / "out")
+    submissions = [json.loads(line) for line in (grid.folder / "submissions.jsonl").read_text().splitlines()]
+    assert [s["job"] for s in submissions].count(victim.job.id) == 2
