@@ -117,6 +117,10 @@ SUITE_OPTIONS = {
         # Who splits the classes for DELTA_DIRICHLET > 0: "anchor" (the anchor suite's sort_by_dirichlet, as for
         # the *_correlated settings there) or "stata" (StatA's online sampler; the StatA paper's gamma).
         "CORRELATION_SAMPLER": Option("anchor", choices=("anchor", "stata")),
+        # Which images form each batch: "authors", the order of the authors' loaders for the same RNG_SEED (Python's
+        # random shuffles each loader's sample list, their label sort or Dirichlet sort follows: the batches of the
+        # paper's runs); "suite", this suite's own seeded permutation. docs/comparison.md#stream-order.
+        "STREAM_ORDER": Option("authors", choices=("authors", "suite")),
         "DEBUG": False,
     },
     "CUDNN": {

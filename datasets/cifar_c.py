@@ -60,6 +60,10 @@ def _load_mmap(path: Path, what: str) -> np.ndarray:
 class CleanImages(Dataset):
     """(PIL image, label) for rows of an in-memory uint8 (N, H, W, 3) array read from one file."""
 
+    # The authors' loader reads the clean CIFAR test set through torchvision (no sample list), so it neither
+    # shuffles nor sorts it: their stream is the file's order (harness.stream.authors_stream_order).
+    authors_file_order = True
+
     def __init__(self, path: Path, images: np.ndarray, labels: np.ndarray):
         self.path, self.images, self.labels = path, images, labels
         self.image_shape = tuple(int(v) for v in images.shape[1:])

@@ -88,10 +88,15 @@ def check_no_severity(name: str, severity: int) -> None:
 def take_subset(cfg, files: list[Path], labels: list[int], where: Path) -> tuple[list[Path], list[int]]:
     """CORRUPTION.NUM_EX images (-1 = all) of a class-folder set (datasets.base.select_subset). The authors'
     suite reads such a set with torchvision's ImageFolder, which lists class folders and files in name order (so
-    ImageNet-V2's folder "10" comes before "2"); the subset is drawn from that order."""
-    if cfg.CORRUPTION.NUM_EX < 0:
-        return files, labels
+    ImageNet-V2's folder "10" comes before "2"); their subset, and their stream order of the whole set
+    (TEST.STREAM_ORDER authors), start from that order."""
     pairs = list(zip(files, labels))
+    if cfg.CORRUPTION.NUM_EX < 0:
+        if cfg.TEST.STREAM_ORDER != "authors":
+            return files, labels
+        # the authors' stream shuffles the whole set from their listing: give it their order
+        pairs.sort(key=lambda pair: (pair[0].parent.name, pair[0].name))
+        return [f for f, _ in pairs], [label for _, label in pairs]
     if cfg.CORRUPTION.SUBSET == "authors":
         pairs.sort(key=lambda pair: (pair[0].parent.name, pair[0].name))
     chosen = select_subset(pairs, cfg, where)

@@ -92,6 +92,10 @@ def check_config(cfg) -> None:
         if bad or not cfg.CORRUPTION.SEVERITY:
             raise ConfigError(f"CORRUPTION.SEVERITY = {list(cfg.CORRUPTION.SEVERITY)}: {dataset.name} needs a list of "
                               f"severities in 1..5")
+    if (cfg.TEST.STREAM_ORDER == "authors" and cfg.TEST.CORRELATION_SAMPLER == "stata" and "correlated" in cfg.SETTING
+            and cfg.TEST.DELTA_DIRICHLET > 0):
+        raise ConfigError("TEST.CORRELATION_SAMPLER stata: StatA's sampler is not in the authors' suite, which has no "
+                          "order for it; set TEST.STREAM_ORDER suite")
     unknown = [d for d in cfg.RUN_DOMAINS if d not in cfg.CORRUPTION.TYPE]
     if unknown:
         raise ConfigError(f"RUN_DOMAINS / --domains {unknown} are not in CORRUPTION.TYPE {list(cfg.CORRUPTION.TYPE)}")

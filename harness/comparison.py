@@ -16,8 +16,8 @@ from harness.run import evaluate as run_evaluate
 # Keys every compared method takes from the base config, so that all of them see the same data, stream and
 # backbone; everything else (optimiser, batch size, method keys) comes from each method's own config.
 SHARED_KEYS = ["SETTING", "RNG_SEED", "DATA_DIR", "SAVE_DIR", "CORRUPTION", "MODEL.ARCH", "MODEL.WEIGHTS",
-               "MODEL.CKPT_PATH", "MODEL.FORCE_QUICK_GELU", "TEST.DELTA_DIRICHLET", "TEST.NUM_WORKERS", "DEVICE",
-               "RESUME", "RUN_DOMAINS"]
+               "MODEL.CKPT_PATH", "MODEL.FORCE_QUICK_GELU", "TEST.DELTA_DIRICHLET", "TEST.STREAM_ORDER",
+               "TEST.NUM_WORKERS", "DEVICE", "RESUME", "RUN_DOMAINS"]
 
 
 def resolve_method_config(method: str, dataset: str) -> str:

@@ -25,7 +25,7 @@ from harness.identity import config_hash
 from harness.report import paper
 from harness.report.text import format_table
 from harness.results import command_line, git_commit, make_record, package_versions, summarise, write_results
-from harness.stream import SegmentStream, make_loader, segment_labels, stream_order
+from harness.stream import SegmentStream, make_loader, task_stream_order
 from harness.logs import file_logging, show_progress
 from harness.task_records import TASKS_DIR, clear_tasks, read_tasks, results_lock, task_locks, write_task
 from harness.settings import tasks_to_run
@@ -136,6 +136,7 @@ def prepare(plan: RunPlan) -> RunState:
         "device": device_name,
         "torch_threads": torch.get_num_threads(),
         "data": {"data_dir": str(Path(cfg.DATA_DIR).resolve()), **plan.dataset.describe(cfg),
+                 "stream_order": cfg.TEST.STREAM_ORDER,
                  "fingerprints": {str(i): f for i, f in sorted(plan.data_fingerprints.items())},
                  "image_shapes": [list(s) for s in sorted({tuple(p.image_shape) for p in plan.data.values()
                                                           if hasattr(p, "image_shape")})]},
@@ -176,10 +177,7 @@ def run_task(plan: RunPlan, state: RunState, index: int, progress: bool) -> tupl
     """One task's stream through the method; returns (records per segment, seconds, images)."""
     cfg, task = plan.cfg, plan.tasks[index]
     parts = [plan.data[s] for s in task.segments]
-    labels = (np.concatenate([segment_labels(p) for p in parts]) if task.correlation != "none" else None)
-    order = stream_order([len(p) for p in parts], task.order, cfg.RNG_SEED, index, labels=labels,
-                         correlation=task.correlation, dirichlet_delta=task.dirichlet_delta,
-                         batch_size=int(cfg.TEST.BATCH_SIZE))
+    order = task_stream_order(cfg, task, index, parts)
     loader = make_loader(SegmentStream(parts, order, state.transform), cfg, plan.device)
     correct = torch.zeros(len(parts), dtype=torch.long)
     counts = torch.zeros(len(parts), dtype=torch.long)

@@ -3,6 +3,8 @@ from RNG_SEED that is the same for every method, batched by a DataLoader whose w
 transform (nothing up-sampled is held in memory)."""
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -31,6 +33,19 @@ class SegmentStream(Dataset):
         return self.transform(image), label, segment
 
 
+def task_stream_order(cfg, task, index: int, parts: list[Dataset]) -> np.ndarray:
+    """The order of a task's samples (positions in its concatenated segments) by TEST.STREAM_ORDER: "authors",
+    their loaders' order (authors_stream_order); "suite", this suite's own permutation (stream_order)."""
+    labels = np.concatenate([segment_labels(p) for p in parts]) if task.correlation != "none" else None
+    sizes = [len(p) for p in parts]
+    if cfg.TEST.STREAM_ORDER == "authors":
+        return authors_stream_order(sizes, task.order, cfg.RNG_SEED, labels, task.correlation, task.dirichlet_delta,
+                                    presampled=cfg.CORRUPTION.NUM_EX >= 0 and cfg.CORRUPTION.SUBSET == "authors",
+                                    file_order=[bool(getattr(p, "authors_file_order", False)) for p in parts])
+    return stream_order(sizes, task.order, cfg.RNG_SEED, index, labels=labels, correlation=task.correlation,
+                        dirichlet_delta=task.dirichlet_delta, batch_size=int(cfg.TEST.BATCH_SIZE))
+
+
 def stream_order(sizes: list[int], order: str, seed: int, task_index: int = 0, labels: np.ndarray | None = None,
                  correlation: str = "none", dirichlet_delta: float = 0.0, batch_size: int = 1) -> np.ndarray:
     """Sequential: each segment shuffled on its own, segments one after another. Shuffled: all samples of all
@@ -57,6 +72,53 @@ def stream_order(sizes: list[int], order: str, seed: int, task_index: int = 0, l
     if order == "as_is":
         return np.arange(int(offsets[-1]))
     raise ValueError(f"unknown stream order '{order}'")
+
+
+def authors_stream_order(sizes: list[int], order: str, seed: int, labels: np.ndarray | None = None,
+                         correlation: str = "none", dirichlet_delta: float = 0.0, presampled: bool = False,
+                         file_order: list[bool] | None = None) -> np.ndarray:
+    """The order in which the authors' suite (and the anchor suite it forks) feeds a task's samples, for the same
+    RNG_SEED: their ``get_test_loader`` builds one loader per segment ("sequential") or one for all segments mixed
+    ("shuffled"), and each starts with ``random.seed(seed); np.random.seed(seed)``, then ``random.shuffle`` of the
+    sample list (in the order their data set code lists it: our segments' order), ``random.sample`` of NUM_EX
+    (``presampled``: the data set has drawn it already, datasets.base.select_subset, in the sample's order; with
+    CORRUPTION.SUBSET first_n the first NUM_EX are the list their shuffle starts from), then
+    for a correlated setting a stable sort by label or their ``sort_by_dirichlet`` on NumPy's global generator.
+    A segment with ``file_order`` (a set their loader reads without a sample list: clean CIFAR through
+    torchvision) is neither shuffled nor sorted there, and so not here."""
+    offsets = np.cumsum([0] + list(sizes))
+    if order == "sequential":
+        groups = [np.arange(offsets[k], offsets[k + 1]) for k in range(len(sizes))]
+        fixed = list(file_order or [False] * len(sizes))
+    elif order == "shuffled":
+        groups = [np.arange(int(offsets[-1]))]
+        fixed = [all(file_order or [False])]
+    else:
+        raise ValueError(f"unknown stream order '{order}'")
+    pieces = []
+    for group, keep in zip(groups, fixed):
+        if not keep:
+            if not presampled:
+                as_list = group.tolist()
+                random.Random(seed).shuffle(as_list)      # random.seed(seed); random.shuffle(samples)
+                group = np.asarray(as_list, dtype=np.int64)
+            if correlation == "label":
+                group = group[np.argsort(labels[group], kind="stable")]     # list.sort(key=label) is stable
+            elif correlation == "dirichlet":
+                group = group[authors_dirichlet_order(labels[group], dirichlet_delta, seed)]
+            elif correlation != "none":
+                raise ValueError(f"the authors' stream order has no correlation '{correlation}'")
+        pieces.append(group)
+    return np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, dtype=np.int64)
+
+
+def authors_dirichlet_order(labels: np.ndarray, delta: float, seed: int) -> np.ndarray:
+    """Positions 0..N-1 of ``labels`` as the authors' ``sort_by_dirichlet`` orders them right after
+    ``np.random.seed(seed)`` (nothing else draws from NumPy's global generator in their loader before it):
+    ``dirichlet_order`` on their legacy generator, whose ``permutation`` makes the draws of their ``shuffle``
+    calls. (Where every chunk is full before a class is split, their code divides by zero; this one draws again.
+    Where they stop after 120 s without a split, this stops after DIRICHLET_MAX_ATTEMPTS.)"""
+    return dirichlet_order(labels, delta, np.random.RandomState(int(seed) & 0xFFFFFFFF))
 
 
 def correlate(indices: np.ndarray, labels: np.ndarray | None, correlation: str, delta: float,
@@ -99,7 +161,8 @@ DIRICHLET_MIN_CHUNK = 10
 DIRICHLET_MAX_ATTEMPTS = 10_000
 
 
-def dirichlet_order(labels: np.ndarray, delta: float, rng: np.random.Generator) -> np.ndarray:
+def dirichlet_order(labels: np.ndarray, delta: float,
+                    rng: np.random.Generator | np.random.RandomState) -> np.ndarray:
     """Positions 0..N-1 of ``labels`` in a temporally correlated order, as the anchor suite's sort_by_dirichlet
     (after NOTE, Gong et al. 2022) defines it: there are C chunks (C = max label + 1); the samples of each class,
     shuffled, are split over the chunks in Dirichlet(delta)-distributed proportions, where chunks that already

@@ -72,6 +72,9 @@ def test_aggregation_refuses_configs_that_differ_beyond_the_seed_and_names_the_k
         report.aggregate([a, b])
     assert "OPTIM.LR" in str(err.value) and "TEST.BATCH_SIZE" in str(err.value)
     assert "RNG_SEED" not in str(err.value).split("refusing")[0]
+    # runs of the authors' stream order and of the suite's are different experiments
+    with pytest.raises(report.CompareError, match="TEST.STREAM_ORDER"):
+        report.aggregate([a, fake_payload({"fog": (2, 2)}, seed=2, TEST__STREAM_ORDER="suite")])
     # keys that cannot change results do not count
     c = fake_payload({"fog": (2, 2)}, seed=2, SAVE_DIR="/elsewhere", TEST__NUM_WORKERS=3)
     assert report.aggregate([a, c]).runs == 2

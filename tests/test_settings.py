@@ -171,13 +171,13 @@ def test_mixed_and_correlated_streams_end_to_end_are_the_same_for_every_method(t
 
     import harness.run as run
     seen = []
-    original = run.stream_order
+    original = run.task_stream_order
 
     def recording(*args, **kwargs):
         order = original(*args, **kwargs)
         seen.append(order.copy())
         return order
-    monkeypatch.setattr(run, "stream_order", recording)
+    monkeypatch.setattr(run, "task_stream_order", recording)
     first = evaluate(tiny_cfg("conf/cifar10_c/source.yaml", SETTING="correlated", RESUME=False, **base),
                      progress=False)
     labels = np.load(tmp_path / "CIFAR-10-C" / "labels.npy")[80:100]
