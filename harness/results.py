@@ -17,23 +17,32 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 _PACKAGES = ["torch", "torchvision", "open_clip_torch", "timm", "numpy", "yacs", "scipy", "pillow", "robustbench"]
 
 
-def make_record(domain: str, severity: int, n: int, correct: int) -> dict:
+# Calibration fields of a record (harness/calibration.py) and their summary keys.
+CALIBRATION_FIELDS = {"ece": "mean_ece", "nll": "mean_nll", "mean_confidence": "mean_confidence"}
+
+
+def make_record(domain: str, severity: int, n: int, correct: int, calibration: dict | None = None) -> dict:
     accuracy = correct / n if n else float("nan")
     return {"domain": domain, "severity": int(severity), "n": int(n), "correct": int(correct),
-            "accuracy": accuracy, "error": 1.0 - accuracy}
+            "accuracy": accuracy, "error": 1.0 - accuracy, **(calibration or {})}
 
 
 def summarise(records: list[dict]) -> dict:
     """Mean over the records (each domain/severity counts once, as in the paper's tables), and the mean per
-    severity (the anchor suite also reports the mean error at severity 5, e.g. for SETTING gradual)."""
+    severity (the anchor suite also reports the mean error at severity 5, e.g. for SETTING gradual); the means
+    of the calibration fields where every record has them."""
     if not records:
         return {"mean_accuracy": float("nan"), "mean_error": float("nan"), "n_total": 0}
     mean_acc = sum(r["accuracy"] for r in records) / len(records)
     by_severity: dict[int, list[float]] = {}
     for r in records:
         by_severity.setdefault(int(r["severity"]), []).append(r["accuracy"])
-    return {"mean_accuracy": mean_acc, "mean_error": 1.0 - mean_acc, "n_total": sum(r["n"] for r in records),
-            "mean_accuracy_by_severity": {str(s): sum(v) / len(v) for s, v in sorted(by_severity.items())}}
+    summary = {"mean_accuracy": mean_acc, "mean_error": 1.0 - mean_acc, "n_total": sum(r["n"] for r in records),
+               "mean_accuracy_by_severity": {str(s): sum(v) / len(v) for s, v in sorted(by_severity.items())}}
+    for field, key in CALIBRATION_FIELDS.items():
+        if all(field in r for r in records):
+            summary[key] = sum(r[field] for r in records) / len(records)
+    return summary
 
 
 def git_commit() -> dict:
@@ -59,11 +68,12 @@ def package_versions() -> dict:
 def write_results(save_dir: Path, payload: dict) -> None:
     atomic_write_text(save_dir / "results.json", json.dumps(payload, indent=2, default=str) + "\n")
     buf = io.StringIO()
-    fields = ["method", "dataset", "domain", "severity", "n", "correct", "accuracy", "error", "seed", "config_hash"]
+    fields = ["method", "dataset", "domain", "severity", "n", "correct", "accuracy", "error", *CALIBRATION_FIELDS,
+              "seed", "config_hash"]
     provenance = payload.get("provenance", {})
     run = {"method": payload["method"], "dataset": payload["dataset"], "seed": provenance.get("seed", ""),
            "config_hash": provenance.get("config_hash", "")}
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for r in payload["records"]:
         writer.writerow({**run, **r})
@@ -73,7 +83,8 @@ def write_results(save_dir: Path, payload: dict) -> None:
     writer.writerow({**run, "domain": "mean" if complete else "mean (incomplete run: not computed)",
                      "severity": "", "n": summary["n_total"], "correct": "",
                      "accuracy": summary["mean_accuracy"] if complete else "",
-                     "error": summary["mean_error"] if complete else ""})
+                     "error": summary["mean_error"] if complete else "",
+                     **{field: summary.get(key, "") if complete else "" for field, key in CALIBRATION_FIELDS.items()}})
     atomic_write_text(save_dir / "results.csv", buf.getvalue())
 
 

@@ -25,6 +25,7 @@ from harness.identity import config_hash
 from harness.report import paper
 from harness.report.text import format_table
 from harness.results import command_line, git_commit, make_record, package_versions, summarise, write_results
+from harness.calibration import CalibrationCounts
 from harness.stream import SegmentStream, make_loader, task_stream_order
 from harness.logs import file_logging, show_progress
 from harness.task_records import TASKS_DIR, clear_tasks, read_tasks, results_lock, task_locks, write_task
@@ -181,6 +182,7 @@ def run_task(plan: RunPlan, state: RunState, index: int, progress: bool) -> tupl
     loader = make_loader(SegmentStream(parts, order, state.transform), cfg, plan.device)
     correct = torch.zeros(len(parts), dtype=torch.long)
     counts = torch.zeros(len(parts), dtype=torch.long)
+    calibration = CalibrationCounts(len(parts))
     label = ", ".join(f"{s.domain}@{s.severity}" for s in task.segments[:3]) + (
         " ..." if len(task.segments) > 3 else "")
     start = time.perf_counter()
@@ -190,12 +192,13 @@ def run_task(plan: RunPlan, state: RunState, index: int, progress: bool) -> tupl
             hits = (logits.argmax(1).cpu() == labels_batch).long()
             correct.index_add_(0, segment, hits)
             counts.index_add_(0, segment, torch.ones_like(hits))
+            calibration.add(logits, labels_batch, segment)
     except UserError as err:
         raise _without_worker_traceback(err) from None
     seconds = time.perf_counter() - start
     records = []
     for k, seg in enumerate(task.segments):
-        record = make_record(seg.domain, seg.severity, int(counts[k]), int(correct[k]))
+        record = make_record(seg.domain, seg.severity, int(counts[k]), int(correct[k]), calibration.fields(k))
         records.append(record)
         logger.info("%s severity %d: accuracy %.2f%% (error %.2f%%, n=%d)", seg.domain, seg.severity,
                     100 * record["accuracy"], 100 * record["error"], record["n"])

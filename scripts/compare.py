@@ -42,7 +42,8 @@ def parse_args(argv):
     parser.add_argument("--cfg", dest="cfg_file", help="base config: data set, setting, stream and backbone for "
                                                        "every method (default: the first method's config)")
     parser.add_argument("--seeds", nargs="+", help="run every method with each of these RNG_SEEDs")
-    parser.add_argument("--metric", choices=["accuracy", "error"], default="accuracy")
+    parser.add_argument("--metric", choices=list(report.METRICS), default="accuracy",
+                        help="accuracy, error, or calibration: ece (15 equal-width bins), nll, confidence")
     parser.add_argument("--no-paper", action="store_true", help="leave out the paper's rows")
     parser.add_argument("--figure", choices=["bars", "heatmap", "none"], default="bars")
     parser.add_argument("--out", help="folder for comparison.md/.csv/.tex/.png (and the merged results.json)")

@@ -56,7 +56,8 @@ def parse_args(argv):
     parser.add_argument("--retry-failed", action="store_true", help="run: submit only the failed jobs")
     parser.add_argument("--no-wait", action="store_true", help="run: submit and return (see status, report)")
     parser.add_argument("--dry-run", action="store_true", help="run: list the jobs that would be submitted")
-    parser.add_argument("--metric", choices=["accuracy", "error"], default="accuracy")
+    parser.add_argument("--metric", choices=list(report.METRICS), default="accuracy",
+                        help="accuracy, error, or calibration: ece (15 equal-width bins), nll, confidence")
     parser.add_argument("--no-paper", action="store_true", help="report: leave out the paper's rows")
     parser.add_argument("--figure", choices=["bars", "heatmap", "none"], default="bars")
     if "-h" in argv or "--help" in argv:
@@ -93,7 +94,7 @@ def print_status(grid, statuses) -> dict:
             line += f"  {s.detail}"
         if s.state == "failed":
             line += f"  [log: {s.log}]"
-        print(line)
+        print(line.rstrip())
     print(f"{grid.name}: " + ", ".join(f"{counts[k]} {k}" for k in grids.JOB_STATES) + f" of {len(statuses)} jobs")
     print(grids.compute_summary(statuses))
     return counts

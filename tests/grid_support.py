@@ -111,6 +111,21 @@ def task_records(save_dir: Path) -> dict:
     return found
 
 
+def same_records(found: dict, expected: dict) -> bool:
+    """Two task_records() results agree: the same tasks, counts and bins exactly, the calibration floats to a
+    relative 1e-5 (jobs run with other CPU thread counts than the reference, which moves float32 logits' last
+    bits)."""
+    def close(a, b):
+        if isinstance(a, dict) and isinstance(b, dict):
+            return a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+        if isinstance(a, list) and isinstance(b, list):
+            return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b))
+        if isinstance(a, float) and isinstance(b, float):
+            return abs(a - b) <= 1e-5 * max(abs(a), abs(b), 1e-12)
+        return a == b
+    return close(found, expected)
+
+
 def wait_until(condition, timeout: float, what: str, poll: float = 0.2):
     """Poll condition until it returns a true value (returned) or fail the test after timeout seconds."""
     deadline = time.monotonic() + timeout

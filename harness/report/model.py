@@ -44,9 +44,21 @@ def column_labels(columns: list[Column]) -> list[str]:
     return labels
 
 
-def payload_cells(payload) -> dict[Column, float]:
-    """{column: accuracy %} of one run (its finished records)."""
-    return {c: 100.0 * r["accuracy"] for c, r in zip(record_columns(payload["records"]), payload["records"])}
+# A table's metric: (the record field it shows, its scale, how the caption and axes name it). "error" shows
+# 100 - accuracy (Table.value); the calibration fields are harness/calibration.py's.
+METRICS = {"accuracy": ("accuracy", 100.0, "accuracy (%)"),
+           "error": ("accuracy", 100.0, "error (%)"),
+           "ece": ("ece", 100.0, "expected calibration error (%, 15 equal-width bins)"),
+           "nll": ("nll", 1.0, "negative log-likelihood (nats)"),
+           "confidence": ("mean_confidence", 100.0, "mean confidence (%)")}
+
+
+def payload_cells(payload, metric: str = "accuracy") -> dict[Column, float]:
+    """{column: value} of one run's finished records in ``metric`` (accuracy % for accuracy and error); a record
+    without the metric's field (results written before calibration was recorded) gives no cell."""
+    field, scale, _ = METRICS[metric]
+    return {c: scale * r[field] for c, r in zip(record_columns(payload["records"]), payload["records"])
+            if field in r}
 
 
 def expected_columns(payload) -> list[Column]:
@@ -79,7 +91,7 @@ class Table:
     dataset: str
     columns: list[Column]
     rows: list[Row]
-    metric: str = "accuracy"            # "accuracy" or "error" (error = 100 - accuracy)
+    metric: str = "accuracy"            # a key of METRICS (error = 100 - accuracy)
     domain_label: str = "corruption"
     notes: list[str] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list)   # runs with missing cells (their rows show no mean)

@@ -75,7 +75,7 @@ def check_same_experiment(payloads: list[dict], ignore=(SEED_KEY,)) -> None:
                            f"refusing to combine them:\n{describe_differences(configs, labels, tuple(ignore))}")
 
 
-def aggregate(payloads: list[dict], label: str | None = None) -> Row:
+def aggregate(payloads: list[dict], label: str | None = None, metric: str = "accuracy") -> Row:
     """One row from several runs of the same config that differ only in RNG_SEED: per cell the mean and the
     sample standard deviation over runs; the mean column is each run's mean of its cells, averaged.
 
@@ -91,7 +91,7 @@ def aggregate(payloads: list[dict], label: str | None = None) -> Row:
             missing = sorted({c.domain for c in set(columns) ^ set(other)})
             raise CompareError(f"{run_label(p)} has other domains/severities than {run_label(payloads[0])} "
                                f"(differing: {missing}); merge shards first or finish the run")
-    per_run = [payload_cells(p) for p in payloads]
+    per_run = [payload_cells(p, metric) for p in payloads]
     incomplete = [f"{run_label(p)} ({sum(c in run for c in columns)} of {len(columns)} cells)"
                   for p, run in zip(payloads, per_run) if not all(c in run for c in columns)]
     shown = [c for c in columns if all(c in run for run in per_run)]

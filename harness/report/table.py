@@ -3,7 +3,7 @@ method the paper reports, one table per data set."""
 from __future__ import annotations
 
 from harness.report import paper
-from harness.report.model import CompareError, Column, Row, Table
+from harness.report.model import METRICS, CompareError, Column, Row, Table
 from harness.report.runs import _mean, aggregate, group_runs, run_config
 
 
@@ -16,15 +16,16 @@ def build_table(groups: list[tuple[str, list[dict]]], metric: str = "accuracy", 
     """groups: (row label, runs of one config) in row order; every run must be on one data set. Rows are the
     aggregated runs, each followed by the paper's row and the difference (measured - paper) where the paper
     reports that method on that data set at the same severity."""
-    if metric not in ("accuracy", "error"):
-        raise CompareError(f"metric must be 'accuracy' or 'error', got '{metric}'")
+    if metric not in METRICS:
+        raise CompareError(f"metric must be one of {', '.join(METRICS)}, got '{metric}'")
+    with_paper = with_paper and metric in ("accuracy", "error")      # the paper reports accuracy only
     if not groups:
         raise CompareError("no results to tabulate")
     datasets = {p["dataset"] for _, runs in groups for p in runs}
     if len(datasets) != 1:
         raise CompareError(f"one table per data set: these results cover {sorted(datasets)}")
     dataset = datasets.pop()
-    measured = [aggregate(runs, label) for label, runs in groups]
+    measured = [aggregate(runs, label, metric) for label, runs in groups]
     columns: list[Column] = []
     for row in measured:
         columns += [c for c in row.expected if c not in columns]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.report.model import CompareError, Row, Table
+from harness.report.model import METRICS, CompareError, Row, Table
 from conf.files import atomic_write_text
 
 
@@ -23,8 +23,7 @@ def _cell_text(table: Table, row: Row, column, digits: int = 2, pm: str = " ± "
 
 
 def _caption(table: Table) -> str:
-    what = "accuracy" if table.metric == "accuracy" else "error"
-    return f"{table.dataset}: {what} (%) per {table.domain_label} and their mean"
+    return f"{table.dataset}: {METRICS[table.metric][2]} per {table.domain_label} and their mean"
 
 
 def to_markdown(table: Table) -> str:
@@ -94,7 +93,7 @@ def to_figure(table: Table, path: Path, kind: str = "bars") -> Path | None:
     labels = table.labels + ["mean"]
     keys = list(table.columns) + ["mean"]
     values = np.array([[np.nan if table.value(r, k) is None else table.value(r, k) for k in keys] for r in rows])
-    ylabel = f"{table.metric} (%)"
+    ylabel = METRICS[table.metric][2]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(labels) * max(1, len(rows)) ** 0.5 + 2), 4.5))
     if kind == "heatmap":
         image = ax.imshow(values, aspect="auto", cmap="viridis")
