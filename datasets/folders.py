@@ -90,14 +90,11 @@ def take_subset(cfg, files: list[Path], labels: list[int], where: Path) -> tuple
     suite reads such a set with torchvision's ImageFolder, which lists class folders and files in name order (so
     ImageNet-V2's folder "10" comes before "2"); their subset, and their stream order of the whole set
     (TEST.STREAM_ORDER authors), start from that order."""
+    whole = cfg.CORRUPTION.NUM_EX < 0
     pairs = list(zip(files, labels))
-    if cfg.CORRUPTION.NUM_EX < 0:
-        if cfg.TEST.STREAM_ORDER != "authors":
-            return files, labels
-        # the authors' stream shuffles the whole set from their listing: give it their order
+    their_listing = cfg.TEST.STREAM_ORDER == "authors" if whole else cfg.CORRUPTION.SUBSET == "authors"
+    if their_listing:
         pairs.sort(key=lambda pair: (pair[0].parent.name, pair[0].name))
-        return [f for f, _ in pairs], [label for _, label in pairs]
-    if cfg.CORRUPTION.SUBSET == "authors":
-        pairs.sort(key=lambda pair: (pair[0].parent.name, pair[0].name))
-    chosen = select_subset(pairs, cfg, where)
-    return [f for f, _ in chosen], [label for _, label in chosen]
+    if not whole:
+        pairs = select_subset(pairs, cfg, where)
+    return [f for f, _ in pairs], [label for _, label in pairs]

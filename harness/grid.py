@@ -21,8 +21,8 @@ A cell's config is its method config, then ``overrides``, the matching ``cells``
 
 A cell becomes one job per domain where its setting resets at every domain and keeps each domain in its own
 tasks (reset_each_shift: the domains are independent), else one job; ``split: cell`` makes every cell one job
-(fewer model loads for fast methods, less parallelism; results identical). A job's identity is its config hash and its
-domains, so the same grid file expands to the same jobs every time; its run folder is the one test_time.py uses
+(fewer model loads for fast methods, less parallelism; results identical). A job's identity is its config hash
+and its domains, so the same grid file expands to the same jobs every time; its run folder is the one test_time.py uses
 for that config, shared by the jobs of its domains. The per-task records there are the truth about what is
 finished: a job is done when every task it owns has its record and the run's results.json lists it.
 
@@ -39,7 +39,6 @@ import socket
 import time
 import traceback
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -51,6 +50,7 @@ from harness import report
 from harness.build import check_config, load_cfg, run_dir
 from harness.identity import config_hash, identity_keys
 from harness.report.runs import SEED_KEY
+from harness.results import utc_now
 from harness.run import evaluate
 from harness.settings import build_tasks
 from harness.task_records import ResumeError, read_tasks
@@ -85,11 +85,6 @@ class GridJob:
     config_hash: str
     run_dir: str
     tasks: tuple[int, ...]           # the task indices this job finishes
-
-    @property
-    def label(self) -> str:
-        return f"{self.method} on {self.dataset}, {self.setting}, seed {self.seed}" + (
-            f", {', '.join(self.domains)}" if self.domains else "")
 
     def config(self):
         """The job's frozen config, rebuilt from its file and overrides (so a job pickles as plain strings); a
@@ -129,12 +124,6 @@ class Grid:
     @property
     def jobs(self) -> list[GridJob]:
         return [job for cell in self.cells for job in cell.jobs]
-
-    def job(self, job_id: str) -> GridJob:
-        for job in self.jobs:
-            if job.id == job_id:
-                return job
-        raise GridError(f"grid {self.name} has no job {job_id}")
 
 
 # ------------------------------------------------------------------------------------------------ the grid file
@@ -291,7 +280,7 @@ def load_grid(path, cli_opts=()) -> Grid:
         raise GridError(f"{path}: every cell is excluded; the grid has nothing to run")
     seen: dict[str, Cell] = {}
     for cell in cells:
-        hash_ = config_hash(cell.cfg)
+        hash_ = cell.jobs[0].config_hash
         if hash_ in seen:
             other = seen[hash_]
             raise GridError(f"{path}: cells ({other.method}, {other.dataset}, seed {other.seed}) and ({cell.method}, "
@@ -335,10 +324,11 @@ def _expand_cell(path, dataset, method, seed, setting, shared, cell_overrides, c
     cfg.freeze()
     tasks = build_tasks(cfg)
     cell = Cell(dataset, label, int(cfg.RNG_SEED), str(cfg.SETTING), cfg, tasks)
-    base_id = f"{dataset}.{label}.{cfg.SETTING}.seed{cfg.RNG_SEED}.{config_hash(cfg)}"
+    hash_ = config_hash(cfg)
+    base_id = f"{dataset}.{label}.{cfg.SETTING}.seed{cfg.RNG_SEED}.{hash_}"
     common = dict(dataset=dataset, method=label, seed=int(cfg.RNG_SEED), setting=str(cfg.SETTING),
-                  config_file=config_file, opts=tuple(opts), config_hash=config_hash(cfg), run_dir=str(run_dir(cfg)))
-    for domains, indices in (split_by_domain(tasks) if split == "domain" else [((), tuple(range(len(tasks))))]):
+                  config_file=config_file, opts=tuple(opts), config_hash=hash_, run_dir=str(run_dir(cfg)))
+    for domains, indices in (split_by_domain(tasks) if split == "domain" else _whole(tasks)):
         suffix = f".{domains[0]}" if domains else ""
         cell.jobs.append(GridJob(id=_safe(base_id + suffix), domains=domains, tasks=indices, **common))
     return [cell]
@@ -346,6 +336,11 @@ def _expand_cell(path, dataset, method, seed, setting, shared, cell_overrides, c
 
 def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._@+-" else "-" for c in text)
+
+
+def _whole(tasks) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+    """One job (domains ()) with every task."""
+    return [((), tuple(range(len(tasks))))]
 
 
 def split_by_domain(tasks) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
@@ -357,22 +352,18 @@ def split_by_domain(tasks) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
     for index, task in enumerate(tasks):
         domains = {s.domain for s in task.segments}
         if len(domains) != 1:
-            return [((), tuple(range(len(tasks))))]
+            return _whole(tasks)
         domain = domains.pop()
         if domain != previous and (domain in by_domain or not task.reset):
-            return [((), tuple(range(len(tasks))))]
+            return _whole(tasks)
         by_domain.setdefault(domain, []).append(index)
         previous = domain
     if len(by_domain) < 2:
-        return [((), tuple(range(len(tasks))))]
+        return _whole(tasks)
     return [((domain,), tuple(indices)) for domain, indices in by_domain.items()]
 
 
 # ------------------------------------------------------------------------------------------------ job state files
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
 
 def state_path(folder: Path, job: GridJob) -> Path:
     return Path(folder) / "jobs" / f"{job.id}.json"
@@ -393,7 +384,7 @@ def read_state(folder: Path, job: GridJob) -> dict | None:
 
 
 def write_state(folder: Path, job: GridJob, **fields) -> None:
-    state = {"job": job.id, "host": socket.gethostname(), "pid": os.getpid(), "updated_at": _now(), **fields}
+    state = {"job": job.id, "host": socket.gethostname(), "pid": os.getpid(), "updated_at": utc_now(), **fields}
     atomic_write_text(state_path(folder, job), json.dumps(state, indent=1) + "\n")
 
 
@@ -434,11 +425,11 @@ def lock_held(folder: Path, job: GridJob) -> bool:
 
 # ------------------------------------------------------------------------------------------------ what is finished
 
-def _finished(cell: Cell) -> tuple[set[int], set[int], str | None]:
-    """(tasks with a record, tasks results.json lists, the error reading them) of a cell's run folder."""
-    folder = Path(cell.jobs[0].run_dir)
+def finished_tasks(run_dir, tasks, cfg) -> tuple[set[int], set[int], str | None]:
+    """(tasks with a record, tasks results.json lists, the error reading the records) of a run folder."""
+    folder = Path(run_dir)
     try:
-        records = set(read_tasks(folder, cell.tasks, config_hash(cell.cfg), cell.cfg.dump()))
+        records = set(read_tasks(folder, tasks, config_hash(cfg), cfg.dump()))
     except ResumeError as err:
         return set(), set(), err.one_line()
     listed: set[int] = set()
@@ -470,7 +461,7 @@ def job_statuses(grid: Grid, submissions: dict | None = None, scheduler: dict | 
     submissions, scheduler = submissions or {}, scheduler or {}
     statuses = []
     for cell in grid.cells:
-        records, listed, error = _finished(cell)
+        records, listed, error = finished_tasks(cell.jobs[0].run_dir, cell.tasks, cell.cfg)
         for job in cell.jobs:
             statuses.append(_job_status(grid, job, records, listed, error, submissions.get(job.id),
                                         scheduler.get(job.id)))
@@ -536,39 +527,28 @@ def run_job(grid_folder: Path, job: GridJob, output: str = "", progress: bool = 
             cfg = job.config()
             if _already_finished(cfg, job):   # another worker finished it since this one was handed the job
                 return "done"
-            write_state(grid_folder, job, state="running", started_at=_now(), output=output)
+            write_state(grid_folder, job, state="running", started_at=utc_now(), output=output)
             payload = evaluate(cfg, progress=progress)
         except UserError as err:
-            write_state(grid_folder, job, state="failed", error=err.one_line(), ended_at=_now(), output=output)
+            write_state(grid_folder, job, state="failed", error=err.one_line(), ended_at=utc_now(), output=output)
             return "failed"
         except Exception as err:     # a bug: its last line here, its traceback in the job's output
             traceback.print_exc()
             write_state(grid_folder, job, state="failed", error=f"{type(err).__name__}: {err}".splitlines()[0],
-                        ended_at=_now(), output=output)
+                        ended_at=utc_now(), output=output)
             return "failed"
         except BaseException:
-            write_state(grid_folder, job, state="interrupted", ended_at=_now(), output=output)
+            write_state(grid_folder, job, state="interrupted", ended_at=utc_now(), output=output)
             raise
         images = sum(r["n"] for r in payload["records"] if not job.domains or r["domain"] in job.domains)
-        write_state(grid_folder, job, state="done", ended_at=_now(), seconds=round(time.perf_counter() - started, 3),
+        write_state(grid_folder, job, state="done", ended_at=utc_now(), seconds=round(time.perf_counter() - started, 3),
                     images=images, output=output)
         return "done"
 
 
 def _already_finished(cfg, job: GridJob) -> bool:
-    folder = Path(job.run_dir)
-    try:
-        records = read_tasks(folder, build_tasks(cfg), config_hash(cfg), cfg.dump())
-    except ResumeError:
-        return False          # evaluate says why, in its own words
-    results = folder / "results.json"
-    if not (set(job.tasks) <= set(records) and results.is_file()):
-        return False
-    try:
-        listed = (json.loads(results.read_text()).get("provenance") or {}).get("tasks_done") or []
-    except (OSError, ValueError):
-        return False
-    return set(job.tasks) <= set(listed)
+    records, listed, error = finished_tasks(job.run_dir, build_tasks(cfg), cfg)
+    return error is None and set(job.tasks) <= records & listed    # an error: evaluate says why, in its words
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -614,13 +594,6 @@ def grid_tables(grid: Grid, metric: str = "accuracy", with_paper: bool = True) -
             rows.append((label, sorted(payloads, key=lambda p: not p["records"])))
         tables.append(report.build_table(rows, metric, with_paper))
     return tables
-
-
-def describe(grid: Grid) -> str:
-    lines = [f"grid {grid.name} ({grid.path}): {len(grid.cells)} configs, {len(grid.jobs)} jobs; folder {grid.folder}"]
-    for job in grid.jobs:
-        lines.append(f"  {job.id}  [{len(job.tasks)} task(s)]  {job.config_file} {' '.join(job.opts)}")
-    return "\n".join(lines)
 
 
 def compute_summary(statuses: list[JobStatus]) -> str:

@@ -16,7 +16,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import submitit
@@ -27,6 +26,7 @@ from conf.files import atomic_write_text
 from harness.grid import Grid, GridJob, run_job
 from harness.grid import job_statuses as grid_job_statuses
 from harness.logs import console_logging
+from harness.results import utc_now
 
 LAUNCHERS = ("slurm", "local", "debug")
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60          # submitit's LocalExecutor stops a job after 2 minutes unless told
@@ -154,7 +154,7 @@ def submit(grid: Grid, jobs: list[GridJob], options: LaunchOptions) -> list:
         raise LaunchError(f"--launcher {options.launcher}: expected one of {', '.join(LAUNCHERS)}")
     folder = grid.folder / "submitit"
     folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    now = utc_now()
     if options.launcher == "slurm":
         handles = _submit_slurm(grid, jobs, options, folder)
         records = [{"job": job.id, "launcher": "slurm", "scheduler_id": handle.job_id, "folder": str(folder),

@@ -8,6 +8,7 @@ import json
 import platform
 import subprocess
 import sys
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
@@ -43,6 +44,11 @@ def summarise(records: list[dict]) -> dict:
         if all(field in r for r in records):
             summary[key] = sum(r[field] for r in records) / len(records)
     return summary
+
+
+def utc_now() -> str:
+    """The time records and states are stamped with: UTC, to the second, ISO 8601."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def git_commit() -> dict:

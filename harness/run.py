@@ -9,7 +9,6 @@ import random
 import socket
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,8 @@ from harness.build import RunPlan, build_plan
 from harness.identity import config_hash
 from harness.report import paper
 from harness.report.text import format_table
-from harness.results import command_line, git_commit, make_record, package_versions, summarise, write_results
+from harness.results import (command_line, git_commit, make_record, package_versions, summarise, utc_now,
+                             write_results)
 from harness.calibration import CalibrationCounts
 from harness.stream import SegmentStream, make_loader, task_stream_order
 from harness.logs import file_logging, show_progress
@@ -145,7 +145,7 @@ def prepare(plan: RunPlan) -> RunState:
         "save_dir": str(plan.save_dir),
         "config_warnings": list(plan.warnings),
         "host": socket.gethostname(),
-        "started_at": _now(),
+        "started_at": utc_now(),
     }
     cost_info = getattr(method, "cost_info", None)
     if callable(cost_info):
@@ -242,10 +242,6 @@ def finish(plan: RunPlan, state: RunState) -> dict:
     return payload
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def _write_payload(plan: RunPlan, state: RunState) -> dict:
     """results.json / results.csv from every finished task, in the setting's order; with RUN_DOMAINS, other
     shards' finished tasks too (read under the results lock, so that the last shard to write lists them all)."""
@@ -283,7 +279,7 @@ def _payload_written(plan: RunPlan, state: RunState) -> dict:
             "resumed_tasks": state.resumed,
             "run_domains": list(cfg.RUN_DOMAINS),
             "grad_scaler_skipped_steps": state.method.scaler_skipped_steps if state.method.scaler else None,
-            "finished_at": _now(),
+            "finished_at": utc_now(),
         },
     }
     write_results(plan.save_dir, payload)
