@@ -94,8 +94,9 @@ SUITE_OPTIONS = {
         "WD": Option(0.0, within="[0, inf)"),
     },
     "CLIP": {
-        # custom: CLIP.PROMPT_TEMPLATE; ensemble: the data set's template list (18 CIFAR / 80 ImageNet).
-        "PROMPT_MODE": Option("custom", choices=("custom", "ensemble")),
+        # custom: CLIP.PROMPT_TEMPLATE; ensemble: CLIP's template list for the data set (18 CIFAR / 80 ImageNet);
+        # coop: CoOp's per-data-set template; tda: the per-data-set templates of TDA's code (datasets/base.py).
+        "PROMPT_MODE": Option("custom", choices=("custom", "ensemble", "coop", "tda")),
         "PROMPT_TEMPLATE": Option(["a photo of a {}."],
                                   valid=lambda ts: len(ts) > 0 and all(str(t).count("{}") == 1 for t in ts),
                                   expected="a non-empty list of templates, each with one '{}' for the class name"),

@@ -24,8 +24,13 @@ class BenchmarkDataset:
     ``@register_dataset`` (docs/adding_a_dataset.md)."""
     name: str = ""
     class_names: Sequence[str] = ()
-    # Templates for CLIP.PROMPT_MODE ensemble.
+    # Templates for CLIP.PROMPT_MODE ensemble (CLIP's 18 CIFAR / 80 ImageNet templates).
     ensemble_templates: Sequence[str] = ()
+    # CLIP.PROMPT_MODE coop: CoOp's per-data-set template (KaiyangZhou/CoOp trainers/zsclip.py CUSTOM_TEMPLATES).
+    coop_templates: Sequence[str] = ()
+    # CLIP.PROMPT_MODE tda: the per-data-set templates of TDA's code (kdiAAA/TDA datasets/<set>.py), which DPE
+    # reuses; a list is averaged as an ensemble.
+    tda_templates: Sequence[str] = ()
     domains: Sequence[str] = ()
     # Whether domains come in severities (corruptions) or not (domain generalisation).
     has_severities: bool = True
@@ -43,6 +48,24 @@ class BenchmarkDataset:
         layout, or a DatasetError names the path. Reading an image happens later, in the DataLoader. The Dataset
         lists the files it reads in ``source_files()`` (the run's identity covers them)."""
         raise NotImplementedError
+
+    def prompt_templates(self, cfg) -> list[str]:
+        """The templates of the zero-shot head for CLIP.PROMPT_MODE (custom: CLIP.PROMPT_TEMPLATE)."""
+        mode = cfg.CLIP.PROMPT_MODE
+        if mode == "custom":
+            return list(cfg.CLIP.PROMPT_TEMPLATE)
+        templates = {"ensemble": self.ensemble_templates, "coop": self.coop_templates,
+                     "tda": self.tda_templates}[mode]
+        if not templates:
+            raise DatasetError(f"CLIP.PROMPT_MODE {mode}: {self.name} has no {mode} templates; use custom with "
+                               f"CLIP.PROMPT_TEMPLATE, or a mode it has: {self.prompt_modes()}")
+        return list(templates)
+
+    def prompt_modes(self) -> list[str]:
+        """The CLIP.PROMPT_MODE values this data set can serve."""
+        return ["custom"] + [mode for mode, templates in (("ensemble", self.ensemble_templates),
+                                                         ("coop", self.coop_templates),
+                                                         ("tda", self.tda_templates)) if templates]
 
     def describe(self, cfg) -> dict:
         """Data-set facts recorded in the results (e.g. which ImageNet-C list was used)."""

@@ -27,4 +27,12 @@ CIFAR_TEMPLATES = [
 ]
 IMAGENET_TEMPLATES = [template("{}") for template in OPENAI_IMAGENET_TEMPLATES]
 
+# CoOp's template for ImageNet and its variants (CLIP.PROMPT_MODE coop; CoOp trainers/zsclip.py).
+COOP_IMAGENET_TEMPLATES = ["a photo of a {}."]
+# The seven templates TDA's code uses for ImageNet, ImageNet-A and ImageNet-V2 (and Caltech101, StanfordCars,
+# SUN397); CLIP's "selected" ImageNet subset. For ImageNet-R and ImageNet-Sketch TDA uses all 80
+# (IMAGENET_TEMPLATES, in another order: the ensemble is their mean, so the order does not matter).
+TDA_SELECTED_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+                          "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
+
 assert len(CIFAR100_CLASSES) == 100 and len(IMAGENET_CLASSES) == 1000 and len(IMAGENET_TEMPLATES) == 80

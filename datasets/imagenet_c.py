@@ -19,7 +19,8 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from datasets.base import CLEAN, BenchmarkDataset, DatasetError, register_dataset, select_subset
-from datasets.class_names import IMAGENET_CLASSES, IMAGENET_TEMPLATES
+from datasets.class_names import (COOP_IMAGENET_TEMPLATES, IMAGENET_CLASSES, IMAGENET_TEMPLATES,
+                                  TDA_SELECTED_TEMPLATES)
 from datasets.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS
 from datasets.folders import IMAGE_SUFFIXES, ImageFiles
 
@@ -66,6 +67,9 @@ class ImageNetC(BenchmarkDataset):
     folder = "ImageNet-C"
     class_names = IMAGENET_CLASSES
     ensemble_templates = IMAGENET_TEMPLATES
+    # ImageNet's (CoOp's, TDA's) templates: its clean domain is the ImageNet validation set.
+    coop_templates = COOP_IMAGENET_TEMPLATES
+    tda_templates = TDA_SELECTED_TEMPLATES
     domains = CORRUPTIONS + EXTRA_CORRUPTIONS + [CLEAN]
 
     def image_list(self, cfg) -> tuple[str, list[str] | None]:

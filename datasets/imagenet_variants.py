@@ -19,7 +19,8 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from datasets.base import BenchmarkDataset, register_dataset
-from datasets.class_names import IMAGENET_CLASSES, IMAGENET_TEMPLATES
+from datasets.class_names import (COOP_IMAGENET_TEMPLATES, IMAGENET_CLASSES, IMAGENET_TEMPLATES,
+                                  TDA_SELECTED_TEMPLATES)
 from datasets.folders import ImageFiles, check_no_severity, read_class_folders, take_subset
 from datasets.imagenet_c import imagenet_wnids
 
@@ -39,6 +40,8 @@ IMAGENET_R_WNIDS = _wnids("imagenet_r")
 class ImageNetVariant(BenchmarkDataset):
     folder = ""                 # relative to DATA_DIR
     ensemble_templates = IMAGENET_TEMPLATES
+    coop_templates = COOP_IMAGENET_TEMPLATES
+    tda_templates = TDA_SELECTED_TEMPLATES
     has_severities = False
     domain_label = "dataset"
 
@@ -91,6 +94,7 @@ class ImageNetR(WnidSubset):
     folder = "imagenet-r"
     domains = ["ImageNet-R"]
     wnids = IMAGENET_R_WNIDS
+    tda_templates = IMAGENET_TEMPLATES
 
 
 @register_dataset
@@ -100,6 +104,7 @@ class ImageNetSketch(WnidSubset):
     folder = "ImageNet-Sketch/sketch"
     domains = ["ImageNet-Sketch"]
     wnids = ()                  # all 1000
+    tda_templates = IMAGENET_TEMPLATES
 
 
 @register_dataset

@@ -215,6 +215,7 @@ def build_plan(cfg) -> RunPlan:
     """Check cfg completely and put the run together, without loading weights, reading images or writing."""
     check_config(cfg)
     dataset = datasets.get_dataset(cfg.CORRUPTION.DATASET)
+    templates = dataset.prompt_templates(cfg)
     tasks = build_tasks(cfg, dataset)
     wanted = select_tasks(cfg, tasks)
     device = resolve_device(cfg)
@@ -239,8 +240,7 @@ def build_plan(cfg) -> RunPlan:
                         f"part of the run's identity, so a resumed run cannot tell other data from these")
     weights_sha256 = file_sha256(weights.path) if weights.path else None
     plan = RunPlan(cfg, methods.METHODS.canonical(cfg.MODEL.ADAPTATION), method_class(cfg), dataset, tasks, wanted,
-                   data, (list(dataset.ensemble_templates) if cfg.CLIP.PROMPT_MODE == "ensemble"
-                          else list(cfg.CLIP.PROMPT_TEMPLATE)),
+                   data, templates,
                    spec, weights, device, save_dir, warnings, fingerprints, weights_sha256)
     if cfg.RESUME:   # records of another config, other data or other weights are refused now, before any load
         read_tasks(save_dir, tasks, config_hash(cfg), cfg.dump(), plan.identity_of)

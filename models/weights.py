@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,10 +157,20 @@ def load_clip(arch: str, weights: str | WeightsSource, *, precision: str = "fp32
         model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=None, **kwargs)
         described = "random"
     elif source.kind == "file":
-        try:
-            model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=source.path, **kwargs)
-        except Exception as err:  # noqa: BLE001 - whatever torch.load or load_state_dict raise: the file is wrong
-            raise WeightsError(_unloadable(source.path, arch, err)) from None
+        # torch warns about the pickle protocol of a file it then fails to read: for a bad file only the one-line
+        # refusal is printed; the warnings of a file that loads are passed on.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=source.path, **kwargs)
+            except Exception as err:  # noqa: BLE001 - whatever torch.load or load_state_dict raise: the file is wrong
+                failure = _unloadable(source.path, arch, err)
+            else:
+                failure = None
+        if failure:
+            raise WeightsError(failure)
+        for warning in caught:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         described = source.path
     else:
         tag = source.requested

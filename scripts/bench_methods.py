@@ -76,8 +76,7 @@ def method_rows(shape: str, args, device) -> list[dict]:
                                                                "DEVICE", str(device)])
         check_method(cfg)
         batch = args.batch or (cfg.TEST.BATCH_SIZE if cfg.TEST.BATCH_SIZE == 1 else paper_batch)
-        templates = (list(dataset.ensemble_templates) if cfg.CLIP.PROMPT_MODE == "ensemble"
-                     else list(cfg.CLIP.PROMPT_TEMPLATE))
+        templates = dataset.prompt_templates(cfg)
         torch.manual_seed(0)
         model, _ = build_zero_shot_clip(cfg, dataset.class_names, templates, device)
         method = methods.build_method(cfg, model, len(dataset.class_names))

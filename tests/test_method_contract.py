@@ -43,8 +43,7 @@ def models_by_dataset():
 
     def model_for(cfg):
         dataset = datasets.get_dataset(cfg.CORRUPTION.DATASET)
-        templates = (list(dataset.ensemble_templates) if cfg.CLIP.PROMPT_MODE == "ensemble"
-                     else list(cfg.CLIP.PROMPT_TEMPLATE))
+        templates = dataset.prompt_templates(cfg)
         key = (dataset.name, tuple(templates))
         if key not in cache:
             torch.manual_seed(0)

@@ -255,3 +255,23 @@ def test_results_record_when_where_and_what(tmp_path):
     rows = list(csv.DictReader((Path(prov["save_dir"]) / "results.csv").open()))
     assert {(r["seed"], r["config_hash"]) for r in rows} == {("7", prov["config_hash"])}
     assert json.loads((Path(prov["save_dir"]) / "results.json").read_text())["provenance"]["host"]
+
+
+def test_prompt_modes_give_each_data_sets_own_templates():
+    """coop and tda read the data set's declared lists (checked against the lists typed from CoOp's and TDA's
+    code); a mode the data set lacks is refused in one line naming the mode and the modes it has."""
+    import datasets
+    from datasets.class_names import IMAGENET_TEMPLATES
+    from tests.synthetic import tiny_cfg
+    imagenet_a, imagenet_r = datasets.get_dataset("imagenet_a"), datasets.get_dataset("imagenet_r")
+    cfg = tiny_cfg("conf/imagenet_a/source.yaml", CLIP__PROMPT_MODE="coop")
+    assert imagenet_a.prompt_templates(cfg) == ["a photo of a {}."]
+    cfg = tiny_cfg("conf/imagenet_a/source.yaml", CLIP__PROMPT_MODE="tda")
+    assert imagenet_a.prompt_templates(cfg) == ["itap of a {}.", "a bad photo of the {}.", "a origami {}.",
+                                                "a photo of the large {}.", "a {} in a video game.",
+                                                "art of the {}.", "a photo of the small {}."]
+    assert imagenet_r.prompt_templates(cfg) == IMAGENET_TEMPLATES and len(IMAGENET_TEMPLATES) == 80
+    cfg = tiny_cfg("conf/cifar10_c/source.yaml", CLIP__PROMPT_MODE="tda")
+    with pytest.raises(datasets.DatasetError, match=r"CLIP.PROMPT_MODE tda: cifar10_c has no tda templates.*"
+                                                     r"\['custom', 'ensemble'\]"):
+        datasets.get_dataset("cifar10_c").prompt_templates(cfg)
