@@ -1,7 +1,10 @@
-"""The BATCLIP paper's reported accuracies (%), read from the project's own copy of its tables
-(harness/paper_results/*.csv), in this suite's names for data sets, methods and domains.
+"""Reported accuracies (%) shown beside measured ones: the BATCLIP paper's tables, and the numbers the papers of
+the methods added after it report on data sets this suite reads (harness/report/paper_results/*.csv), in this
+suite's names for data sets, methods and domains.
 
-All renaming lives in the four tables below: edit them when a name on our side changes."""
+All renaming of the BATCLIP tables lives in the four tables below: edit them when a name on our side changes. The
+other papers' table (METHOD_PAPERS_TABLE) is written in our names already, one accuracy per line, with the paper
+and table it was read from."""
 from __future__ import annotations
 
 import csv
@@ -18,6 +21,9 @@ from harness.identity import flatten
 PAPER_DIR = Path(__file__).resolve().parent / "paper_results"
 MAIN_TABLE = PAPER_DIR / "batclip_paper_main_table.csv"
 DG_TABLE = PAPER_DIR / "batclip_paper_dg_table.csv"
+# Columns: dataset, domain, severity, method (ours), paper_method (as printed), accuracy, source (paper and table).
+METHOD_PAPERS_TABLE = PAPER_DIR / "method_papers.csv"
+BATCLIP_PAPER = "BATCLIP (ICCV 2025)"
 
 # Paper data set -> CORRUPTION.DATASET.
 DATASETS = {
@@ -90,6 +96,7 @@ class PaperRow:
     reported_mean: float | None       # the paper's printed mean (None where the table prints none)
     venue: str = ""
     protocol: dict = field(default_factory=dict)
+    source: str = BATCLIP_PAPER        # the paper (and table) the numbers are read from
 
     def mean_of(self, domains) -> float:
         return sum(self.accuracy[d] for d in domains) / len(domains)
@@ -133,7 +140,35 @@ def paper_rows() -> tuple[PaperRow, ...]:
                                                                dict(DG_PROTOCOL))
                     rows.append(row)
                 row.accuracy[domain] = float(line[paper_method])
+    rows += _method_paper_rows()
     return tuple(rows)
+
+
+def _method_paper_rows() -> list[PaperRow]:
+    """The rows of METHOD_PAPERS_TABLE: one per (data set, method, source), protocol ViT-B/16 with OpenAI weights
+    (the only backbone recorded there), one task per domain at the line's severity."""
+    import datasets    # the data sets' domains check the table's names (deferred: reporting never needs them)
+    by_key: dict[tuple[str, str, str], PaperRow] = {}
+    with METHOD_PAPERS_TABLE.open(newline="", encoding="utf-8") as f:
+        for number, line in enumerate(csv.DictReader(f), start=2):
+            where = f"{METHOD_PAPERS_TABLE.name} line {number}"
+            dataset = datasets.get_dataset(line["dataset"])
+            dataset.check_domain(line["domain"])
+            severity = int(line["severity"])
+            if severity != (5 if dataset.has_severities else 0):
+                raise PaperMappingError(f"{where}: severity {severity} for {dataset.name}")
+            key = (dataset.name, line["method"], line["source"])
+            other = [k for k in by_key if k[:2] == key[:2] and k != key]
+            if other:    # one reference per method and data set: the method's own paper
+                raise PaperMappingError(f"{where}: {key[:2]} is already read from {other[0][2]}")
+            row = by_key.get(key)
+            if row is None:
+                row = by_key[key] = PaperRow(dataset.name, line["method"], line["paper_method"], {}, None, "",
+                                             dict(PROTOCOL, severity=severity), line["source"])
+            if line["domain"] in row.accuracy:
+                raise PaperMappingError(f"{where}: a second accuracy for {key} on {line['domain']}")
+            row.accuracy[line["domain"]] = float(line["accuracy"])
+    return list(by_key.values())
 
 
 def paper_row(dataset: str, method: str) -> PaperRow | None:
@@ -177,8 +212,9 @@ def _shipped_keys(name: str, dataset: str) -> dict:
     return {k: decode_value(v) for k, v in flat.items()}
 
 
-def paper_methods(dataset: str) -> list[str]:
-    return [row.method for row in paper_rows() if row.dataset == dataset]
+def paper_methods(dataset: str, source: str = BATCLIP_PAPER) -> list[str]:
+    """The methods (or configs) a paper reports on ``dataset``; default: BATCLIP's paper."""
+    return [row.method for row in paper_rows() if row.dataset == dataset and row.source == source]
 
 
 def protocol_mismatch(row: PaperRow, arch: str, weights: str, setting: str) -> list[str]:

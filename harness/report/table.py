@@ -57,6 +57,8 @@ def build_table(groups: list[tuple[str, list[dict]]], metric: str = "accuracy", 
         mismatch = paper.protocol_mismatch(reference, (cfg.get("MODEL") or {}).get("ARCH"),
                                            (cfg.get("MODEL") or {}).get("WEIGHTS"), runs[0].get("setting"))
         note = f"{row.label} (paper): {reference.paper_method}"
+        if reference.source != paper.BATCLIP_PAPER:
+            note += f" as reported in {reference.source}"
         if reference.reported_mean is not None:
             note += (f", printed mean {reference.reported_mean:.2f} over its {len(reference.accuracy)} domains "
                      f"(mean of its printed cells {reference.mean_of(list(reference.accuracy)):.2f})")
