@@ -50,10 +50,18 @@ class LaunchOptions:
     setup: list = field(default_factory=list)           # shell lines run before each job (module load, venv)
 
 
-def _set_threads(threads: int | None) -> None:
+@contextlib.contextmanager
+def _threads(threads: int | None):
+    """The job's CPU threads (its own, or SLURM's --cpus-per-task), restored afterwards: the debug launcher runs
+    jobs in the calling process, whose thread count must not change."""
+    before = torch.get_num_threads()
     threads = threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0) or 0)
     if threads:
         torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _output_path() -> str:
@@ -70,9 +78,9 @@ class JobRunner(submitit.helpers.Checkpointable):
         self.grid_folder, self.threads = grid_folder, threads
 
     def __call__(self, job: GridJob) -> str:
-        _set_threads(self.threads)
         console_logging()
-        return run_job(Path(self.grid_folder), job, output=_output_path())
+        with _threads(self.threads):
+            return run_job(Path(self.grid_folder), job, output=_output_path())
 
 
 class Worker(submitit.helpers.Checkpointable):
@@ -83,10 +91,10 @@ class Worker(submitit.helpers.Checkpointable):
         self.grid_folder, self.jobs, self.threads = grid_folder, list(jobs), threads
 
     def __call__(self) -> dict:
-        _set_threads(self.threads)
         console_logging()
         output = _output_path()
-        return {job.id: run_job(Path(self.grid_folder), job, output=output) for job in self.jobs}
+        with _threads(self.threads):
+            return {job.id: run_job(Path(self.grid_folder), job, output=output) for job in self.jobs}
 
 
 # ------------------------------------------------------------------------------------------------ submitting

@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from harness import grid as grids
@@ -205,7 +206,10 @@ def test_debug_run_finishes_every_job_and_reports_the_tables_a_rerun_submits_not
     assert grid_main("report", path, *opts) == 0          # before any run: every cell shown as missing
     before = capsys.readouterr().out
     assert "| source | - | - | - |" in before and "not run yet" in before
-    assert grid_main("run", path, "--launcher", "debug", *opts) == 0
+    threads = torch.get_num_threads()
+    assert grid_main("run", path, "--launcher", "debug", "--cpus-per-job", "2", *opts) == 0
+    # the in-process jobs ran on their 2 threads and gave the calling process its own count back
+    assert torch.get_num_threads() == threads == 1
     out = capsys.readouterr().out
     assert "4 of 4 jobs to submit" in out and "tiny_test: 4 done, 0 running, 0 failed, 0 pending of 4 jobs" in out
     grid = grids.load_grid(path, opts)
@@ -217,7 +221,8 @@ def test_debug_run_finishes_every_job_and_reports_the_tables_a_rerun_submits_not
         cfg = load_cfg(job.config_file, list(job.opts) + ["SAVE_DIR", str(tmp_path / "direct")])
         direct = evaluate(cfg, progress=False)
         stored = json.loads((Path(job.run_dir) / "results.json").read_text())
-        assert stored["records"] == direct["records"] and stored["complete"]
+        assert same_records(stored["records"], direct["records"]) and stored["complete"]
+        assert stored["provenance"]["torch_threads"] == 2
         # the table's cells are the results' accuracies
         with open(grid.folder / "tables" / "shapes_c.csv", newline="") as f:
             row = next(r for r in csv.DictReader(f) if r["row"] == method)
