@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import yaml
@@ -21,12 +22,38 @@ NON_RESULT_NESTED = {"TEST.NUM_WORKERS"}
 def _plain(node):
     if isinstance(node, dict):
         return {k: _plain(v) for k, v in sorted(node.items())}
+    if isinstance(node, (list, tuple)):     # a YAML dump holds lists where the config may hold tuples
+        return [_plain(v) for v in node]
     return node
+
+
+@lru_cache(maxsize=8)
+def _declared_defaults(node_names: frozenset) -> dict:
+    import conf
+    import methods
+    return _plain(dict(conf.defaults(methods.declared_nodes())))
+
+
+def unread_default_nodes(config) -> set[str]:
+    """The method nodes of ``config`` that its method (MODEL.ADAPTATION) does not read and that hold their declared
+    defaults. They cannot change its results, so they stay out of its identity: adding a method to the suite (a
+    new node) moves no other config's hash or keys. A node set away from its defaults stays in (and the run warns
+    that its method does not read it). Nothing is left out for a method this process has not registered."""
+    import methods     # deferred: reporting imports this module and needs the registry only here
+    name = (config.get("MODEL") or {}).get("ADAPTATION")
+    if name not in methods.METHODS:
+        return set()
+    own = methods.own_nodes(methods.METHODS.get(name))
+    declared = methods.declared_nodes()
+    base = _declared_defaults(frozenset(declared))
+    return {node for node in declared
+            if node not in own and node in config and _plain(dict(config[node])) == base.get(node)}
 
 
 def config_hash(cfg) -> str:
     """Eight hex digits identifying the config's result-relevant keys (the run folder's name)."""
-    identity = {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}
+    left_out = NON_RESULT_KEYS | unread_default_nodes(cfg)
+    identity = {k: v for k, v in cfg.items() if k not in left_out}
     identity["TEST"] = {k: v for k, v in cfg.TEST.items() if f"TEST.{k}" not in NON_RESULT_NESTED}
     return hashlib.sha1(repr(sorted(_plain(identity).items())).encode()).hexdigest()[:8]
 
@@ -48,9 +75,10 @@ def identity_keys(config, ignore: tuple[str, ...] = ()) -> dict:
     provenance.config); ``ignore`` names further keys to leave out (e.g. RNG_SEED when pooling seeds)."""
     if isinstance(config, str):
         config = yaml.safe_load(config) or {}
+    left_out = NON_RESULT_KEYS | unread_default_nodes(config)
     flat = flatten(dict(config))
     return {k: v for k, v in flat.items()
-            if k.split(".")[0] not in NON_RESULT_KEYS and k not in NON_RESULT_NESTED and k not in ignore}
+            if k.split(".")[0] not in left_out and k not in NON_RESULT_NESTED and k not in ignore}
 
 
 def differing_keys(configs: list, ignore: tuple[str, ...] = ()) -> list[str]:

@@ -9,8 +9,10 @@ from harness.build import load_cfg
 from harness.identity import config_hash, flatten
 from tests.synthetic import AUTHORS_OURS_YAML, tiny_cfg
 
-# What every shipped config set before configs were composed (one YAML per data set and method, 59 files):
-# the keys that differ from the defaults, and the config hash (the run folder's name).
+# What every shipped config sets: the keys that differ from the defaults, and the config hash (the run folder's name).
+# The first 59 were recorded from the files they replaced when configs were composed (their keys are unchanged
+# since); the hashes moved once when the identity stopped covering other methods' nodes at their defaults (issue
+# 16), so that adding a method moves no other config's hash.
 SHIPPED = json.loads((Path(__file__).parent / "data" / "shipped_configs.json").read_text())
 
 
@@ -176,3 +178,37 @@ def test_a_config_does_not_take_the_keys_of_plugins_other_configs_of_the_process
     flagged = load_cfg("conf/cifar10_c/source.yaml", ["MODEL.EXTRA_MODULES", f"['{module}']",
                                                       "MODEL.ADAPTATION", "other_plugin_method", "SAR.RHO", "0.1"])
     assert any(w.startswith("SAR.RHO set, but method other_plugin_method") for w in config_warnings(flagged))
+
+
+def test_a_new_method_moves_no_other_configs_hash_or_keys(tmp_path):
+    """The nodes of methods a run does not use, at their defaults, are not part of its identity: a plug-in that
+    declares a node and is loaded with its own config (so its node is in that config's schema, at defaults) leaves
+    a BATCLIP config's hash and identity keys as they are; BATCLIP's own node, or another method's node set away
+    from its defaults, stays in."""
+    from harness.identity import identity_keys, unread_default_nodes
+    module = tmp_path / "new_node_method.py"
+    module.write_text(
+        "from methods.base import TTAMethod\n"
+        "from methods.registry import register_method\n"
+        "@register_method('new_node_method')\n"
+        "class NewNode(TTAMethod):\n"
+        "    config_defaults = {'NEWNODE': {'GAMMA': 0.5}}\n"
+        "    def forward_and_adapt(self, x):\n"
+        "        return self.model(x)\n")
+    plugin = ["MODEL.EXTRA_MODULES", f"['{module}']"]
+    alone = load_cfg("conf/cifar10_c/batclip.yaml")
+    beside = load_cfg("conf/cifar10_c/batclip.yaml", plugin)       # the new node is in this config, at defaults
+    assert "NEWNODE" in beside and "NEWNODE" not in alone
+    assert "NEWNODE" in unread_default_nodes(beside) and "BATCLIP" not in unread_default_nodes(beside)
+    # MODEL.EXTRA_MODULES is a key of its own; leave it out to compare what the node does
+    strip = ("MODEL.EXTRA_MODULES",)
+    assert identity_keys(beside, strip) == identity_keys(alone, strip)
+    assert identity_keys(alone)["BATCLIP.ENTROPY_WEIGHT"] == 1.0        # its own node, at defaults, stays in
+    assert not any(k.startswith(("TPT.", "SAR.")) for k in identity_keys(alone))
+    # the same from a stored YAML dump, as reporting reads it
+    assert identity_keys(beside.dump(), strip) == identity_keys(alone.dump(), strip)
+    set_away = load_cfg("conf/cifar10_c/batclip.yaml", plugin + ["NEWNODE.GAMMA", "0.25"])
+    assert "NEWNODE.GAMMA" in identity_keys(set_away)
+    assert config_hash(set_away) != config_hash(beside)
+    tpt_set = load_cfg("conf/cifar10_c/batclip.yaml", ["TPT.SELECTION_P", "0.2"])
+    assert config_hash(tpt_set) != config_hash(alone) and "TPT.SELECTION_P" in identity_keys(tpt_set)
