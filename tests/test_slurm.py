@@ -64,9 +64,10 @@ def test_the_tiny_grid_on_slurm_preempted_job_requeued_cancelled_job_failed(slur
     grid = grids.load_grid(path, opts)
     array = {_slurm_id(grid, job).split("_")[0] for job in grid.jobs}
     assert len(array) == 1                                     # one submission: a job array
-    wait_until(lambda: _paused_pid(folder), 120, "a job to pause inside a batch")
+    pid = wait_until(lambda: _paused_pid(folder), 120, "a job to pause inside a batch")
+    # the paused job is the running one whose process wrote PAUSED (a job just finishing may still show as running)
     paused = wait_until(lambda: next((s for s in _statuses(grid).values() if s.state == "running"
-                                      and (grids.read_state(grid.folder, s.job) or {}).get("state") == "running"
+                                      and (grids.read_state(grid.folder, s.job) or {}).get("pid") == pid
                                       and grids.lock_held(grid.folder, s.job)), None), 60, "the paused job")
     signal = subprocess.run(["scancel", "--signal=USR2", _slurm_id(grid, paused.job)], capture_output=True, text=True)
     assert signal.returncode == 0, signal.stderr
