@@ -107,7 +107,8 @@ class TPT(TTAMethod):
         # Where the class name goes; only "end" (the reference's setting for TPT) is implemented.
         "CLASS_TOKEN_POS": Option("end", choices=("end",)),
         # How the views are made: "crop_flip" = RandomResizedCrop + horizontal flip, what the TPT authors and
-        # the anchor suite use for ImageNet(-C) and CIFAR-C (AugMix only for fine-grained sets; not implemented).
+        # the anchor suite use for ImageNet(-C) and CIFAR-C; "augmix" = those views AugMix-mixed, what the TPT
+        # authors use for the fine-grained sets (see methods/augmentations.py).
         "VIEW_AUGMENTATION": Option("crop_flip", choices=VIEW_AUGMENTATIONS),
         # The reference always runs TPT under CUDA fp16 autocast with a GradScaler (init_scale 1000); ignored on CPU.
         "MIXED_PRECISION": True,

@@ -34,7 +34,7 @@ class VTE(TTAMethod):
         # this value from TPT.SELECTION_P (default 0.1, never set in its VTE configs); here VTE owns it.
         "SELECTION_P": Option(0.1, within="(0, 1]"),
         # How the views are made; "crop_flip" = RandomResizedCrop + horizontal flip, as the anchor suite does for
-        # the corruption benchmarks (see methods/augmentations.py).
+        # the corruption benchmarks; "augmix" = those views AugMix-mixed (see methods/augmentations.py).
         "VIEW_AUGMENTATION": Option("crop_flip", choices=VIEW_AUGMENTATIONS),
     }}
 

@@ -35,11 +35,11 @@ def _reference_text_features(clip, ctx):
     return F.normalize(x, dim=-1)
 
 
-def _reference_tpt(model, images, seed, steps, episodic, lr=5e-3, wd=0.01, k=2):
+def _reference_tpt(model, images, seed, steps, episodic, augmentation="crop_flip", lr=5e-3, wd=0.01, k=2):
     """TPT written out plainly: per image, views (same seed), features one view at a time, python-sorted
     entropies, entropy of the mean probability, hand-written AdamW, prediction of the original view."""
     clip = model.clip
-    views = AugmentedViews(N_VIEWS, seed=seed)(images)
+    views = AugmentedViews(N_VIEWS, augmentation, seed=seed)(images)
     ctx0 = clip.token_embedding(open_clip.get_tokenizer("tiny-clip-test")(["a photo of a"]))[0, 1:5].detach()
     ctx, m, v, t = ctx0.clone(), torch.zeros_like(ctx0), torch.zeros_like(ctx0), 0
     scale = clip.logit_scale.exp().item()
@@ -87,16 +87,18 @@ def test_initial_prompt_gives_the_zero_shot_text_features(tiny_clip):
     torch.testing.assert_close(_reference_text_features(tiny_clip.clip, ctx0), zero_shot, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("episodic,steps", [(True, 1), (False, 1), (True, 2)])
-def test_tpt_matches_plain_reference(tiny_clip, episodic, steps):
+@pytest.mark.parametrize("episodic,steps,augmentation",
+                         [(True, 1, "crop_flip"), (False, 1, "crop_flip"), (True, 2, "crop_flip"), (True, 1, "augmix")])
+def test_tpt_matches_plain_reference(tiny_clip, episodic, steps, augmentation):
     reference_model = copy.deepcopy(tiny_clip)
-    cfg = _cfg(MODEL__EPISODIC=episodic, OPTIM__STEPS=steps, RNG_SEED=3)
+    cfg = _cfg(MODEL__EPISODIC=episodic, OPTIM__STEPS=steps, RNG_SEED=3, TPT__VIEW_AUGMENTATION=augmentation)
     method = methods.build_method(cfg, tiny_clip, 10)
     assert method.views_per_image == N_VIEWS and method.n_selected == 2
     torch.manual_seed(0)
     images = torch.rand(2, 3, 32, 32)
     out = method(images)
-    ref_out, ref_ctx = _reference_tpt(reference_model, images, seed=3, steps=steps, episodic=episodic)
+    ref_out, ref_ctx = _reference_tpt(reference_model, images, seed=3, steps=steps, episodic=episodic,
+                                      augmentation=augmentation)
     torch.testing.assert_close(out, ref_out, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(method.prompt_learner.ctx.detach(), ref_ctx, atol=1e-6, rtol=1e-5)
 
@@ -145,7 +147,7 @@ def test_bad_tpt_config_is_refused(tiny_clip):
     with pytest.raises(ConfigError, match="TPT.SELECTION_P"):
         check_method(_cfg(TPT__SELECTION_P=0.1))
     with pytest.raises(ConfigError, match="TPT.VIEW_AUGMENTATION"):
-        check_method(_cfg(TPT__VIEW_AUGMENTATION="augmix"))
+        check_method(_cfg(TPT__VIEW_AUGMENTATION="mixup"))
 
 
 def test_tpt_end_to_end_on_synthetic_cifar10c(tmp_path):
