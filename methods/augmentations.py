@@ -340,11 +340,15 @@ def n_confident_views(n_views: int, fraction: float, key: str) -> int:
     return k
 
 
-def confident_views_setup(cfg, node: str) -> tuple[AugmentedViews, int]:
-    """The views of a view-ensembling method configured under ``node`` (TPT, VTE): TEST.N_AUGMENTATIONS views
-    made as <node>.VIEW_AUGMENTATION says, and how many of them <node>.SELECTION_P keeps."""
+def confident_views_setup(cfg, node: str, single_view_is_the_image: bool = False) -> tuple[AugmentedViews, int]:
+    """The views of a view-ensembling method configured under ``node`` (TPT, VTE, ZERO, TDA, DPE):
+    TEST.N_AUGMENTATIONS views made as <node>.VIEW_AUGMENTATION says, and how many of them <node>.SELECTION_P keeps.
+    ``single_view_is_the_image``: one view is the image itself, kept whatever SELECTION_P says (the one-image
+    branch of TDA's and DPE's code)."""
     views = AugmentedViews(cfg.TEST.N_AUGMENTATIONS, cfg[node].VIEW_AUGMENTATION, cfg.RNG_SEED,
                            keys=("TEST.N_AUGMENTATIONS", f"{node}.VIEW_AUGMENTATION"))
+    if single_view_is_the_image and views.n_views == 1:
+        return views, 1
     return views, n_confident_views(views.n_views, cfg[node].SELECTION_P, f"{node}.SELECTION_P")
 
 

@@ -39,6 +39,8 @@ class TTAMethod(nn.Module):
     # See PROTOCOLS. A training-free method runs ``forward_and_adapt`` once per batch, whatever OPTIM.STEPS and
     # MODEL.EPISODIC say (the run plan warns when they are set).
     protocol = PREDICT_THEN_ADAPT
+    # eps of Adam/AdamW (torch's default; a method whose reference sets another overrides it).
+    adam_eps = 1e-8
     # What one episode is, for MODEL.EPISODIC and the OPTIM.STEPS loop: "batch", or "image" (every test image on
     # its own, from the units ``split_images`` makes of a batch; TPT).
     episode = "batch"
@@ -133,9 +135,10 @@ class TTAMethod(nn.Module):
     def setup_optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.OPTIM
         if o.METHOD == "Adam":
-            return torch.optim.Adam(self.params, lr=o.LR, betas=(o.BETA, 0.999), weight_decay=o.WD)
+            return torch.optim.Adam(self.params, lr=o.LR, betas=(o.BETA, 0.999), weight_decay=o.WD, eps=self.adam_eps)
         if o.METHOD == "AdamW":
-            return torch.optim.AdamW(self.params, lr=o.LR, betas=(o.BETA, 0.999), weight_decay=o.WD)
+            return torch.optim.AdamW(self.params, lr=o.LR, betas=(o.BETA, 0.999), weight_decay=o.WD,
+                                     eps=self.adam_eps)
         return torch.optim.SGD(self.params, lr=o.LR, momentum=o.MOMENTUM, dampening=o.DAMPENING,
                                weight_decay=o.WD, nesterov=o.NESTEROV)   # OPTIM.METHOD's choices: Adam, AdamW, SGD
 
@@ -215,6 +218,18 @@ class TTAMethod(nn.Module):
     def reset_extra_state(self) -> None:
         """Override to reset method state that is not a parameter or buffer (python lists, counters)."""
 
+    def restore_source_parameters(self) -> None:
+        """Source values of the adapted parameters and a fresh optimizer and gradient scaler, from the reset
+        snapshot: a reference's reload of model and optimizer before every batch (CLIPArTT, WATT), without
+        ``reset()``'s other work."""
+        snap = self._snapshot
+        with torch.no_grad():
+            for p, name in zip(self.params, self.param_names):
+                p.copy_(snap["module"][f"model.{name}"])
+        self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
+        if self.scaler is not None:
+            self.scaler.load_state_dict(copy.deepcopy(snap["scaler"]))
+
 
 class NormAffineTTA(TTAMethod):
     """The frame of the normalisation-based baselines (TENT, RPL, SAR, RoTTA): adapts the affine weight/bias of
@@ -259,6 +274,16 @@ def configure_norm_adaptation(model: nn.Module, modules=None) -> None:
                 module.track_running_stats = False
                 module.running_mean = None
                 module.running_var = None
+
+
+def configure_image_layernorms(model: nn.Module) -> None:
+    """Freeze CLIP, then free the affine parameters of the image tower's LayerNorms (what CLIPArTT and WATT adapt:
+    their references' ``configure_model`` on ``model.visual`` for ViTs)."""
+    model.eval()
+    model.requires_grad_(False)
+    for module in model.clip.visual.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.requires_grad_(True)
 
 
 def norm_parameters(model: nn.Module, root: nn.Module | None = None) -> tuple[list[nn.Parameter], list[str]]:

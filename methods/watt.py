@@ -22,15 +22,13 @@ over when the weights are re-loaded from the average.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from conf.errors import ConfigError
 from conf.options import Option
-from methods.base import ADAPT_THEN_PREDICT, TTAMethod
+from methods.base import ADAPT_THEN_PREDICT, TTAMethod, configure_image_layernorms
+from methods.clipartt import clipartt_loss
 from methods.registry import register_method
 
 # The eight templates of the reference's templates.yaml (the paper's CIFAR setting), in its order.
@@ -57,12 +55,8 @@ def watt_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     (B, D) normalised and carrying gradient."""
     with torch.no_grad():
         pseudo_labels = (image_features @ text_features.t()).argmax(dim=1)
-    text_of_image = text_features[pseudo_labels]                       # (B, D)
-    logits = logit_scale * text_of_image @ image_features.t()          # [i, j] = s * T_i . v_j
-    affinity = (image_features @ image_features.t() + text_of_image @ text_of_image.t()) / 2
-    targets = (affinity / temperature).softmax(dim=-1)
-    # Rows j of logits.t(): softmax over the text index i, weighted by column j of targets.
-    return -(targets.t() * logits.t().log_softmax(dim=-1)).sum(dim=1).mean()
+    # CLIPArTT's loss with each image's pseudo-label prompt as its text.
+    return clipartt_loss(image_features, text_features[pseudo_labels], logit_scale, temperature)
 
 
 @register_method("watt_p")
@@ -119,11 +113,7 @@ class WATT(TTAMethod):
     # ------------------------------------------------------------------ set-up
     def configure_model(self) -> None:
         """Only the affine parameters of the image tower's LayerNorms adapt (reference ``set_ln_grads``)."""
-        self.model.eval()
-        self.model.requires_grad_(False)
-        for module in self.model.clip.visual.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.requires_grad_(True)
+        configure_image_layernorms(self.model)
 
     @torch.no_grad()
     def _template_text_features(self) -> torch.Tensor:
@@ -140,13 +130,7 @@ class WATT(TTAMethod):
     # ------------------------------------------------------------------ state handling
     def _load_source(self) -> None:
         """Source LayerNorm weights, fresh optimizer and scaler (the reference's reset before every batch)."""
-        snap = self._snapshot
-        with torch.no_grad():
-            for p, name in zip(self.params, self.param_names):
-                p.copy_(snap["module"][f"model.{name}"])
-        self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
-        if self.scaler is not None:
-            self.scaler.load_state_dict(copy.deepcopy(snap["scaler"]))
+        self.restore_source_parameters()
 
     @torch.no_grad()
     def _load_weights(self, weights: list[torch.Tensor]) -> None:

@@ -85,6 +85,79 @@ def write_image_folders(root: Path, class_folders, per_class=2, seed=0, size=Non
     return files
 
 
+# CoOp's folder names where its split renames the class (Caltech101's NEW_CNAMES; EuroSAT's, whose folders are
+# the original class names), for writing image paths as the real split files list them.
+COOP_CLASS_FOLDERS = {
+    "caltech101": {"face": "Faces", "leopard": "Leopards", "motorbike": "Motorbikes", "airplane": "airplanes"},
+    "eurosat": {"Annual Crop Land": "AnnualCrop", "Forest": "Forest", "Herbaceous Vegetation Land": "HerbaceousVegetation",
+                "Highway or Road": "Highway", "Industrial Buildings": "Industrial", "Pasture Land": "Pasture",
+                "Permanent Crop Land": "PermanentCrop", "Residential Buildings": "Residential", "River": "River",
+                "Sea or Lake": "SeaLake"},
+}
+
+
+def coop_relative_path(dataset: str, class_name: str, k: int) -> str:
+    """Image k of a class as CoOp's split files list it (relative to the set's image folder; StanfordCars' to the
+    set's folder; FGVCAircraft's images/<id>.jpg is given by its id), e.g. caltech101 "Faces/image_0003.jpg",
+    sun397 "a/apartment_building/outdoor/sun_k0003.jpg"."""
+    folder = COOP_CLASS_FOLDERS.get(dataset, {}).get(class_name, class_name)
+    if dataset in ("caltech101",):
+        return f"{folder}/image_{k:04d}.jpg"
+    if dataset in ("dtd", "eurosat"):
+        return f"{folder}/{folder}_{k:04d}.jpg"
+    if dataset == "food101":
+        return f"{folder}/{1000 * k + 7}.jpg"
+    if dataset == "oxford_pets":
+        return f"{folder}_{k}.jpg"
+    if dataset == "ucf101":
+        return f"{folder}/v_{folder.replace('_', '')}_g{k + 1:02d}_c01.jpg"
+    if dataset == "sun397":     # CoOp's name is the path's parts after the letter, reversed
+        parts = class_name.split(" ")[::-1]
+        return f"{parts[0][0]}/{'/'.join(parts)}/sun_k{k:04d}.jpg"
+    raise ValueError(f"{dataset}: its paths do not follow the class (numbered files)")
+
+
+def write_coop_set(root: Path, dataset: str, per_class: int = 1, labels=None, seed: int = 0, size: int = 16) -> Path:
+    """DATA_DIR/<folder>/ of one CoOp-layout set (datasets/coop_sets.py) with ``per_class`` small JPEGs for each
+    class in ``labels`` (default all): the images at the paths its real split lists, and split_zhou_<Name>.json
+    ({"train", "val", "test"} lists of [path, label, CoOp class name]; the test list in a seeded, not sorted, order),
+    or for fgvc_aircraft variants.txt and images_variant_test.txt. Returns the set's folder."""
+    import json
+
+    import datasets
+    ds = datasets.get_dataset(dataset)
+    rng = np.random.default_rng(seed)
+    base = Path(root) / ds.folder
+    labels = list(range(len(ds.coop_names))) if labels is None else list(labels)
+    items = [(label, k) for label in labels for k in range(per_class)]
+    items = [items[i] for i in rng.permutation(len(items))]
+    entries = []
+    for n, (label, k) in enumerate(items):
+        name = ds.coop_names[label]
+        if dataset == "fgvc_aircraft":
+            relative = f"{1000000 + 37 * n:07d}"
+            path = base / "images" / f"{relative}.jpg"
+        elif dataset == "flowers102":
+            relative = f"image_{n + 1:05d}.jpg"
+            path = base / ds.image_folder / relative
+        elif dataset == "stanford_cars":
+            relative = f"cars_test/{n + 1:05d}.jpg"
+            path = base / relative
+        else:
+            relative = coop_relative_path(dataset, name, k)
+            path = base / ds.image_folder / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path, "JPEG")
+        entries.append([relative, label, name])
+    if dataset == "fgvc_aircraft":
+        (base / "variants.txt").write_text("".join(f"{name}\n" for name in ds.coop_names))
+        (base / "images_variant_test.txt").write_text("".join(f"{r} {name}\n" for r, _, name in entries))
+    else:
+        split = {"train": entries[:1], "val": entries[1:2], "test": entries}
+        (base / ds.list_file).write_text(json.dumps(split, indent=4))
+    return base
+
+
 # The tiny CLIP with random weights, on the CPU, without DataLoader workers.
 TINY_OPTS = ["MODEL.ARCH", "tiny-clip-test", "MODEL.WEIGHTS", "none", "TEST.NUM_WORKERS", "0", "DEVICE", "cpu"]
 
@@ -113,7 +186,21 @@ ALL_LAYOUT_DOMAINS = {
     "imagenet_r": ["ImageNet-R"],
     "imagenet_v2": ["ImageNet-V2"],
     "imagenet_sketch": ["ImageNet-Sketch"],
+    "caltech101": ["Caltech101"],
+    "dtd": ["DTD"],
+    "eurosat": ["EuroSAT"],
+    "fgvc_aircraft": ["FGVCAircraft"],
+    "food101": ["Food101"],
+    "flowers102": ["Flowers102"],
+    "oxford_pets": ["OxfordPets"],
+    "stanford_cars": ["StanfordCars"],
+    "sun397": ["SUN397"],
+    "ucf101": ["UCF101"],
 }
+
+# The CoOp-layout sets (datasets/coop_sets.py).
+COOP_SETS = ["caltech101", "dtd", "eurosat", "fgvc_aircraft", "food101", "flowers102", "oxford_pets", "stanford_cars",
+             "sun397", "ucf101"]
 
 
 def write_all_layouts(root: Path) -> Path:
@@ -134,6 +221,9 @@ def write_all_layouts(root: Path) -> Path:
     for seed, name in enumerate(["imagenet_a", "imagenet_r", "imagenet_v2", "imagenet_sketch"], start=8):
         ds = datasets.get_dataset(name)
         write_image_folders(root / ds.folder, ds.class_folders(), per_class=1, seed=seed, size=16)
+    for seed, name in enumerate(COOP_SETS, start=12):     # 12 images of 6 classes spread over the labels
+        classes = len(datasets.get_dataset(name).coop_names)
+        write_coop_set(root, name, per_class=2, labels=[k * (classes - 1) // 5 for k in range(6)], seed=seed)
     return root
 
 
@@ -143,9 +233,9 @@ IMAGENET_C_SMALL_LIST = "imagenet_c_small_list.txt"
 
 def small_run_overrides(dataset: str, config: str, data_dir: Path | None = None) -> dict:
     """What a shipped config needs besides the tiny model and the ALL_LAYOUT_DOMAINS data (in ``data_dir``) to
-    run in a test: the domains written, 8 images per domain in batches of 4, ImageNet-C's images as listed, and
-    three cost cuts on the tiny model (SAR's 3 excluded blocks exceed its 2; WATT-P's 50 repeats and ImageNet-C
-    VTE's 80 x 1000 ensemble prompts would cost a minute each)."""
+    run in a test: the domains written, 8 images per domain in batches of 4, ImageNet-C's images as listed, DPE's
+    textual prototypes from the templates alone (no CuPL file), and three cost cuts on the tiny model (SAR's 3 excluded blocks exceed its 2; WATT-P's 50 repeats and the 80 x 1000
+    ensemble prompts of ImageNet-C VTE and ImageNet-Sketch TDA and DPE would cost a minute each)."""
     # The first 8 images (whatever the folders hold) in the suite's own stream order: what the golden runs recorded
     # (the authors' order needs their seeded subset; tests/test_stream_order.py checks it).
     overrides = {"CORRUPTION__TYPE": ALL_LAYOUT_DOMAINS[dataset], "CORRUPTION__NUM_EX": 8, "TEST__BATCH_SIZE": 4,
@@ -156,7 +246,9 @@ def small_run_overrides(dataset: str, config: str, data_dir: Path | None = None)
         overrides["SAR__EXCLUDED_DEEPEST_BLOCKS"] = 1
     if config == "watt_p":
         overrides["WATT__REPEATS"] = 2
-    if (dataset, config) == ("imagenet_c", "vte"):
+    if config == "dpe":          # the reference's CuPL files are not shipped: the templates alone
+        overrides["DPE__TEXT_PROTOTYPES"] = "templates"
+    if (dataset, config) in (("imagenet_c", "vte"), ("imagenet_sketch", "tda"), ("imagenet_sketch", "dpe")):
         overrides["CLIP__PROMPT_MODE"] = "custom"
     return overrides
 

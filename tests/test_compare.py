@@ -95,7 +95,7 @@ def test_results_are_grouped_by_config_with_seeds_pooled():
 
 
 def test_paper_mapping_covers_every_row_of_both_csvs():
-    rows = paper.paper_rows()
+    rows = [r for r in paper.paper_rows() if r.source == paper.BATCLIP_PAPER]
     with open(REPO / "harness/report/paper_results/batclip_paper_main_table.csv", encoding="utf-8") as f:
         main = list(csv.DictReader(f))
     with open(REPO / "harness/report/paper_results/batclip_paper_dg_table.csv", encoding="utf-8") as f:
@@ -250,3 +250,40 @@ def test_cli_runs_methods_on_the_same_stream_and_tabulates_results(tmp_path, cap
     # a method name without a config file is a clear error
     code, out = _cli(["--cfg", "conf/cifar10_c/source.yaml", "--methods", "no_such_method", *common], capsys)
     assert code == 2 and "conf/cifar10_c/no_such_method.yaml" in out.err
+
+
+def test_method_papers_table_is_read_in_our_names_with_its_source():
+    """Every line of method_papers.csv becomes exactly one number of one row, read back here with a plain CSV reader;
+    the BATCLIP paper's rows keep their own source, and paper_methods keeps to BATCLIP's paper by default."""
+    with open(REPO / "harness/report/paper_results/method_papers.csv", encoding="utf-8") as f:
+        lines = list(csv.DictReader(f))
+    assert lines, "no reported numbers of the added methods"
+    rows = [r for r in paper.paper_rows() if r.source != paper.BATCLIP_PAPER]
+    assert sum(len(r.accuracy) + (r.reported_mean is not None and not r.accuracy) for r in rows) == len(lines)
+    for line in lines:
+        row = paper.paper_row(line["dataset"], line["method"])
+        assert row.source == line["source"] and row.paper_method == line["paper_method"]
+        value = row.reported_mean if line["domain"] == "mean" else row.accuracy[line["domain"]]
+        assert value == float(line["accuracy"])
+    assert "clipartt" not in paper.paper_methods("cifar10_c")
+    assert "clipartt" in paper.paper_methods("cifar10_c", "CLIPArTT (WACV 2025) Table 8")
+
+
+def test_a_paper_that_prints_only_a_mean_is_compared_on_the_mean_over_its_domains():
+    """CLIPArTT's paper prints only its mean over the 15 CIFAR-10-C corruptions: the paper row shows that mean and the
+    difference of means, no cells, and only for a run of exactly those 15 at severity 5."""
+    corruptions = list(paper.CORRUPTION_COLUMNS.values())
+    measured = fake_payload({c: (30 + i, 50) for i, c in enumerate(corruptions)}, method="clipartt")
+    table = report.build_table([("clipartt", [measured])])
+    ours, theirs, diff = table.rows
+    assert [r.kind for r in table.rows] == ["measured", "paper", "diff"]
+    assert theirs.cells == {} and diff.cells == {}
+    assert theirs.mean == 73.22
+    expected_mean = np.mean([100 * (30 + i) / 50 for i in range(15)])
+    assert ours.mean == pytest.approx(expected_mean) and diff.mean == pytest.approx(expected_mean - 73.22)
+    assert any("as reported in CLIPArTT (WACV 2025) Table 8, printed mean only (over its 15 domains)" in n
+               for n in table.notes)
+    part = fake_payload({c: (30, 50) for c in corruptions[:14]}, method="clipartt")
+    assert [r.kind for r in report.build_table([("clipartt", [part])]).rows] == ["measured"]
+    other_severity = fake_payload({c: (30, 50) for c in corruptions}, method="clipartt", severity=3)
+    assert [r.kind for r in report.build_table([("clipartt", [other_severity])]).rows] == ["measured"]

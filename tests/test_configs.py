@@ -45,7 +45,7 @@ def test_composition_equals_the_file_it_replaced(name):
 def test_a_real_file_and_a_missing_composition(tmp_path):
     with pytest.raises(ConfigError, match=r"conf/methods/rpl.yaml is not shipped for data set pacs"):
         load_cfg("conf/pacs/rpl.yaml")
-    with pytest.raises(ConfigError, match=r"configs shipped for pacs: \['batclip', 'source', 'tent'\]"):
+    with pytest.raises(ConfigError, match=r"configs shipped for pacs: \['batclip', 'clipartt', 'source', 'tent'\]"):
         load_cfg("conf/pacs/no_such_method.yaml")
     own = tmp_path / "conf" / "pacs" / "tent.yaml"           # a real file is read as it is, not composed
     own.parent.mkdir(parents=True)

@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.cuda,
 
 # One config per registered method (CIFAR-10-C's), in fp32 everywhere for the CPU comparison.
 PER_METHOD = sorted(n for n in config_names() if n.startswith("cifar10_c/"))
-FP32 = {"BATCLIP__AUTOCAST": False, "TPT__MIXED_PRECISION": False, "MIXED_PRECISION": False}
+FP32 = {"BATCLIP__AUTOCAST": False, "TPT__MIXED_PRECISION": False, "ZERO__MIXED_PRECISION": False,
+        "MIXED_PRECISION": False}
 TOLERANCE = dict(rtol=2e-3, atol=2e-3)
 
 

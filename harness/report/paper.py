@@ -22,6 +22,8 @@ PAPER_DIR = Path(__file__).resolve().parent / "paper_results"
 MAIN_TABLE = PAPER_DIR / "batclip_paper_main_table.csv"
 DG_TABLE = PAPER_DIR / "batclip_paper_dg_table.csv"
 # Columns: dataset, domain, severity, method (ours), paper_method (as printed), accuracy, source (paper and table).
+# Domain "mean": the paper prints only the mean over the data set's standard domains (the 15 corruptions of the
+# BATCLIP tables, at severity 5), no per-domain number.
 METHOD_PAPERS_TABLE = PAPER_DIR / "method_papers.csv"
 BATCLIP_PAPER = "BATCLIP (ICCV 2025)"
 
@@ -97,6 +99,8 @@ class PaperRow:
     venue: str = ""
     protocol: dict = field(default_factory=dict)
     source: str = BATCLIP_PAPER        # the paper (and table) the numbers are read from
+    # For a paper that prints only a mean (no per-domain cells): the domains that mean is over.
+    mean_over: tuple = ()
 
     def mean_of(self, domains) -> float:
         return sum(self.accuracy[d] for d in domains) / len(domains)
@@ -153,7 +157,8 @@ def _method_paper_rows() -> list[PaperRow]:
         for number, line in enumerate(csv.DictReader(f), start=2):
             where = f"{METHOD_PAPERS_TABLE.name} line {number}"
             dataset = datasets.get_dataset(line["dataset"])
-            dataset.check_domain(line["domain"])
+            if line["domain"] != "mean" or not dataset.has_severities:
+                dataset.check_domain(line["domain"])
             severity = int(line["severity"])
             if severity != (5 if dataset.has_severities else 0):
                 raise PaperMappingError(f"{where}: severity {severity} for {dataset.name}")
@@ -165,9 +170,15 @@ def _method_paper_rows() -> list[PaperRow]:
             if row is None:
                 row = by_key[key] = PaperRow(dataset.name, line["method"], line["paper_method"], {}, None, "",
                                              dict(PROTOCOL, severity=severity), line["source"])
-            if line["domain"] in row.accuracy:
+            if line["domain"] in row.accuracy or (line["domain"] == "mean" and row.reported_mean is not None):
                 raise PaperMappingError(f"{where}: a second accuracy for {key} on {line['domain']}")
-            row.accuracy[line["domain"]] = float(line["accuracy"])
+            if line["domain"] == "mean":
+                row.reported_mean = float(line["accuracy"])
+                row.mean_over = tuple(CORRUPTION_COLUMNS.values())
+            else:
+                row.accuracy[line["domain"]] = float(line["accuracy"])
+            if row.reported_mean is not None and row.accuracy:
+                raise PaperMappingError(f"{where}: {key} has both per-domain numbers and a mean-only line")
     return list(by_key.values())
 
 
@@ -227,6 +238,17 @@ def protocol_mismatch(row: PaperRow, arch: str, weights: str, setting: str) -> l
     if setting != row.protocol["setting"]:
         notes.append(f"setting {setting} (paper: {row.protocol['setting']})")
     return notes
+
+
+def comparable_mean(row: PaperRow | None, records: list[dict]) -> float | None:
+    """A mean-only paper row's mean, where the records are exactly one per domain it is over, at the paper's
+    severity; else None."""
+    if row is None or row.accuracy or not row.mean_over:
+        return None
+    domains = [r["domain"] for r in records if int(r["severity"]) == row.protocol["severity"]]
+    if sorted(domains) != sorted(row.mean_over) or len(domains) != len(records):
+        return None
+    return row.reported_mean
 
 
 def comparable_reference(row: PaperRow | None, records: list[dict]) -> dict | None:

@@ -1,0 +1,362 @@
+"""DPE: dual prototype evolving (Zhang et al., "Dual Prototype Evolving for Test-Time Generalization of
+Vision-Language Models", NeurIPS 2024; code zhangce01/DPE-CLIP ``main_dpe.py`` and ``utils.py``, built on TDA).
+
+The stream is processed one image at a time (a batch of B images is B images in stream order). Per image:
+
+1. Its TEST.N_AUGMENTATIONS views (view 0 = the image) are classified with the current textual prototypes; the
+   DPE.SELECTION_P fraction of lowest-entropy views is kept (with one view: the image itself). Their mean logits
+   give the pseudo-label, their mean (unrenormalised) feature is the image's query feature, and the entropy of
+   their averaged probabilities its confidence.
+2. Visual prototypes: the query feature enters the pseudo-label's priority queue (``PrototypeCache``: at most
+   DPE.SHOT_CAPACITY features per class, lowest entropy kept); a class's visual prototype is the mean of its queue.
+3. Residuals: zero-initialised learnable residuals on the textual prototypes (C, D) and on the visual prototypes
+   of the classes in the queues (K, D), each renormalised after adding; OPTIM.STEPS steps of a freshly built
+   AdamW (lr DPE.LR_TEXT / DPE.LR_IMAGE, eps DPE.ADAMW_EPS, weight decay DPE.WEIGHT_DECAY) on the entropy of
+   [mean logits of the confident views + Tip-Adapter-style cache logits of the query feature] plus DPE.ALIGN_WEIGHT
+   times InfoNCE between each visual prototype and its class's textual prototype.
+4. Prediction (no gradient) with the residual-adjusted prototypes: the image itself (DPE.PREDICT_FROM image), or,
+   as the reference for ImageNet-A, the confident views re-selected under the adjusted textual prototypes.
+5. Textual prototypes evolve: when the prediction's entropy, normalised (DPE.ENTROPY_NORMALISER), is below
+   DPE.TEXT_UPDATE_THRESHOLD, the global textual prototypes become the cumulative average of themselves and the
+   residual-adjusted prototypes of this image.
+
+The residuals and their optimizer exist only within one image; the queues, the global textual prototypes and the
+update count are registered buffers, restored exactly by ``reset()``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conf.defaults import SUITE_OPTIONS
+from conf.errors import ConfigError
+from conf.options import Option, default_of
+from methods.augmentations import VIEW_AUGMENTATIONS, confident_views_setup, lowest_entropy_views
+from methods.base import ADAPT_THEN_PREDICT, TTAMethod
+from methods.registry import register_method
+from methods.tpt import marginal_entropy
+
+# torch's AdamW defaults, which the reference leaves as they are.
+ADAMW_BETAS = (0.9, 0.999)
+
+
+class PrototypeCache(nn.Module):
+    """Per-class priority queues of image features (TDA's positive cache, as DPE keeps it): each class holds at
+    most ``capacity`` (feature, score) pairs sorted by ascending score. A new pair is appended while the queue has
+    room, else it replaces the last (highest-score) pair if its score is strictly lower; the queue is then sorted
+    again, stably (so among equal scores the older pair comes first), as the reference's ``sorted`` does.
+    Everything is a buffer, so it belongs to the method's state and ``reset()`` restores it."""
+
+    def __init__(self, num_classes: int, capacity: int, dim: int, device=None):
+        super().__init__()
+        self.capacity = capacity
+        self.register_buffer("features", torch.zeros(num_classes, capacity, dim, device=device))
+        # float64: a score is a python float, compared exactly as the reference compares its floats.
+        self.register_buffer("scores", torch.full((num_classes, capacity), math.inf, dtype=torch.float64,
+                                                  device=device))
+        self.register_buffer("sizes", torch.zeros(num_classes, dtype=torch.long, device=device))
+
+    @torch.no_grad()
+    def insert(self, label: int, feature: torch.Tensor, score: float) -> None:
+        n = int(self.sizes[label])
+        if n < self.capacity:
+            slot, n = n, n + 1
+        elif score < float(self.scores[label, -1]):
+            slot = self.capacity - 1
+        else:
+            return
+        self.features[label, slot] = feature
+        self.scores[label, slot] = score
+        self.sizes[label] = n
+        order = self.scores[label, :n].argsort(stable=True)
+        self.scores[label, :n] = self.scores[label, :n][order]
+        self.features[label, :n] = self.features[label, :n][order]
+
+    def prototypes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(classes (K,) ascending, prototypes (K, D)): the mean queued feature of every class with a queue."""
+        classes = torch.nonzero(self.sizes).squeeze(1)
+        sizes = self.sizes[classes]
+        filled = torch.arange(self.capacity, device=sizes.device) < sizes[:, None]
+        weights = filled.to(self.features.dtype) / sizes[:, None].to(self.features.dtype)
+        return classes, (self.features[classes] * weights[..., None]).sum(dim=1)
+
+
+def cache_logits(query: torch.Tensor, prototypes: torch.Tensor, classes: torch.Tensor, num_classes: int,
+                 alpha: float, beta: float) -> torch.Tensor:
+    """Tip-Adapter's cache logits of query features (N, D) against visual prototypes (K, D) of ``classes``:
+    alpha * exp(-beta (1 - affinity)) in each prototype's class column, zero for classes without a prototype."""
+    affinity = query @ prototypes.t().to(query.dtype)
+    weights = (-(beta - beta * affinity)).exp().float()
+    out = torch.zeros(query.shape[0], num_classes, device=query.device, dtype=weights.dtype)
+    return alpha * out.index_copy(1, classes, weights)
+
+
+def alignment_loss(visual: torch.Tensor, textual: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE (info-nce-pytorch without negative keys, as the reference calls it): each visual prototype (K, D)
+    against all textual prototypes of the same K classes, its own class the positive; both sides renormalised."""
+    logits = F.normalize(visual, dim=-1) @ F.normalize(textual, dim=-1).t()
+    return F.cross_entropy(logits.float() / temperature, torch.arange(len(visual), device=visual.device))
+
+
+def cupl_text_prototypes(model, path: str, autocast) -> torch.Tensor:
+    """(C, D) normalised textual prototypes from the model's templates plus the CuPL descriptions of each class
+    (the reference's ``clip_classifier``: every prompt's normalised feature averaged, then renormalised)."""
+    descriptions = read_cupl(path, model.class_names)
+    prototypes = []
+    for name in model.class_names:
+        spoken = name.replace("_", " ")
+        texts = [t.format(spoken) for t in model.templates] + descriptions[spoken]
+        with torch.no_grad(), autocast:
+            tokens = model.truncate_tokens(model.tokenizer(texts)).to(model.tokens.device)
+            features = F.normalize(model.encode_tokens(tokens).float(), dim=-1)
+        prototypes.append(F.normalize(features.mean(dim=0), dim=-1))
+    return torch.stack(prototypes)
+
+
+def read_cupl(path: str, class_names) -> dict:
+    """The CuPL JSON ({class name: [descriptions]}), checked to describe every class."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"DPE.CUPL_PROMPTS = '{path}': no such file (the reference's "
+                          f"gpt3_prompts/CuPL_prompts_<dataset>.json; '' for the templates only)")
+    try:
+        descriptions = json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"DPE.CUPL_PROMPTS = '{path}': not a JSON file ({error})") from None
+    if not isinstance(descriptions, dict):
+        raise ConfigError(f"DPE.CUPL_PROMPTS = '{path}': expected a JSON object {{class name: [descriptions]}}")
+    for name in class_names:
+        entry = descriptions.get(name.replace("_", " "))
+        if not isinstance(entry, list) or not all(isinstance(d, str) for d in entry):
+            raise ConfigError(f"DPE.CUPL_PROMPTS = '{path}' has no list of descriptions for class "
+                              f"'{name.replace('_', ' ')}'")
+    return descriptions
+
+
+@dataclass
+class ImageEpisode:
+    """One test image: the normalised features (V, D) of its views (view 0 = the image itself), and what its
+    first step fixes: the confident views, the query feature, the queued classes and their prototypes, and the
+    zero-initialised residuals."""
+    features: torch.Tensor
+    selected: torch.Tensor | None = None
+    query: torch.Tensor | None = None
+    classes: torch.Tensor | None = None
+    visual: torch.Tensor | None = None
+    text_residual: torch.Tensor | None = None
+    visual_residual: torch.Tensor | None = None
+
+
+TEXT_PROTOTYPES = ("templates_and_cupl", "templates")
+# The reference's CuPL file of each data set (datasets/<set>.py cupl_path): gpt3_prompts/CuPL_prompts_<name>.json.
+CUPL_FILE_NAMES = {"imagenet_c": "imagenet", "imagenet_a": "imagenet", "imagenet_v2": "imagenet",
+                   "imagenet_r": "imagenet", "imagenet_sketch": "imagenet", "caltech101": "caltech101",
+                   "dtd": "dtd", "eurosat": "eurosat", "fgvc_aircraft": "fgvcaircraft", "food101": "food101",
+                   "flowers102": "flowers102", "oxford_pets": "oxfordpets", "stanford_cars": "stanfordcars",
+                   "sun397": "sun397", "ucf101": "ucf101"}
+
+
+@register_method("dpe")
+class DPE(TTAMethod):
+    protocol = ADAPT_THEN_PREDICT
+    episode = "image"
+    config_defaults = {"DPE": {
+        # Queue length per class (the reference's positive.shot_capacity: 3 in every config).
+        "SHOT_CAPACITY": Option(3, within="[1, inf)"),
+        # Cache logits alpha * exp(-beta (1 - affinity)) (positive.alpha / positive.beta).
+        "ALPHA": Option(6.0, within="[0, inf)"),
+        "BETA": Option(5.0, within="[0, inf)"),
+        # AdamW learning rates of the textual and visual residuals (learning_rate.text / learning_rate.image).
+        "LR_TEXT": Option(6e-4, within="[0, inf)"),
+        "LR_IMAGE": Option(6e-4, within="[0, inf)"),
+        # Weight of the alignment (InfoNCE) loss (learning_rate.align) and its temperature (main_dpe.py: 0.01).
+        "ALIGN_WEIGHT": Option(0.5, within="[0, inf)"),
+        "ALIGN_TEMPERATURE": Option(0.01, within="(0, inf)"),
+        # The reference's AdamW settings for both residuals (main_dpe.py: eps 1e-3, weight_decay 1e-1).
+        "ADAMW_EPS": Option(1e-3, within="(0, inf)"),
+        "WEIGHT_DECAY": Option(0.1, within="[0, inf)"),
+        # Textual prototypes evolve when the prediction's normalised entropy is below this (reference: 0.1).
+        "TEXT_UPDATE_THRESHOLD": Option(0.1, within="[0, inf)"),
+        # How that entropy (in nats) is normalised: "log2" divides by log2(C) as the reference's get_entropy (a
+        # TDA inheritance: nats over bits, so 0.1 means a true normalised entropy below 0.1 / ln 2 = 0.144);
+        # "ln" divides by ln(C), a true normalised entropy in [0, 1]. The queues' order is the same.
+        "ENTROPY_NORMALISER": Option("log2", choices=("log2", "ln")),
+        # Fraction of the views kept as confident (reference: 0.1, i.e. 6 of 64); ignored with one view.
+        "SELECTION_P": Option(0.1, within="(0, 1]"),
+        # How the views are made. The reference uses AugMix views for the ImageNet sets (and none for the
+        # fine-grained sets): conf/methods/dpe.yaml sets "augmix".
+        "VIEW_AUGMENTATION": Option("crop_flip", choices=VIEW_AUGMENTATIONS),
+        # What is classified after the update: "image" (view 0), as the reference for every set but ImageNet-A;
+        # "confident_views": the mean of the confident views, re-selected under the adjusted textual prototypes,
+        # as the reference for ImageNet-A (main_dpe.py: dataset_name == 'A').
+        "PREDICT_FROM": Option("image", choices=("image", "confident_views")),
+        # What the textual prototypes average: "templates_and_cupl", the templates of CLIP.PROMPT_MODE and the CuPL
+        # descriptions of DPE.CUPL_PROMPTS, as the reference on every data set; "templates": the templates only.
+        "TEXT_PROTOTYPES": Option("templates_and_cupl", choices=TEXT_PROTOTYPES),
+        # The reference's CuPL JSON ({class name: [descriptions]}) for the data set: gpt3_prompts/
+        # CuPL_prompts_<set>.json of zhangce01/DPE-CLIP (not shipped here); read with TEXT_PROTOTYPES
+        # templates_and_cupl only.
+        "CUPL_PROMPTS": "",
+        # The reference runs under CUDA fp16 autocast with fp16 residuals and no gradient scaler; ignored on CPU.
+        "MIXED_PRECISION": True,
+    }}
+
+    @classmethod
+    def check_setup(cls, cfg, model_spec, class_names) -> None:
+        confident_views_setup(cfg, "DPE", single_view_is_the_image=True)
+        if cfg.DPE.TEXT_PROTOTYPES == "templates":
+            if cfg.DPE.CUPL_PROMPTS:
+                raise ConfigError(f"DPE.CUPL_PROMPTS = '{cfg.DPE.CUPL_PROMPTS}' is given but DPE.TEXT_PROTOTYPES "
+                                  f"templates does not read it; set DPE.TEXT_PROTOTYPES templates_and_cupl")
+        elif not cfg.DPE.CUPL_PROMPTS:
+            raise ConfigError(f"DPE.TEXT_PROTOTYPES templates_and_cupl (the reference's textual prototypes) needs "
+                              f"DPE.CUPL_PROMPTS: the path of zhangce01/DPE-CLIP's gpt3_prompts/CuPL_prompts_"
+                              f"{CUPL_FILE_NAMES.get(cfg.CORRUPTION.DATASET, '<set>')}.json; or set "
+                              f"DPE.TEXT_PROTOTYPES templates to run without the descriptions")
+        else:
+            read_cupl(cfg.DPE.CUPL_PROMPTS, class_names)
+
+    @classmethod
+    def config_warnings(cls, cfg) -> list[str]:
+        """OPTIM keys other than STEPS set away from the suite defaults: DPE builds its own AdamW from DPE.*."""
+        unused = [f"OPTIM.{key} {cfg.OPTIM[key]}" for key, declared in SUITE_OPTIONS["OPTIM"].items()
+                  if key != "STEPS" and cfg.OPTIM[key] != default_of(declared)]
+        if not unused:
+            return []
+        return [f"DPE optimises its residuals with AdamW(lr DPE.LR_TEXT / DPE.LR_IMAGE, eps DPE.ADAMW_EPS, weight "
+                f"decay DPE.WEIGHT_DECAY): {', '.join(unused)} not used"]
+
+    def __init__(self, cfg, model, num_classes):
+        super().__init__(cfg, model, num_classes)
+        self.options = cfg.DPE
+        self.views, self.n_selected = confident_views_setup(cfg, "DPE", single_view_is_the_image=True)
+        self.views_per_image = self.views.n_views
+        self.entropy_scale = math.log2(num_classes) if cfg.DPE.ENTROPY_NORMALISER == "log2" else math.log(num_classes)
+
+    def cost_info(self) -> dict:
+        """Per test image: the views through the image encoder (once, encoders frozen) and OPTIM.STEPS backward
+        passes through the prototypes only (the text encoder runs once, at set-up)."""
+        return {"views_per_image": self.views_per_image, "backward_passes_per_image": self.steps}
+
+    # ------------------------------------------------------------------ setup and state
+    def collect_params(self):
+        """Nothing of CLIP adapts; the residuals are built per image."""
+        return [], []
+
+    def num_trainable_params(self) -> int:
+        """Per image at most C x D textual plus C x D visual residual entries."""
+        return 2 * self.text_prototypes.numel()
+
+    def _mixed_precision(self) -> bool:
+        return (self.options.MIXED_PRECISION or self.cfg.MIXED_PRECISION) and self.device.type == "cuda"
+
+    def autocast(self):
+        if self._mixed_precision():
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def setup_scaler(self):
+        return None       # the reference calls loss.backward() without a gradient scaler
+
+    def setup_state(self) -> None:
+        if self.options.TEXT_PROTOTYPES == "templates_and_cupl":
+            text = cupl_text_prototypes(self.model, self.options.CUPL_PROMPTS, self.autocast())
+        else:
+            text = self.model.text_features()[0]
+        # The global textual prototypes (C, D): normalised at the start, cumulative averages afterwards.
+        self.register_buffer("text_prototypes", text.detach().float().clone())
+        self.register_buffer("text_updates", torch.zeros((), dtype=torch.long, device=text.device))
+        self.cache = PrototypeCache(self.num_classes, self.options.SHOT_CAPACITY, text.shape[1], text.device)
+
+    def residual_dtype(self) -> torch.dtype:
+        return torch.float16 if self._mixed_precision() else torch.float32
+
+    def reset_episode(self) -> None:
+        """MODEL.EPISODIC: forget the queues and the evolved textual prototypes before every image (the view
+        stream goes on). The residuals are per image in any case."""
+        self.load_state_dict(self._snapshot["module"], strict=False)
+
+    def reset_extra_state(self) -> None:
+        self.views.reset()
+
+    # ------------------------------------------------------------------ per image
+    def split_images(self, x: torch.Tensor) -> list[ImageEpisode]:
+        """Every image's views, drawn image by image (so a batch gives the views its images give one at a time)
+        and encoded in one pass for the whole batch (the image encoder is frozen)."""
+        views = torch.cat([self.views(image[None]) for image in x])       # (B, V, C, H, W); view 0 = the image
+        with torch.no_grad(), self.autocast():
+            features = F.normalize(self.model.encode_image(views.flatten(0, 1)).float(), dim=-1)
+        return [ImageEpisode(f) for f in features.view(views.shape[0], views.shape[1], -1)]
+
+    def normalised_entropy(self, logits: torch.Tensor) -> float:
+        return float(marginal_entropy(logits) / self.entropy_scale)
+
+    @torch.no_grad()
+    def begin_episode(self, unit: ImageEpisode) -> None:
+        """Confident views under the current textual prototypes, the queue update, the prototypes and residuals."""
+        with self.autocast():
+            logits = self.model.logits(unit.features, F.normalize(self.text_prototypes, dim=-1)).float()
+        unit.selected = lowest_entropy_views(logits, self.n_selected)
+        confident = logits[unit.selected]
+        unit.query = unit.features[unit.selected].mean(dim=0, keepdim=True)
+        self.cache.insert(int(confident.mean(dim=0).argmax()), unit.query[0], self.normalised_entropy(confident))
+        unit.classes, unit.visual = self.cache.prototypes()
+        dtype = self.residual_dtype()
+        unit.text_residual = torch.zeros_like(self.text_prototypes, dtype=dtype, requires_grad=True)
+        unit.visual_residual = torch.zeros_like(unit.visual, dtype=dtype, requires_grad=True)
+
+    def adjusted_prototypes(self, unit: ImageEpisode) -> tuple[torch.Tensor, torch.Tensor]:
+        """(textual (C, D), visual (K, D)) prototypes plus the residuals, renormalised."""
+        return (F.normalize(self.text_prototypes + unit.text_residual, dim=-1),
+                F.normalize(unit.visual + unit.visual_residual, dim=-1))
+
+    def visual_logits(self, query, visual, unit) -> torch.Tensor:
+        o = self.options
+        return cache_logits(query, visual, unit.classes, self.num_classes, o.ALPHA, o.BETA)
+
+    @torch.enable_grad()
+    def forward_and_adapt(self, unit: ImageEpisode) -> None:
+        """One AdamW step on both residuals (a fresh optimizer, as the reference builds one per step)."""
+        if unit.selected is None:
+            self.begin_episode(unit)
+        o = self.options
+        with self.autocast():
+            text, visual = self.adjusted_prototypes(unit)
+            logits = self.model.logits(unit.features[unit.selected], text).float().mean(dim=0, keepdim=True)
+            logits = logits + self.visual_logits(unit.query, visual, unit)
+            loss = marginal_entropy(logits)
+            loss = loss + o.ALIGN_WEIGHT * alignment_loss(visual, text[unit.classes], o.ALIGN_TEMPERATURE)
+        optimizer = torch.optim.AdamW([
+            {"params": [unit.text_residual], "lr": o.LR_TEXT},
+            {"params": [unit.visual_residual], "lr": o.LR_IMAGE}],
+            betas=ADAMW_BETAS, eps=o.ADAMW_EPS, weight_decay=o.WEIGHT_DECAY)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    @torch.no_grad()
+    def episode_logits(self, unit: ImageEpisode, outputs) -> torch.Tensor:
+        """The prediction with the adjusted prototypes, then the evolution of the global textual prototypes."""
+        with self.autocast():
+            text, visual = self.adjusted_prototypes(unit)
+            if self.options.PREDICT_FROM == "image":
+                query = unit.features[:1]
+                logits = self.model.logits(query, text).float()
+            else:
+                all_views = self.model.logits(unit.features, text).float()
+                selected = lowest_entropy_views(all_views, self.n_selected)
+                query = unit.features[selected].mean(dim=0, keepdim=True)
+                logits = all_views[selected].mean(dim=0, keepdim=True)
+            logits = logits + self.visual_logits(query, visual, unit)
+        if self.normalised_entropy(logits) < self.options.TEXT_UPDATE_THRESHOLD:
+            self.text_updates += 1
+            n = int(self.text_updates)
+            self.text_prototypes.copy_(self.text_prototypes * (n / (n + 1)) + text.float() * (1 / (n + 1)))
+        return logits

@@ -1,0 +1,213 @@
+"""TDA: training-free dynamic adapter (Karmanov et al., "Efficient Test-Time Adaptation of Vision-Language
+Models", CVPR 2024; code kdiAAA/TDA ``tda_runner.py`` and ``utils.py``; the same code with CIFAR-10/100-C and
+ImageNet-C settings in MarcLafon/cliptta ``ttavlm/methods/tda.py``). Nothing is trained.
+
+Per test image, in stream order (``run_test_tda``):
+
+1. CLIP logits ``get_clip_logits``: the image and TEST.N_AUGMENTATIONS - 1 random views of it, logits
+   ``scale * features @ text`` (scale 100 in the code, TDA.LOGIT_SCALE). With one view the image's own logits;
+   with several, the TDA.SELECTION_P fraction of views with the lowest softmax entropy: their normalised
+   features are averaged (not renormalised; the cache key and query), their logits averaged (the CLIP logits),
+   the entropy of their averaged probabilities is the image's entropy, their averaged probabilities its
+   probability map, the argmax of the averaged logits its pseudo-label.
+2. The positive cache of the pseudo-label's class takes (feature, entropy) if it holds fewer than
+   POSITIVE_SHOT_CAPACITY entries, or replaces its highest-entropy entry if the new entropy is strictly lower;
+   entries stay sorted by entropy (``update_cache``).
+3. If the normalised entropy lies strictly between NEGATIVE_ENTROPY_LOWER and NEGATIVE_ENTROPY_UPPER, the
+   negative cache of the same class is updated the same way with (feature, entropy, probability map).
+4. The prediction, with the current image already in the caches (the reference's order):
+   clip logits + POSITIVE_ALPHA * sum_entries exp(-POSITIVE_BETA (1 - q.k)) one_hot(class of entry)
+              - NEGATIVE_ALPHA * sum_entries exp(-NEGATIVE_BETA (1 - q.k)) 1[MASK_LOWER < p_entry < MASK_UPPER]
+   (``compute_cache_logits``; q the image's feature, k an entry's feature, p its probability map).
+
+A batch is processed image by image in stream order, each image's views drawn on their own, so the caches and
+the logits are those of batch size 1 whatever TEST.BATCH_SIZE is; only the encoding of all views of a batch is
+batched. The caches are buffers (keys, entropies, probability maps, fill counts per class), so ``reset()``
+empties them exactly. The cache arithmetic runs in fp32 (the reference runs it in fp16 with its fp16 CLIP).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from conf.errors import ConfigError
+from conf.options import Option
+from methods.augmentations import VIEW_AUGMENTATIONS, confident_views_setup, lowest_entropy_views
+from methods.base import TRAINING_FREE, TTAMethod
+from methods.registry import register_method
+from methods.tpt import marginal_entropy
+
+# The reference's clip logits: ``100. * image_features @ clip_weights`` (OpenAI CLIP's learned scale, rounded).
+REFERENCE_LOGIT_SCALE = 100.0
+
+
+def cache_weights(query: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, beta: float) -> torch.Tensor:
+    """exp(-beta (1 - q.k)) for every filled entry of a cache (C, S, D) with ``counts`` (C,) entries per class;
+    0 for the empty slots. Written as the reference writes it, ``(-1) * (beta - beta * affinity)``."""
+    affinity = keys @ query                                               # (C, S)
+    filled = torch.arange(keys.shape[1], device=keys.device) < counts.unsqueeze(1)
+    return torch.exp(-(beta - beta * affinity)) * filled
+
+
+def positive_cache_logits(query, keys, counts, alpha: float, beta: float) -> torch.Tensor:
+    """alpha * weights @ one_hot(class of each entry): the weights of each class's entries summed, (C,)."""
+    return alpha * cache_weights(query, keys, counts, beta).sum(dim=1)
+
+
+def negative_cache_logits(query, keys, counts, probs, alpha: float, beta: float, mask_lower: float,
+                          mask_upper: float) -> torch.Tensor:
+    """alpha * weights @ mask, the mask of an entry being 1 where its probability map lies strictly within
+    (mask_lower, mask_upper); probs (C, S, C) are the entries' probability maps. (C,)"""
+    mask = ((probs > mask_lower) & (probs < mask_upper)).to(keys.dtype)
+    return alpha * torch.einsum("cs,csk->k", cache_weights(query, keys, counts, beta), mask)
+
+
+def insert_into_cache(keys, entropies, counts, label: int, key, entropy, capacity: int,
+                      probs=None, prob_map=None) -> None:
+    """``update_cache`` of the reference on one class's queue of a cache held in tensors: append while the queue
+    holds fewer than ``capacity`` entries, else replace its last (highest-entropy) entry if ``entropy`` is
+    strictly lower; then sort the queue by entropy, stably (Python's ``sorted``), so ties keep their order."""
+    n = int(counts[label])
+    if n < capacity:
+        slot = n
+        counts[label] = n + 1
+    elif bool(entropy < entropies[label, n - 1]):
+        slot = n - 1
+    else:
+        return
+    keys[label, slot] = key
+    entropies[label, slot] = entropy
+    if probs is not None:
+        probs[label, slot] = prob_map
+    filled = int(counts[label])
+    order = entropies[label, :filled].argsort(stable=True)
+    keys[label, :filled] = keys[label, order]
+    entropies[label, :filled] = entropies[label, order]
+    if probs is not None:
+        probs[label, :filled] = probs[label, order]
+
+
+@register_method("tda")
+class TDA(TTAMethod):
+    protocol = TRAINING_FREE
+    config_defaults = {"TDA": {
+        # Fraction of the views (lowest softmax entropy first) averaged when TEST.N_AUGMENTATIONS > 1 (hard-coded
+        # 0.1 in the reference: 6 of 64). With one view the image itself is used, as the reference does.
+        "SELECTION_P": Option(0.1, within="(0, 1]"),
+        # How the views are made (reference: AugMix views for ImageNet-A/-V2/-R/-Sketch; see docs/tda.md).
+        "VIEW_AUGMENTATION": Option("crop_flip", choices=VIEW_AUGMENTATIONS),
+        # Scale of the clip logits: "fixed_100" as the code (``100. *``), or "model" (the model's logit_scale;
+        # the same for OpenAI weights up to rounding, different for other weights).
+        "LOGIT_SCALE": Option("fixed_100", choices=("fixed_100", "model")),
+        # Normalised entropy, compared with the negative cache's entropy bounds: "log2" as the code (natural-log
+        # entropy divided by log2(num classes), so at most ln 2), or "ln" (divided by ln(num classes), in [0, 1]).
+        "ENTROPY_NORMALISATION": Option("log2", choices=("log2", "ln")),
+        "POSITIVE_ENABLED": True,
+        "POSITIVE_SHOT_CAPACITY": Option(3, within="[1, inf)"),
+        "POSITIVE_ALPHA": Option(2.0, within="[0, inf)"),
+        "POSITIVE_BETA": Option(5.0, within="[0, inf)"),
+        "NEGATIVE_ENABLED": True,
+        "NEGATIVE_SHOT_CAPACITY": Option(2, within="[1, inf)"),
+        "NEGATIVE_ALPHA": Option(0.117, within="[0, inf)"),
+        "NEGATIVE_BETA": Option(1.0, within="[0, inf)"),
+        # An image enters the negative cache only if ENTROPY_LOWER < normalised entropy < ENTROPY_UPPER.
+        "NEGATIVE_ENTROPY_LOWER": 0.2,
+        "NEGATIVE_ENTROPY_UPPER": 0.5,
+        # An entry's negative pseudo-label marks the classes whose probability is within (MASK_LOWER, MASK_UPPER).
+        "NEGATIVE_MASK_LOWER": 0.03,
+        "NEGATIVE_MASK_UPPER": 1.0,
+    }}
+
+    @classmethod
+    def check_setup(cls, cfg, model_spec, class_names) -> None:
+        confident_views_setup(cfg, "TDA", single_view_is_the_image=True)
+        t = cfg.TDA
+        for low, high in (("NEGATIVE_ENTROPY_LOWER", "NEGATIVE_ENTROPY_UPPER"),
+                          ("NEGATIVE_MASK_LOWER", "NEGATIVE_MASK_UPPER")):
+            if not t[low] < t[high]:
+                raise ConfigError(f"TDA.{low} = {t[low]} must be below TDA.{high} = {t[high]} (an open interval)")
+
+    def __init__(self, cfg, model, num_classes):
+        super().__init__(cfg, model, num_classes)
+        t = cfg.TDA
+        self.views, self.n_selected = confident_views_setup(cfg, "TDA", single_view_is_the_image=True)
+        self.views_per_image = self.views.n_views
+        self.positive = dict(enabled=bool(t.POSITIVE_ENABLED), capacity=int(t.POSITIVE_SHOT_CAPACITY),
+                             alpha=float(t.POSITIVE_ALPHA), beta=float(t.POSITIVE_BETA))
+        self.negative = dict(enabled=bool(t.NEGATIVE_ENABLED), capacity=int(t.NEGATIVE_SHOT_CAPACITY),
+                             alpha=float(t.NEGATIVE_ALPHA), beta=float(t.NEGATIVE_BETA),
+                             entropy_lower=float(t.NEGATIVE_ENTROPY_LOWER),
+                             entropy_upper=float(t.NEGATIVE_ENTROPY_UPPER),
+                             mask_lower=float(t.NEGATIVE_MASK_LOWER), mask_upper=float(t.NEGATIVE_MASK_UPPER))
+        self.max_entropy = (math.log2(num_classes) if t.ENTROPY_NORMALISATION == "log2" else math.log(num_classes))
+
+    def cost_info(self) -> dict:
+        """Per test image: the views through the image encoder; text features are computed once at start-up."""
+        return {"views_per_image": self.views_per_image, "backward_passes_per_image": 0}
+
+    def setup_scaler(self):
+        """Nothing is trained: no gradient scaler, whatever MIXED_PRECISION says (it sets fp16 autocast only)."""
+        return None
+
+    def setup_state(self) -> None:
+        """The two caches, empty: per class a queue of up to SHOT_CAPACITY (key, entropy[, probability map])
+        entries, sorted by entropy; ``counts`` says how many are filled. Buffers, so reset() empties them."""
+        dim = self.model.text_features()[0].shape[1]
+        c, device = self.num_classes, self.device
+        for name, capacity in (("positive", self.positive["capacity"]), ("negative", self.negative["capacity"])):
+            self.register_buffer(f"{name}_keys", torch.zeros(c, capacity, dim, device=device))
+            self.register_buffer(f"{name}_entropies", torch.full((c, capacity), math.inf, device=device))
+            self.register_buffer(f"{name}_counts", torch.zeros(c, dtype=torch.long, device=device))
+        self.register_buffer("negative_probs", torch.zeros(c, self.negative["capacity"], c, device=device))
+
+    def reset_extra_state(self) -> None:
+        self.views.reset()
+
+    def logit_scale(self) -> float:
+        if self.cfg.TDA.LOGIT_SCALE == "fixed_100":
+            return REFERENCE_LOGIT_SCALE
+        return float(self.model.logit_scale)
+
+    @torch.no_grad()
+    def clip_outputs(self, x: torch.Tensor):
+        """``get_clip_logits`` for every image of the batch: the (averaged) feature (B, D), clip logits (B, C),
+        entropy (B,), probability map (B, C) and pseudo-label (B,). Views are drawn image by image, so that the
+        random stream does not depend on the batch size; all views are encoded in one pass."""
+        views = torch.cat([self.views(image.unsqueeze(0)) for image in x])      # (B, V, C, H, W); view 0 = image
+        batch, n_views = views.shape[:2]
+        with self.autocast():
+            out = self.model(views.flatten(0, 1), return_features=True)
+        features = out.image_features.float().view(batch, n_views, -1)
+        logits = self.logit_scale() * features @ out.text_features.float().t()  # (B, V, C)
+        selected = lowest_entropy_views(logits, self.n_selected)               # (B, k); view 0 when V = 1
+        chosen_logits = logits.gather(1, selected.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        chosen_features = features.gather(1, selected.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+        clip_logits = chosen_logits.mean(dim=1)
+        entropy = torch.stack([marginal_entropy(image_logits) for image_logits in chosen_logits])
+        prob_map = chosen_logits.softmax(dim=-1).mean(dim=1)
+        return chosen_features.mean(dim=1), clip_logits, entropy, prob_map, clip_logits.argmax(dim=1)
+
+    @torch.no_grad()
+    def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
+        features, clip_logits, entropy, prob_map, pred = self.clip_outputs(x)
+        normalised_entropy = (entropy / self.max_entropy).tolist()
+        pos, neg = self.positive, self.negative
+        final = []
+        for i, label in enumerate(pred.tolist()):     # stream order: image i sees the caches of images < i
+            if pos["enabled"]:
+                insert_into_cache(self.positive_keys, self.positive_entropies, self.positive_counts, label,
+                                  features[i], entropy[i], pos["capacity"])
+            if neg["enabled"] and neg["entropy_lower"] < normalised_entropy[i] < neg["entropy_upper"]:
+                insert_into_cache(self.negative_keys, self.negative_entropies, self.negative_counts, label,
+                                  features[i], entropy[i], neg["capacity"], self.negative_probs, prob_map[i])
+            logits = clip_logits[i].clone()
+            if pos["enabled"]:
+                logits += positive_cache_logits(features[i], self.positive_keys, self.positive_counts,
+                                                pos["alpha"], pos["beta"])
+            if neg["enabled"]:
+                logits -= negative_cache_logits(features[i], self.negative_keys, self.negative_counts,
+                                                self.negative_probs, neg["alpha"], neg["beta"],
+                                                neg["mask_lower"], neg["mask_upper"])
+            final.append(logits)
+        return torch.stack(final)
