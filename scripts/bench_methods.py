@@ -72,8 +72,10 @@ def method_rows(shape: str, args, device) -> list[dict]:
     rows = []
     names = sorted(n.split("/")[1] for n in config_names() if n.startswith(dataset_name + "/"))
     for config in [n for n in names if args.methods == ["all"] or n in args.methods]:
+        # DPE's CuPL descriptions (files not shipped) change only the text features computed once at start-up
+        cupl = ["DPE.TEXT_PROTOTYPES", "templates"] if config == "dpe" else []
         cfg = load_cfg(f"conf/{dataset_name}/{config}.yaml", ["MODEL.ARCH", args.arch, "MODEL.WEIGHTS", "none",
-                                                               "DEVICE", str(device)])
+                                                               "DEVICE", str(device), *cupl])
         check_method(cfg)
         batch = args.batch or (cfg.TEST.BATCH_SIZE if cfg.TEST.BATCH_SIZE == 1 else paper_batch)
         templates = dataset.prompt_templates(cfg)

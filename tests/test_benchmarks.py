@@ -28,3 +28,13 @@ def test_bench_refusals_every_case_is_one_line_with_exit_2(capsys):
     assert len(rows) == 12
     for row in rows:
         assert row[46:51].strip() == "2" and "error: " in row, row
+
+
+def test_bench_views_prints_a_row_per_augmentation(capsys):
+    import bench_views
+    from methods.augmentations import VIEW_AUGMENTATIONS
+    assert bench_views.main(["--size", "32", "--views", "4", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for augmentation in VIEW_AUGMENTATIONS:
+        assert f"| {augmentation} | " in out
+    assert "1 image(s) of 32 x 32, 4 views each, on cpu" in out and "peak resident memory" in out

@@ -94,7 +94,7 @@ def _plain_row_loss(row, own, kind):
 def _plain_set_loss(features, text, node):
     """BETA_TTA * L_tta - BETA_REG * L_reg written out with loops over images from the definitions."""
     scale, n, classes = node.LOGIT_SCALE, features.shape[0], text.shape[0]
-    predicted = [max(range(classes), key=lambda c: float(features[i] @ text[c])) for i in range(n)]
+    predicted = [max(range(classes), key=lambda c: float(features[i].detach() @ text[c])) for i in range(n)]
     matrix = torch.stack([torch.stack([scale * (features[i] * text[predicted[j]]).sum() for j in range(n)])
                           for i in range(n)])
     image_side = sum(_plain_row_loss(matrix[i], i, node.LOSS) for i in range(n)) / n
