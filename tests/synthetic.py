@@ -53,6 +53,19 @@ def write_cifar_c(root: Path, corruptions, per_severity: int = 20, num_classes: 
     return out
 
 
+def reproducible_run_on_cifar10c(tmp_path: Path, make_cfg, domains, per_severity: int, **overrides) -> dict:
+    """A config run twice through the harness on a synthetic CIFAR-10-C of ``domains`` (``per_severity`` images
+    each): checks that both runs read every image and record the same results (same seed), returns the first
+    payload. ``make_cfg(**overrides)`` builds the test's config."""
+    from harness.run import evaluate
+    write_cifar_c(tmp_path, list(domains), per_severity=per_severity)
+    payloads = [evaluate(make_cfg(DATA_DIR=str(tmp_path), SAVE_DIR=str(tmp_path / f"out{run}"),
+                                  CORRUPTION__TYPE=list(domains), **overrides), progress=False) for run in range(2)]
+    assert [(r["domain"], r["n"]) for r in payloads[0]["records"]] == [(d, per_severity) for d in domains]
+    assert payloads[0]["records"] == payloads[1]["records"]          # reproducible under the seed
+    return payloads[0]
+
+
 def write_imagenet_c(root: Path, corruptions, severities=(5,), wnids=None, per_class: int = 2,
                      size: int = 40, seed: int = 0) -> list[str]:
     """DATA_DIR/ImageNet-C/<corruption>/<severity>/<wnid>/ILSVRC2012_val_XXXXXXXX.JPEG; returns the
@@ -89,8 +102,9 @@ def write_image_folders(root: Path, class_folders, per_class=2, seed=0, size=Non
 # the original class names), for writing image paths as the real split files list them.
 COOP_CLASS_FOLDERS = {
     "caltech101": {"face": "Faces", "leopard": "Leopards", "motorbike": "Motorbikes", "airplane": "airplanes"},
-    "eurosat": {"Annual Crop Land": "AnnualCrop", "Forest": "Forest", "Herbaceous Vegetation Land": "HerbaceousVegetation",
-                "Highway or Road": "Highway", "Industrial Buildings": "Industrial", "Pasture Land": "Pasture",
+    "eurosat": {"Annual Crop Land": "AnnualCrop", "Forest": "Forest",
+                "Herbaceous Vegetation Land": "HerbaceousVegetation", "Highway or Road": "Highway",
+                "Industrial Buildings": "Industrial", "Pasture Land": "Pasture",
                 "Permanent Crop Land": "PermanentCrop", "Residential Buildings": "Residential", "River": "River",
                 "Sea or Lake": "SeaLake"},
 }
@@ -234,7 +248,8 @@ IMAGENET_C_SMALL_LIST = "imagenet_c_small_list.txt"
 def small_run_overrides(dataset: str, config: str, data_dir: Path | None = None) -> dict:
     """What a shipped config needs besides the tiny model and the ALL_LAYOUT_DOMAINS data (in ``data_dir``) to
     run in a test: the domains written, 8 images per domain in batches of 4, ImageNet-C's images as listed, DPE's
-    textual prototypes from the templates alone (no CuPL file), and three cost cuts on the tiny model (SAR's 3 excluded blocks exceed its 2; WATT-P's 50 repeats and the 80 x 1000
+    textual prototypes from the templates alone (no CuPL file), and three cost cuts on the tiny model (SAR's 3
+    excluded blocks exceed its 2; WATT-P's 50 repeats and the 80 x 1000
     ensemble prompts of ImageNet-C VTE and ImageNet-Sketch TDA and DPE would cost a minute each)."""
     # The first 8 images (whatever the folders hold) in the suite's own stream order: what the golden runs recorded
     # (the authors' order needs their seeded subset; tests/test_stream_order.py checks it).

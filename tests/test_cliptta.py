@@ -12,9 +12,8 @@ import torch.nn as nn
 import methods
 from conf import ConfigError
 from harness.build import check_method
-from harness.run import evaluate
 from methods.cliptta import ClassConfidentMemory, contrastive_loss, mean_prediction_entropy
-from tests.synthetic import tiny_cfg, write_cifar_c
+from tests.synthetic import reproducible_run_on_cifar10c, tiny_cfg
 
 CFG_FILE = "conf/cifar10_c/cliptta.yaml"
 BATCH = 8
@@ -328,16 +327,9 @@ def test_shipped_configs_follow_the_authors_scripts():
 
 # ---------------------------------------------------------------------- the harness
 def test_one_run_through_the_harness(tmp_path):
-    write_cifar_c(tmp_path, ["gaussian_noise", "fog"], per_severity=6)
-    payloads = []
-    for run in range(2):
-        cfg = _cfg(DATA_DIR=str(tmp_path), SAVE_DIR=str(tmp_path / f"out{run}"), OPTIM__STEPS=2,
-                   CORRUPTION__TYPE=["gaussian_noise", "fog"], TEST__BATCH_SIZE=3)
-        payloads.append(evaluate(cfg, progress=False))
-    payload = payloads[0]
-    assert [(r["domain"], r["n"]) for r in payload["records"]] == [("gaussian_noise", 6), ("fog", 6)]
+    payload = reproducible_run_on_cifar10c(tmp_path, _cfg, ["gaussian_noise", "fog"], 6, OPTIM__STEPS=2,
+                                           TEST__BATCH_SIZE=3)
     assert payload["provenance"]["method_cost"] == {
         "views_per_image": 1, "steps_per_batch": 2, "adapt_on": "batch_and_memory",
         "max_memory_images_per_step": 40, "forward_passes_per_batch": 5, "backward_passes_per_batch": 2}
     assert payload["provenance"]["adapted_parameters"] > 0
-    assert payload["records"] == payloads[1]["records"]                # reproducible under the seed

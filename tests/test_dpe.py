@@ -11,10 +11,9 @@ import methods
 from conf import ConfigError
 from datasets.class_names import CIFAR10_CLASSES
 from harness.build import check_method
-from harness.run import evaluate
 from methods.augmentations import AugmentedViews
 from methods.dpe import PrototypeCache, alignment_loss, cache_logits
-from tests.synthetic import tiny_cfg, write_cifar_c
+from tests.synthetic import reproducible_run_on_cifar10c, tiny_cfg
 
 N_VIEWS, SELECTION_P, CAPACITY = 8, 0.25, 2          # keeps 2 of 8 views; queues of 2 fill and replace quickly
 N_IMAGES = 30
@@ -348,16 +347,8 @@ def test_unused_optim_keys_are_named():
 
 
 def test_dpe_end_to_end_on_synthetic_cifar10c(tmp_path):
-    write_cifar_c(tmp_path, ["gaussian_noise"], per_severity=6)
-    payloads = []
-    for run in range(2):
-        cfg = _cfg(DATA_DIR=str(tmp_path), SAVE_DIR=str(tmp_path / f"out{run}"), CORRUPTION__TYPE=["gaussian_noise"],
-                   TEST__BATCH_SIZE=4)
-        payloads.append(evaluate(cfg, progress=False))
-    records = payloads[0]["records"]
-    assert [(r["domain"], r["n"]) for r in records] == [("gaussian_noise", 6)]
-    assert payloads[0]["provenance"]["method_cost"] == {"views_per_image": N_VIEWS, "backward_passes_per_image": 1}
-    assert records == payloads[1]["records"]                            # reproducible under the seed
+    payload = reproducible_run_on_cifar10c(tmp_path, _cfg, ["gaussian_noise"], 6, TEST__BATCH_SIZE=4)
+    assert payload["provenance"]["method_cost"] == {"views_per_image": N_VIEWS, "backward_passes_per_image": 1}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -14,10 +14,9 @@ import methods
 from conf import ConfigError
 from datasets.class_names import CIFAR10_CLASSES
 from harness.build import check_method, load_cfg
-from harness.run import evaluate
 from methods.augmentations import AugmentedViews
 from methods.tda import insert_into_cache, negative_cache_logits, positive_cache_logits
-from tests.synthetic import tiny_cfg, write_cifar_c
+from tests.synthetic import reproducible_run_on_cifar10c, tiny_cfg
 
 CFG_FILE = "conf/cifar10_c/tda.yaml"
 N_IMAGES = 40
@@ -291,14 +290,6 @@ def test_shipped_per_dataset_values_are_the_references():
 
 
 def test_tda_end_to_end_on_synthetic_cifar10c(tmp_path):
-    write_cifar_c(tmp_path, ["gaussian_noise", "fog"], per_severity=6)
-    payloads = []
-    for run in range(2):
-        cfg = _cfg(DATA_DIR=str(tmp_path), SAVE_DIR=str(tmp_path / f"out{run}"),
-                   CORRUPTION__TYPE=["gaussian_noise", "fog"], TEST__BATCH_SIZE=4)
-        payloads.append(evaluate(cfg, progress=False))
-    payload = payloads[0]
-    assert [(r["domain"], r["n"]) for r in payload["records"]] == [("gaussian_noise", 6), ("fog", 6)]
+    payload = reproducible_run_on_cifar10c(tmp_path, _cfg, ["gaussian_noise", "fog"], 6, TEST__BATCH_SIZE=4)
     assert payload["provenance"]["adapted_parameters"] == 0
     assert payload["provenance"]["method_cost"] == {"views_per_image": 1, "backward_passes_per_image": 0}
-    assert payload["records"] == payloads[1]["records"]                # reproducible under the seed

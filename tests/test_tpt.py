@@ -8,10 +8,9 @@ import torch.nn.functional as F
 import methods
 from conf import ConfigError
 from harness.build import check_method
-from harness.run import evaluate
 from methods.augmentations import AugmentedViews
 from methods.tpt import marginal_entropy
-from tests.synthetic import tiny_cfg, write_cifar_c
+from tests.synthetic import reproducible_run_on_cifar10c, tiny_cfg
 
 CFG_FILE = "conf/cifar10_c/tpt.yaml"
 N_VIEWS, SELECTION_P = 8, 0.25          # keeps 2 views; the YAMLs' 64 / 0.1 keep 6
@@ -151,15 +150,7 @@ def test_bad_tpt_config_is_refused(tiny_clip):
 
 
 def test_tpt_end_to_end_on_synthetic_cifar10c(tmp_path):
-    write_cifar_c(tmp_path, ["gaussian_noise"], per_severity=5)
-    payloads = []
-    for run in range(2):
-        cfg = _cfg(DATA_DIR=str(tmp_path), SAVE_DIR=str(tmp_path / f"out{run}"), CORRUPTION__TYPE=["gaussian_noise"],
-                   TEST__BATCH_SIZE=2)
-        payloads.append(evaluate(cfg, progress=False))
-    records = payloads[0]["records"]
-    assert [(r["domain"], r["n"]) for r in records] == [("gaussian_noise", 5)]
-    assert payloads[0]["provenance"]["adapted_parameters"] == 4 * 32
-    assert payloads[0]["provenance"]["method_cost"] == {
+    payload = reproducible_run_on_cifar10c(tmp_path, _cfg, ["gaussian_noise"], 5, TEST__BATCH_SIZE=2)
+    assert payload["provenance"]["adapted_parameters"] == 4 * 32
+    assert payload["provenance"]["method_cost"] == {
         "views_per_image": N_VIEWS, "text_forward_passes_per_image": 2, "backward_passes_per_image": 1}
-    assert records == payloads[1]["records"]                            # reproducible under the seed

@@ -9,10 +9,9 @@ import methods
 from conf import ConfigError
 from datasets.class_names import CIFAR10_CLASSES, CIFAR_TEMPLATES
 from harness.build import check_method
-from harness.run import evaluate
 from methods.augmentations import AugmentedViews
 from models.clip import ZeroShotCLIP
-from tests.synthetic import tiny_cfg, write_cifar_c
+from tests.synthetic import reproducible_run_on_cifar10c, tiny_cfg
 
 CFG_FILE = "conf/cifar10_c/vte.yaml"
 N_VIEWS, SELECTION_P = 8, 0.25          # keeps 2 views; the YAMLs' 64 / 0.1 keep 6
@@ -100,15 +99,7 @@ def test_bad_vte_config_is_refused(ensemble_clip):
 
 
 def test_vte_end_to_end_on_synthetic_cifar10c(tmp_path):
-    write_cifar_c(tmp_path, ["gaussian_noise", "fog"], per_severity=4)
-    payloads = []
-    for run in range(2):
-        cfg = _cfg(DATA_DIR=str(tmp_path), SAVE_DIR=str(tmp_path / f"out{run}"),
-                   CORRUPTION__TYPE=["gaussian_noise", "fog"], TEST__BATCH_SIZE=3)
-        payloads.append(evaluate(cfg, progress=False))
-    payload = payloads[0]
-    assert [(r["domain"], r["n"]) for r in payload["records"]] == [("gaussian_noise", 4), ("fog", 4)]
+    payload = reproducible_run_on_cifar10c(tmp_path, _cfg, ["gaussian_noise", "fog"], 4, TEST__BATCH_SIZE=3)
     assert payload["provenance"]["model"]["num_templates"] == len(CIFAR_TEMPLATES) == 18
     assert payload["provenance"]["adapted_parameters"] == 0
     assert payload["provenance"]["method_cost"] == {"views_per_image": N_VIEWS, "backward_passes_per_image": 0}
-    assert payload["records"] == payloads[1]["records"]                # reproducible under the seed
