@@ -155,6 +155,8 @@ class ImageEpisode:
 
 
 TEXT_PROTOTYPES = ("templates_and_cupl", "templates")
+# The reference's clip logits: ``100. * image_features @ clip_weights`` (utils.get_clip_logits).
+REFERENCE_LOGIT_SCALE = 100.0
 # The reference's CuPL file of each data set (datasets/<set>.py cupl_path): gpt3_prompts/CuPL_prompts_<name>.json.
 CUPL_FILE_NAMES = {"imagenet_c": "imagenet", "imagenet_a": "imagenet", "imagenet_v2": "imagenet",
                    "imagenet_r": "imagenet", "imagenet_sketch": "imagenet", "caltech101": "caltech101",
@@ -197,6 +199,9 @@ class DPE(TTAMethod):
         # "confident_views": the mean of the confident views, re-selected under the adjusted textual prototypes,
         # as the reference for ImageNet-A (main_dpe.py: dataset_name == 'A').
         "PREDICT_FROM": Option("image", choices=("image", "confident_views")),
+        # Scale of the clip logits: "fixed_100", the code's ``100. * image_features @ clip_weights`` (utils.py), or
+        # "model", the model's own logit_scale (the same for OpenAI's CLIP, not for other weights).
+        "LOGIT_SCALE": Option("fixed_100", choices=("fixed_100", "model")),
         # What the textual prototypes average: "templates_and_cupl", the templates of CLIP.PROMPT_MODE and the CuPL
         # descriptions of DPE.CUPL_PROMPTS, as the reference on every data set; "templates": the templates only.
         "TEXT_PROTOTYPES": Option("templates_and_cupl", choices=TEXT_PROTOTYPES),
@@ -239,6 +244,12 @@ class DPE(TTAMethod):
         self.views, self.n_selected = confident_views_setup(cfg, "DPE", single_view_is_the_image=True)
         self.views_per_image = self.views.n_views
         self.entropy_scale = math.log2(num_classes) if cfg.DPE.ENTROPY_NORMALISER == "log2" else math.log(num_classes)
+
+    def clip_logits(self, image_features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """scale * image @ text.T, the scale as DPE.LOGIT_SCALE says."""
+        if self.options.LOGIT_SCALE == "model":
+            return self.model.logits(image_features, text)
+        return REFERENCE_LOGIT_SCALE * image_features @ text.t().to(image_features.dtype)
 
     def cost_info(self) -> dict:
         """Per test image: the views through the image encoder (once, encoders frozen) and OPTIM.STEPS backward
@@ -302,7 +313,7 @@ class DPE(TTAMethod):
     def begin_episode(self, unit: ImageEpisode) -> None:
         """Confident views under the current textual prototypes, the queue update, the prototypes and residuals."""
         with self.autocast():
-            logits = self.model.logits(unit.features, F.normalize(self.text_prototypes, dim=-1)).float()
+            logits = self.clip_logits(unit.features, F.normalize(self.text_prototypes, dim=-1)).float()
         unit.selected = lowest_entropy_views(logits, self.n_selected)
         confident = logits[unit.selected]
         unit.query = unit.features[unit.selected].mean(dim=0, keepdim=True)
@@ -329,7 +340,7 @@ class DPE(TTAMethod):
         o = self.options
         with self.autocast():
             text, visual = self.adjusted_prototypes(unit)
-            logits = self.model.logits(unit.features[unit.selected], text).float().mean(dim=0, keepdim=True)
+            logits = self.clip_logits(unit.features[unit.selected], text).float().mean(dim=0, keepdim=True)
             logits = logits + self.visual_logits(unit.query, visual, unit)
             loss = marginal_entropy(logits)
             loss = loss + o.ALIGN_WEIGHT * alignment_loss(visual, text[unit.classes], o.ALIGN_TEMPERATURE)
@@ -348,9 +359,9 @@ class DPE(TTAMethod):
             text, visual = self.adjusted_prototypes(unit)
             if self.options.PREDICT_FROM == "image":
                 query = unit.features[:1]
-                logits = self.model.logits(query, text).float()
+                logits = self.clip_logits(query, text).float()
             else:
-                all_views = self.model.logits(unit.features, text).float()
+                all_views = self.clip_logits(unit.features, text).float()
                 selected = lowest_entropy_views(all_views, self.n_selected)
                 query = unit.features[selected].mean(dim=0, keepdim=True)
                 logits = all_views[selected].mean(dim=0, keepdim=True)

@@ -25,9 +25,10 @@ OPTIONS = {"DPE__SHOT_CAPACITY": CAPACITY, "DPE__ALPHA": 0.5, "DPE__BETA": 4.0, 
 
 
 def _cfg(**overrides):
-    """The tests' DPE: textual prototypes from the templates alone unless a test gives a CuPL file."""
+    """The tests' DPE: textual prototypes from the templates alone unless a test gives a CuPL file; the tiny CLIP's
+    own logit scale (its learned one is far from 100) unless a test asks for the reference's fixed 100."""
     return tiny_cfg(**{"MODEL__ADAPTATION": "dpe", "TEST__N_AUGMENTATIONS": N_VIEWS, "DPE__SELECTION_P": SELECTION_P,
-                       "DPE__TEXT_PROTOTYPES": "templates", **OPTIONS, **overrides})
+                       "DPE__TEXT_PROTOTYPES": "templates", "DPE__LOGIT_SCALE": "model", **OPTIONS, **overrides})
 
 
 def _cupl_cfg(path, **overrides):
@@ -47,12 +48,12 @@ def _entropy(logits):
 
 def _reference_dpe(model, images, *, n_views=N_VIEWS, k=2, capacity=CAPACITY, alpha=0.5, beta=4.0, lr_text=0.002,
                    lr_image=0.004, align=0.3, temperature=0.05, threshold=0.62, normaliser="log2", steps=1,
-                   predict_from="image", seed=1, text=None):
+                   predict_from="image", seed=1, text=None, scale=None):
     """DPE written out plainly, image by image: views drawn per image with the method's seed and encoded one at a
     time, python-sorted entropies, queues as python lists of (feature, score) kept sorted by ``sorted``, the
     residuals as plain tensors optimised by a new torch.optim.AdamW each step, cache logits and InfoNCE as loops."""
     num_classes = model.num_classes
-    scale = model.clip.logit_scale.exp().item()
+    scale = model.clip.logit_scale.exp().item() if scale is None else scale
     views = AugmentedViews(n_views, seed=seed)
     text_global = (model.text_features()[0] if text is None else text).detach().clone()
     max_entropy = math.log2(num_classes) if normaliser == "log2" else math.log(num_classes)
@@ -143,6 +144,7 @@ def _assert_state_matches(method, state):
     {},                                                                          # the defaults of the YAMLs
     {"OPTIM__STEPS": 2, "DPE__PREDICT_FROM": "confident_views"},                 # ImageNet-A's prediction
     {"DPE__ENTROPY_NORMALISER": "ln", "DPE__TEXT_UPDATE_THRESHOLD": 0.89},        # a true normalised entropy
+    {"DPE__LOGIT_SCALE": "fixed_100", "DPE__TEXT_UPDATE_THRESHOLD": 0.05},        # the reference's 100 * cos
 ])
 def test_dpe_matches_plain_reference(tiny_clip, case):
     reference_model = copy.deepcopy(tiny_clip)
@@ -153,7 +155,8 @@ def test_dpe_matches_plain_reference(tiny_clip, case):
     ref_out, state = _reference_dpe(
         reference_model, images, steps=case.get("OPTIM__STEPS", 1),
         predict_from=case.get("DPE__PREDICT_FROM", "image"), normaliser=case.get("DPE__ENTROPY_NORMALISER", "log2"),
-        threshold=case.get("DPE__TEXT_UPDATE_THRESHOLD", 0.62))
+        threshold=case.get("DPE__TEXT_UPDATE_THRESHOLD", 0.62),
+        scale=100.0 if case.get("DPE__LOGIT_SCALE") == "fixed_100" else None)
     # The run exercised everything: queues filled, replaced and rejected; several classes queued; some images
     # evolved the textual prototypes and some did not.
     events = state["events"]
