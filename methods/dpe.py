@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from conf.defaults import SUITE_OPTIONS
@@ -41,51 +40,28 @@ from conf.options import Option, default_of
 from methods.augmentations import VIEW_AUGMENTATIONS, confident_views_setup, lowest_entropy_views
 from methods.base import ADAPT_THEN_PREDICT, TTAMethod
 from methods.registry import register_method
+from methods.tda import ClassQueues
 from methods.tpt import marginal_entropy
 
 # torch's AdamW defaults, which the reference leaves as they are.
 ADAMW_BETAS = (0.9, 0.999)
 
 
-class PrototypeCache(nn.Module):
-    """Per-class priority queues of image features (TDA's positive cache, as DPE keeps it): each class holds at
-    most ``capacity`` (feature, score) pairs sorted by ascending score. A new pair is appended while the queue has
-    room, else it replaces the last (highest-score) pair if its score is strictly lower; the queue is then sorted
-    again, stably (so among equal scores the older pair comes first), as the reference's ``sorted`` does.
-    Everything is a buffer, so it belongs to the method's state and ``reset()`` restores it."""
+class PrototypeCache(ClassQueues):
+    """Per-class priority queues of image features (TDA's positive cache, as DPE keeps it: ``ClassQueues`` with
+    python-float scores, compared in float64 as the reference compares its floats), and the class prototypes
+    they give."""
 
     def __init__(self, num_classes: int, capacity: int, dim: int, device=None):
-        super().__init__()
-        self.capacity = capacity
-        self.register_buffer("features", torch.zeros(num_classes, capacity, dim, device=device))
-        # float64: a score is a python float, compared exactly as the reference compares its floats.
-        self.register_buffer("scores", torch.full((num_classes, capacity), math.inf, dtype=torch.float64,
-                                                  device=device))
-        self.register_buffer("sizes", torch.zeros(num_classes, dtype=torch.long, device=device))
-
-    @torch.no_grad()
-    def insert(self, label: int, feature: torch.Tensor, score: float) -> None:
-        n = int(self.sizes[label])
-        if n < self.capacity:
-            slot, n = n, n + 1
-        elif score < float(self.scores[label, -1]):
-            slot = self.capacity - 1
-        else:
-            return
-        self.features[label, slot] = feature
-        self.scores[label, slot] = score
-        self.sizes[label] = n
-        order = self.scores[label, :n].argsort(stable=True)
-        self.scores[label, :n] = self.scores[label, :n][order]
-        self.features[label, :n] = self.features[label, :n][order]
+        super().__init__(num_classes, capacity, dim, score_dtype=torch.float64, device=device)
 
     def prototypes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(classes (K,) ascending, prototypes (K, D)): the mean queued feature of every class with a queue."""
-        classes = torch.nonzero(self.sizes).squeeze(1)
-        sizes = self.sizes[classes]
-        filled = torch.arange(self.capacity, device=sizes.device) < sizes[:, None]
-        weights = filled.to(self.features.dtype) / sizes[:, None].to(self.features.dtype)
-        return classes, (self.features[classes] * weights[..., None]).sum(dim=1)
+        classes = torch.nonzero(self.counts).squeeze(1)
+        counts = self.counts[classes]
+        filled = torch.arange(self.capacity, device=counts.device) < counts[:, None]
+        weights = filled.to(self.keys.dtype) / counts[:, None].to(self.keys.dtype)
+        return classes, (self.keys[classes] * weights[..., None]).sum(dim=1)
 
 
 def cache_logits(query: torch.Tensor, prototypes: torch.Tensor, classes: torch.Tensor, num_classes: int,

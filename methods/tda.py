@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn as nn
 
 from conf.errors import ConfigError
 from conf.options import Option
@@ -63,29 +64,42 @@ def negative_cache_logits(query, keys, counts, probs, alpha: float, beta: float,
     return alpha * torch.einsum("cs,csk->k", cache_weights(query, keys, counts, beta), mask)
 
 
-def insert_into_cache(keys, entropies, counts, label: int, key, entropy, capacity: int,
-                      probs=None, prob_map=None) -> None:
-    """``update_cache`` of the reference on one class's queue of a cache held in tensors: append while the queue
-    holds fewer than ``capacity`` entries, else replace its last (highest-entropy) entry if ``entropy`` is
-    strictly lower; then sort the queue by entropy, stably (Python's ``sorted``), so ties keep their order."""
-    n = int(counts[label])
-    if n < capacity:
-        slot = n
-        counts[label] = n + 1
-    elif bool(entropy < entropies[label, n - 1]):
-        slot = n - 1
-    else:
-        return
-    keys[label, slot] = key
-    entropies[label, slot] = entropy
-    if probs is not None:
-        probs[label, slot] = prob_map
-    filled = int(counts[label])
-    order = entropies[label, :filled].argsort(stable=True)
-    keys[label, :filled] = keys[label, order]
-    entropies[label, :filled] = entropies[label, order]
-    if probs is not None:
-        probs[label, :filled] = probs[label, order]
+class ClassQueues(nn.Module):
+    """TDA's cache (``update_cache``): per class a queue of at most ``capacity`` entries (key (D,), score[, extra
+    (E,)]) sorted by ascending score. A new entry is appended while its class's queue has room, else it replaces
+    the last (highest-score) entry if its score is strictly lower; the queue is then sorted again, stably, as
+    Python's ``sorted`` (ties keep their order). Buffers, so a method's reset() empties them exactly. TDA scores by
+    entropy (float32) and keeps a probability map per negative entry (``extra_dim`` C); DPE queues its visual
+    features here with python-float scores (``score_dtype`` float64, compared as the reference compares floats)."""
+
+    def __init__(self, num_classes: int, capacity: int, dim: int, extra_dim: int = 0,
+                 score_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.capacity = capacity
+        self.register_buffer("keys", torch.zeros(num_classes, capacity, dim, device=device))
+        self.register_buffer("scores", torch.full((num_classes, capacity), math.inf, dtype=score_dtype,
+                                                  device=device))
+        self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.long, device=device))
+        self.register_buffer("extras", torch.zeros(num_classes, capacity, extra_dim, device=device))
+
+    @torch.no_grad()
+    def insert(self, label: int, key: torch.Tensor, score, extra: torch.Tensor | None = None) -> None:
+        n = int(self.counts[label])
+        if n < self.capacity:
+            slot = n
+            self.counts[label] = n + 1
+        elif bool(torch.as_tensor(score, dtype=self.scores.dtype) < self.scores[label, -1]):
+            slot = n - 1
+        else:
+            return
+        self.keys[label, slot] = key
+        self.scores[label, slot] = score
+        if extra is not None:
+            self.extras[label, slot] = extra
+        filled = int(self.counts[label])
+        order = self.scores[label, :filled].argsort(stable=True)
+        for buffer in (self.keys, self.scores, self.extras):
+            buffer[label, :filled] = buffer[label, order]
 
 
 @register_method("tda")
@@ -152,14 +166,11 @@ class TDA(TTAMethod):
 
     def setup_state(self) -> None:
         """The two caches, empty: per class a queue of up to SHOT_CAPACITY (key, entropy[, probability map])
-        entries, sorted by entropy; ``counts`` says how many are filled. Buffers, so reset() empties them."""
+        entries, sorted by entropy (``ClassQueues``: buffers, so reset() empties them)."""
         dim = self.model.text_features()[0].shape[1]
         c, device = self.num_classes, self.device
-        for name, capacity in (("positive", self.positive["capacity"]), ("negative", self.negative["capacity"])):
-            self.register_buffer(f"{name}_keys", torch.zeros(c, capacity, dim, device=device))
-            self.register_buffer(f"{name}_entropies", torch.full((c, capacity), math.inf, device=device))
-            self.register_buffer(f"{name}_counts", torch.zeros(c, dtype=torch.long, device=device))
-        self.register_buffer("negative_probs", torch.zeros(c, self.negative["capacity"], c, device=device))
+        self.positive_cache = ClassQueues(c, self.positive["capacity"], dim, device=device)
+        self.negative_cache = ClassQueues(c, self.negative["capacity"], dim, extra_dim=c, device=device)
 
     def reset_extra_state(self) -> None:
         self.views.reset()
@@ -196,18 +207,16 @@ class TDA(TTAMethod):
         final = []
         for i, label in enumerate(pred.tolist()):     # stream order: image i sees the caches of images < i
             if pos["enabled"]:
-                insert_into_cache(self.positive_keys, self.positive_entropies, self.positive_counts, label,
-                                  features[i], entropy[i], pos["capacity"])
+                self.positive_cache.insert(label, features[i], entropy[i])
             if neg["enabled"] and neg["entropy_lower"] < normalised_entropy[i] < neg["entropy_upper"]:
-                insert_into_cache(self.negative_keys, self.negative_entropies, self.negative_counts, label,
-                                  features[i], entropy[i], neg["capacity"], self.negative_probs, prob_map[i])
+                self.negative_cache.insert(label, features[i], entropy[i], prob_map[i])
             logits = clip_logits[i].clone()
             if pos["enabled"]:
-                logits += positive_cache_logits(features[i], self.positive_keys, self.positive_counts,
+                logits += positive_cache_logits(features[i], self.positive_cache.keys, self.positive_cache.counts,
                                                 pos["alpha"], pos["beta"])
             if neg["enabled"]:
-                logits -= negative_cache_logits(features[i], self.negative_keys, self.negative_counts,
-                                                self.negative_probs, neg["alpha"], neg["beta"],
-                                                neg["mask_lower"], neg["mask_upper"])
+                neg_cache = self.negative_cache
+                logits -= negative_cache_logits(features[i], neg_cache.keys, neg_cache.counts, neg_cache.extras,
+                                                neg["alpha"], neg["beta"], neg["mask_lower"], neg["mask_upper"])
             final.append(logits)
         return torch.stack(final)

@@ -132,11 +132,11 @@ def _assert_state_matches(method, state):
     torch.testing.assert_close(method.text_prototypes, state["text"], atol=2e-5, rtol=1e-4)
     assert int(method.text_updates) == state["updates"]
     cache = method.cache
-    assert [int(n) for n in cache.sizes] == [len(state["cache"].get(c, [])) for c in range(10)]
+    assert [int(n) for n in cache.counts] == [len(state["cache"].get(c, [])) for c in range(10)]
     for c, queue in state["cache"].items():
         scores = torch.tensor([s for _, s in queue], dtype=torch.float64)
         torch.testing.assert_close(cache.scores[c, :len(queue)], scores, atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(cache.features[c, :len(queue)], torch.stack([f for f, _ in queue]),
+        torch.testing.assert_close(cache.keys[c, :len(queue)], torch.stack([f for f, _ in queue]),
                                    atol=1e-5, rtol=1e-4)
 
 
@@ -221,7 +221,7 @@ def test_prototype_cache_keeps_sorted_queues_like_python_lists():
         reference[label] = sorted(queue, key=lambda item: item[1])
     for label, queue in reference.items():
         assert cache.scores[label].tolist() == pytest.approx([s for _, s in queue])
-        assert cache.features[label, :, 0].tolist() == [f[0].item() for f, _ in queue]   # ties: older first
+        assert cache.keys[label, :, 0].tolist() == [f[0].item() for f, _ in queue]   # ties: older first
     classes, prototypes = cache.prototypes()
     assert classes.tolist() == sorted(reference)
     for j, label in enumerate(classes.tolist()):
@@ -250,13 +250,13 @@ def test_reset_restores_all_state_exactly(tiny_clip):
     method = methods.build_method(cfg, tiny_clip, 10)
     images = _images(10)
     first = method(images)
-    assert int(method.cache.sizes.sum()) > 0 and int(method.text_updates) > 0     # something to restore
+    assert int(method.cache.counts.sum()) > 0 and int(method.text_updates) > 0     # something to restore
     method.reset()
     state = method.state_dict()
     assert state.keys() == fresh_state.keys()
     for key, value in state.items():
         assert torch.equal(value, fresh_state[key]), key
-    assert {"text_prototypes", "text_updates", "cache.features", "cache.scores", "cache.sizes"} <= set(state)
+    assert {"text_prototypes", "text_updates", "cache.keys", "cache.scores", "cache.counts"} <= set(state)
     assert torch.equal(method.views.rng_state(), AugmentedViews(N_VIEWS, seed=cfg.RNG_SEED).rng_state())
     assert torch.equal(method(images), first)                            # replays bit for bit
     assert torch.equal(fresh(images), first)
@@ -278,7 +278,7 @@ def test_episodic_forgets_the_queues_and_prototypes_before_every_image(tiny_clip
     method = methods.build_method(_cfg(MODEL__EPISODIC=True, RNG_SEED=1), copy.deepcopy(tiny_clip), 10)
     images = _images(6)
     out = method(images)
-    assert int(method.cache.sizes.sum()) == 1
+    assert int(method.cache.counts.sum()) == 1
     views = AugmentedViews(N_VIEWS, seed=1)
     for i, image in enumerate(images):       # each image as the first image of a fresh method, same views
         fresh = methods.build_method(_cfg(RNG_SEED=1), copy.deepcopy(tiny_clip), 10)

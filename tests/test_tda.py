@@ -15,7 +15,7 @@ from conf import ConfigError
 from datasets.class_names import CIFAR10_CLASSES
 from harness.build import check_method, load_cfg
 from methods.augmentations import AugmentedViews
-from methods.tda import insert_into_cache, negative_cache_logits, positive_cache_logits
+from methods.tda import ClassQueues, negative_cache_logits, positive_cache_logits
 from tests.synthetic import reproducible_run_on_cifar10c, tiny_cfg
 
 CFG_FILE = "conf/cifar10_c/tda.yaml"
@@ -148,8 +148,10 @@ def test_tda_matches_plain_reference(case, tiny_clip):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)
     # the stream exercised what it should: several classes, full queues replaced and rejected
     for enabled, cache, events, counts, entropies in (
-            (cfg.TDA.POSITIVE_ENABLED, pos_cache, pos_events, method.positive_counts, method.positive_entropies),
-            (cfg.TDA.NEGATIVE_ENABLED, neg_cache, neg_events, method.negative_counts, method.negative_entropies)):
+            (cfg.TDA.POSITIVE_ENABLED, pos_cache, pos_events, method.positive_cache.counts,
+             method.positive_cache.scores),
+            (cfg.TDA.NEGATIVE_ENABLED, neg_cache, neg_events, method.negative_cache.counts,
+             method.negative_cache.scores)):
         if not enabled:
             assert cache == {} and int(counts.sum()) == 0
             continue
@@ -184,12 +186,11 @@ def test_first_image_is_in_the_cache_before_its_own_prediction(tiny_clip):
 
 
 def test_cache_queue_appends_replaces_the_worst_and_keeps_ties_in_order():
-    keys, entropies, counts = torch.zeros(2, 2, 3), torch.full((2, 2), math.inf), torch.zeros(2, dtype=torch.long)
-    probs = torch.zeros(2, 2, 2)
+    queue = ClassQueues(num_classes=2, capacity=2, dim=3, extra_dim=2)
+    keys, entropies, counts, probs = queue.keys, queue.scores, queue.counts, queue.extras
 
     def insert(k, entropy):
-        insert_into_cache(keys, entropies, counts, 1, torch.full((3,), float(k)), torch.tensor(entropy), 2,
-                          probs, torch.full((2,), float(k)))
+        queue.insert(1, torch.full((3,), float(k)), torch.tensor(entropy), torch.full((2,), float(k)))
 
     insert(1, 0.5)
     insert(2, 0.25)                              # appended, then sorted: [0.25 (2), 0.5 (1)]
@@ -239,7 +240,7 @@ def test_reset_restores_the_empty_caches_exactly(tiny_clip):
     fresh_state = {k: v.clone() for k, v in method.state_dict().items()}
     images = stream(12)
     first = run_in_batches(method, images, 4)
-    assert int(method.positive_counts.sum()) > 0 and int(method.negative_counts.sum()) > 0
+    assert int(method.positive_cache.counts.sum()) > 0 and int(method.negative_cache.counts.sum()) > 0
     method.reset()
     state = method.state_dict()
     assert state.keys() == fresh_state.keys() and all(torch.equal(state[k], fresh_state[k]) for k in state)
