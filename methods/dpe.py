@@ -40,7 +40,7 @@ from conf.options import Option, default_of
 from methods.augmentations import VIEW_AUGMENTATIONS, confident_views_setup, lowest_entropy_views
 from methods.base import ADAPT_THEN_PREDICT, TTAMethod
 from methods.registry import register_method
-from methods.tda import ClassQueues
+from methods.tda import REFERENCE_LOGIT_SCALE, ClassQueues
 from methods.tpt import marginal_entropy
 
 # torch's AdamW defaults, which the reference leaves as they are.
@@ -131,8 +131,6 @@ class ImageEpisode:
 
 
 TEXT_PROTOTYPES = ("templates_and_cupl", "templates")
-# The reference's clip logits: ``100. * image_features @ clip_weights`` (utils.get_clip_logits).
-REFERENCE_LOGIT_SCALE = 100.0
 # The reference's CuPL file of each data set (datasets/<set>.py cupl_path): gpt3_prompts/CuPL_prompts_<name>.json.
 CUPL_FILE_NAMES = {"imagenet_c": "imagenet", "imagenet_a": "imagenet", "imagenet_v2": "imagenet",
                    "imagenet_r": "imagenet", "imagenet_sketch": "imagenet", "caltech101": "caltech101",

@@ -39,7 +39,8 @@ from methods.base import TRAINING_FREE, TTAMethod
 from methods.registry import register_method
 from methods.tpt import marginal_entropy
 
-# The reference's clip logits: ``100. * image_features @ clip_weights`` (OpenAI CLIP's learned scale, rounded).
+# The reference's clip logits: ``100. * image_features @ clip_weights`` (OpenAI CLIP's learned scale, rounded); DPE's
+# code, built on TDA's, does the same.
 REFERENCE_LOGIT_SCALE = 100.0
 
 
