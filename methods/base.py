@@ -39,6 +39,8 @@ class TTAMethod(nn.Module):
     # See PROTOCOLS. A training-free method runs ``forward_and_adapt`` once per batch, whatever OPTIM.STEPS and
     # MODEL.EPISODIC say (the run plan warns when they are set).
     protocol = PREDICT_THEN_ADAPT
+    # The node of a method's own MIXED_PRECISION key, if it has one (see ``uses_mixed_precision``).
+    mixed_precision_node: str | None = None
     # eps of Adam/AdamW (torch's default; a method whose reference sets another overrides it).
     adam_eps = 1e-8
     # What one episode is, for MODEL.EPISODIC and the OPTIM.STEPS loop: "batch", or "image" (every test image on
@@ -153,9 +155,16 @@ class TTAMethod(nn.Module):
         """Override to register method state (teachers, buffers) that needs the parameters; it runs before the
         reset snapshot is taken, so reset() covers it."""
 
+    def uses_mixed_precision(self) -> bool:
+        """fp16 autocast on CUDA: MIXED_PRECISION (anchor-suite behaviour), or the method's own
+        <mixed_precision_node>.MIXED_PRECISION where its reference always runs under autocast (TPT, ZERO, DPE);
+        never on the CPU."""
+        own = self.mixed_precision_node is not None and self.cfg[self.mixed_precision_node].MIXED_PRECISION
+        return bool(self.cfg.MIXED_PRECISION or own) and self.device.type == "cuda"
+
     def autocast(self):
-        """fp16 autocast on CUDA when MIXED_PRECISION is set (anchor-suite behaviour); a no-op on the CPU."""
-        if self.cfg.MIXED_PRECISION and self.device.type == "cuda":
+        """fp16 autocast when ``uses_mixed_precision``; a no-op otherwise."""
+        if self.uses_mixed_precision():
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 

@@ -25,7 +25,6 @@ update count are registered buffers, restored exactly by ``reset()``.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -143,6 +142,7 @@ CUPL_FILE_NAMES = {"imagenet_c": "imagenet", "imagenet_a": "imagenet", "imagenet
 class DPE(TTAMethod):
     protocol = ADAPT_THEN_PREDICT
     episode = "image"
+    mixed_precision_node = "DPE"
     config_defaults = {"DPE": {
         # Queue length per class (the reference's positive.shot_capacity: 3 in every config).
         "SHOT_CAPACITY": Option(3, within="[1, inf)"),
@@ -239,14 +239,6 @@ class DPE(TTAMethod):
         """Per image at most C x D textual plus C x D visual residual entries."""
         return 2 * self.text_prototypes.numel()
 
-    def _mixed_precision(self) -> bool:
-        return (self.options.MIXED_PRECISION or self.cfg.MIXED_PRECISION) and self.device.type == "cuda"
-
-    def autocast(self):
-        if self._mixed_precision():
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
-
     def setup_scaler(self):
         return None       # the reference calls loss.backward() without a gradient scaler
 
@@ -261,7 +253,7 @@ class DPE(TTAMethod):
         self.cache = PrototypeCache(self.num_classes, self.options.SHOT_CAPACITY, text.shape[1], text.device)
 
     def residual_dtype(self) -> torch.dtype:
-        return torch.float16 if self._mixed_precision() else torch.float32
+        return torch.float16 if self.uses_mixed_precision() else torch.float32
 
     def reset_episode(self) -> None:
         """MODEL.EPISODIC: forget the queues and the evolved textual prototypes before every image (the view

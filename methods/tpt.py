@@ -14,7 +14,6 @@ part of that per-image reset; ``reset()`` restores everything (prompt, optimizer
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -97,6 +96,7 @@ class ImageViews:
 class TPT(TTAMethod):
     protocol = ADAPT_THEN_PREDICT
     episode = "image"
+    mixed_precision_node = "TPT"
     config_defaults = {"TPT": {
         # Fraction of the views with the lowest entropy whose averaged prediction is tuned (reference: 0.1).
         "SELECTION_P": Option(0.1, within="(0, 1]"),
@@ -141,16 +141,8 @@ class TPT(TTAMethod):
     def collect_params(self):
         return [self.prompt_learner.ctx], ["prompt_learner.ctx"]
 
-    def _mixed_precision(self) -> bool:
-        return (self.cfg.TPT.MIXED_PRECISION or self.cfg.MIXED_PRECISION) and self.device.type == "cuda"
-
-    def autocast(self):
-        if self._mixed_precision():
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
-
     def setup_scaler(self):
-        return torch.amp.GradScaler("cuda", init_scale=1000) if self._mixed_precision() else None
+        return torch.amp.GradScaler("cuda", init_scale=1000) if self.uses_mixed_precision() else None
 
     # ------------------------------------------------------------------ state
     def reset_episode(self) -> None:

@@ -104,6 +104,7 @@ def reported_logits(votes: torch.Tensor, prediction: torch.Tensor, kind: str) ->
 @register_method("zero")
 class Zero(TTAMethod):
     protocol = TRAINING_FREE
+    mixed_precision_node = "ZERO"
     config_defaults = {"ZERO": {
         # Fraction of the views (lowest entropy first) that vote; the reference's gamma = 0.3 (19 of 64 views).
         "SELECTION_P": Option(0.3, within="(0, 1]"),
@@ -138,11 +139,6 @@ class Zero(TTAMethod):
     def cost_info(self) -> dict:
         """Per test image: the views through the image encoder; text features are computed once at start-up."""
         return {"views_per_image": self.views_per_image, "backward_passes_per_image": 0}
-
-    def autocast(self):
-        if self.options.MIXED_PRECISION and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return super().autocast()
 
     def reset_extra_state(self) -> None:
         self.views.reset()
