@@ -327,6 +327,11 @@ class AugmentedViews:
                                        draws.mix).view_as(augmented)
         return torch.cat([images.unsqueeze(1), augmented], dim=1)
 
+    def image_by_image(self, images: torch.Tensor) -> torch.Tensor:
+        """The views (B, V, C, H, W) drawn image by image, so that a batch gets the views its images get one at a
+        time (for methods whose results must not depend on the batch size: TDA, DPE)."""
+        return torch.cat([self(image.unsqueeze(0)) for image in images])
+
 
 def n_confident_views(n_views: int, fraction: float, key: str) -> int:
     """How many views are kept: int(n_views * fraction), as TPT's ``select_confident_samples``. Zero views

@@ -267,7 +267,7 @@ class DPE(TTAMethod):
     def split_images(self, x: torch.Tensor) -> list[ImageEpisode]:
         """Every image's views, drawn image by image (so a batch gives the views its images give one at a time)
         and encoded in one pass for the whole batch (the image encoder is frozen)."""
-        views = torch.cat([self.views(image[None]) for image in x])       # (B, V, C, H, W); view 0 = the image
+        views = self.views.image_by_image(x)       # (B, V, C, H, W); view 0 = the image
         with torch.no_grad(), self.autocast():
             features = F.normalize(self.model.encode_image(views.flatten(0, 1)).float(), dim=-1)
         return [ImageEpisode(f) for f in features.view(views.shape[0], views.shape[1], -1)]

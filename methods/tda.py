@@ -186,7 +186,7 @@ class TDA(TTAMethod):
         """``get_clip_logits`` for every image of the batch: the (averaged) feature (B, D), clip logits (B, C),
         entropy (B,), probability map (B, C) and pseudo-label (B,). Views are drawn image by image, so that the
         random stream does not depend on the batch size; all views are encoded in one pass."""
-        views = torch.cat([self.views(image.unsqueeze(0)) for image in x])      # (B, V, C, H, W); view 0 = image
+        views = self.views.image_by_image(x)      # (B, V, C, H, W); view 0 = image
         batch, n_views = views.shape[:2]
         with self.autocast():
             out = self.model(views.flatten(0, 1), return_features=True)
