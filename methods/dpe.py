@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from conf.defaults import SUITE_OPTIONS
 from conf.errors import ConfigError
 from conf.options import Option, default_of
-from methods.augmentations import VIEW_AUGMENTATIONS, confident_views_setup, lowest_entropy_views
-from methods.base import ADAPT_THEN_PREDICT, TTAMethod
+from methods.augmentations import VIEW_AUGMENTATIONS, ViewsMethod, lowest_entropy_views
+from methods.base import ADAPT_THEN_PREDICT
 from methods.registry import register_method
 from methods.tda import REFERENCE_LOGIT_SCALE, ClassQueues
 from methods.tpt import marginal_entropy
@@ -139,7 +139,9 @@ CUPL_FILE_NAMES = {"imagenet_c": "imagenet", "imagenet_a": "imagenet", "imagenet
 
 
 @register_method("dpe")
-class DPE(TTAMethod):
+class DPE(ViewsMethod):
+    views_node = "DPE"
+    single_view_is_the_image = True     # one view: the image itself, as the reference's one-image branch
     protocol = ADAPT_THEN_PREDICT
     episode = "image"
     mixed_precision_node = "DPE"
@@ -189,7 +191,7 @@ class DPE(TTAMethod):
 
     @classmethod
     def check_setup(cls, cfg, model_spec, class_names) -> None:
-        confident_views_setup(cfg, "DPE", single_view_is_the_image=True)
+        super().check_setup(cfg, model_spec, class_names)
         if cfg.DPE.TEXT_PROTOTYPES == "templates":
             if cfg.DPE.CUPL_PROMPTS:
                 raise ConfigError(f"DPE.CUPL_PROMPTS = '{cfg.DPE.CUPL_PROMPTS}' is given but DPE.TEXT_PROTOTYPES "
@@ -215,8 +217,6 @@ class DPE(TTAMethod):
     def __init__(self, cfg, model, num_classes):
         super().__init__(cfg, model, num_classes)
         self.options = cfg.DPE
-        self.views, self.n_selected = confident_views_setup(cfg, "DPE", single_view_is_the_image=True)
-        self.views_per_image = self.views.n_views
         self.entropy_scale = math.log2(num_classes) if cfg.DPE.ENTROPY_NORMALISER == "log2" else math.log(num_classes)
 
     def clip_logits(self, image_features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -259,9 +259,6 @@ class DPE(TTAMethod):
         """MODEL.EPISODIC: forget the queues and the evolved textual prototypes before every image (the view
         stream goes on). The residuals are per image in any case."""
         self.load_state_dict(self._snapshot["module"], strict=False)
-
-    def reset_extra_state(self) -> None:
-        self.views.reset()
 
     # ------------------------------------------------------------------ per image
     def split_images(self, x: torch.Tensor) -> list[ImageEpisode]:

@@ -34,8 +34,8 @@ import torch.nn as nn
 
 from conf.errors import ConfigError
 from conf.options import Option
-from methods.augmentations import VIEW_AUGMENTATIONS, confident_views_setup, lowest_entropy_views
-from methods.base import TRAINING_FREE, TTAMethod
+from methods.augmentations import VIEW_AUGMENTATIONS, ViewsMethod, lowest_entropy_views
+from methods.base import TRAINING_FREE
 from methods.registry import register_method
 from methods.tpt import marginal_entropy
 
@@ -104,7 +104,9 @@ class ClassQueues(nn.Module):
 
 
 @register_method("tda")
-class TDA(TTAMethod):
+class TDA(ViewsMethod):
+    views_node = "TDA"
+    single_view_is_the_image = True     # one view: the image itself, as the reference's one-image branch
     protocol = TRAINING_FREE
     config_defaults = {"TDA": {
         # Fraction of the views (lowest softmax entropy first) averaged when TEST.N_AUGMENTATIONS > 1 (hard-coded
@@ -136,7 +138,7 @@ class TDA(TTAMethod):
 
     @classmethod
     def check_setup(cls, cfg, model_spec, class_names) -> None:
-        confident_views_setup(cfg, "TDA", single_view_is_the_image=True)
+        super().check_setup(cfg, model_spec, class_names)
         t = cfg.TDA
         for low, high in (("NEGATIVE_ENTROPY_LOWER", "NEGATIVE_ENTROPY_UPPER"),
                           ("NEGATIVE_MASK_LOWER", "NEGATIVE_MASK_UPPER")):
@@ -146,8 +148,6 @@ class TDA(TTAMethod):
     def __init__(self, cfg, model, num_classes):
         super().__init__(cfg, model, num_classes)
         t = cfg.TDA
-        self.views, self.n_selected = confident_views_setup(cfg, "TDA", single_view_is_the_image=True)
-        self.views_per_image = self.views.n_views
         self.positive = dict(enabled=bool(t.POSITIVE_ENABLED), capacity=int(t.POSITIVE_SHOT_CAPACITY),
                              alpha=float(t.POSITIVE_ALPHA), beta=float(t.POSITIVE_BETA))
         self.negative = dict(enabled=bool(t.NEGATIVE_ENABLED), capacity=int(t.NEGATIVE_SHOT_CAPACITY),
@@ -156,10 +156,6 @@ class TDA(TTAMethod):
                              entropy_upper=float(t.NEGATIVE_ENTROPY_UPPER),
                              mask_lower=float(t.NEGATIVE_MASK_LOWER), mask_upper=float(t.NEGATIVE_MASK_UPPER))
         self.max_entropy = (math.log2(num_classes) if t.ENTROPY_NORMALISATION == "log2" else math.log(num_classes))
-
-    def cost_info(self) -> dict:
-        """Per test image: the views through the image encoder; text features are computed once at start-up."""
-        return {"views_per_image": self.views_per_image, "backward_passes_per_image": 0}
 
     def setup_scaler(self):
         """Nothing is trained: no gradient scaler, whatever MIXED_PRECISION says (it sets fp16 autocast only)."""
@@ -172,9 +168,6 @@ class TDA(TTAMethod):
         c, device = self.num_classes, self.device
         self.positive_cache = ClassQueues(c, self.positive["capacity"], dim, device=device)
         self.negative_cache = ClassQueues(c, self.negative["capacity"], dim, extra_dim=c, device=device)
-
-    def reset_extra_state(self) -> None:
-        self.views.reset()
 
     def logit_scale(self) -> float:
         if self.cfg.TDA.LOGIT_SCALE == "fixed_100":

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from conf.errors import ConfigError
 from conf.options import Option
-from methods.augmentations import VIEW_AUGMENTATIONS, confident_views_setup, lowest_entropy_views
-from methods.base import ADAPT_THEN_PREDICT, TTAMethod
+from methods.augmentations import VIEW_AUGMENTATIONS, ViewsMethod, lowest_entropy_views
+from methods.base import ADAPT_THEN_PREDICT
 from methods.registry import register_method
 
 
@@ -93,7 +93,8 @@ class ImageViews:
 
 
 @register_method("tpt")
-class TPT(TTAMethod):
+class TPT(ViewsMethod):
+    views_node = "TPT"
     protocol = ADAPT_THEN_PREDICT
     episode = "image"
     mixed_precision_node = "TPT"
@@ -116,14 +117,8 @@ class TPT(TTAMethod):
 
     @classmethod
     def check_setup(cls, cfg, model_spec, class_names) -> None:
-        confident_views_setup(cfg, "TPT")
+        super().check_setup(cfg, model_spec, class_names)
         context_prompt_tokens(model_spec.tokenizer(), cfg.TPT.CTX_INIT, cfg.TPT.N_CTX, class_names)
-
-    def __init__(self, cfg, model, num_classes):
-        super().__init__(cfg, model, num_classes)
-        self.views, self.n_selected = confident_views_setup(cfg, "TPT")
-        # Cost per image, for the results' provenance: image-encoder passes (views) per test image.
-        self.views_per_image = self.views.n_views
 
     def cost_info(self) -> dict:
         """Per test image: the views through the image encoder (once, encoders frozen), OPTIM.STEPS forward +
@@ -149,9 +144,6 @@ class TPT(TTAMethod):
         """The per-image episodic reset: only the context tokens and the optimizer state (cheap)."""
         self.prompt_learner.restore()
         self.optimizer.load_state_dict(copy.deepcopy(self._snapshot["optimizer"]))
-
-    def reset_extra_state(self) -> None:
-        self.views.reset()
 
     # ------------------------------------------------------------------ adaptation
     def text_features(self) -> torch.Tensor:

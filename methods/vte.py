@@ -17,8 +17,8 @@ import torch
 
 from conf.errors import ConfigError
 from conf.options import Option
-from methods.augmentations import VIEW_AUGMENTATIONS, confident_views_setup, lowest_entropy_views
-from methods.base import TRAINING_FREE, TTAMethod
+from methods.augmentations import VIEW_AUGMENTATIONS, ViewsMethod, lowest_entropy_views
+from methods.base import TRAINING_FREE
 from methods.registry import register_method
 
 
@@ -27,7 +27,8 @@ TPT_SELECTION_DEFAULT = 0.1
 
 
 @register_method("vte")
-class VTE(TTAMethod):
+class VTE(ViewsMethod):
+    views_node = "VTE"
     protocol = TRAINING_FREE
     config_defaults = {"VTE": {
         # Fraction of the views (lowest entropy first) whose image features are averaged. The anchor suite reads
@@ -40,23 +41,10 @@ class VTE(TTAMethod):
 
     @classmethod
     def check_setup(cls, cfg, model_spec, class_names) -> None:
-        confident_views_setup(cfg, "VTE")
+        super().check_setup(cfg, model_spec, class_names)
         if cfg.TPT.SELECTION_P != TPT_SELECTION_DEFAULT and cfg.VTE.SELECTION_P == TPT_SELECTION_DEFAULT:
             raise ConfigError(f"TPT.SELECTION_P = {cfg.TPT.SELECTION_P}: the authors' suite reads VTE's view "
                               f"fraction from TPT.SELECTION_P; here it is VTE.SELECTION_P (set that)")
-
-    def __init__(self, cfg, model, num_classes):
-        super().__init__(cfg, model, num_classes)
-        self.views, self.n_selected = confident_views_setup(cfg, "VTE")
-        # Cost per image, for the results' provenance: image-encoder passes (views) per test image.
-        self.views_per_image = self.views.n_views
-
-    def cost_info(self) -> dict:
-        """Per test image: the views through the image encoder; text features are computed once at start-up."""
-        return {"views_per_image": self.views_per_image, "backward_passes_per_image": 0}
-
-    def reset_extra_state(self) -> None:
-        self.views.reset()
 
     @torch.no_grad()
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from conf.errors import ConfigError
 from conf.options import Option
-from methods.augmentations import VIEW_AUGMENTATIONS, confident_views_setup, lowest_entropy_views
-from methods.base import TRAINING_FREE, TTAMethod
+from methods.augmentations import VIEW_AUGMENTATIONS, ViewsMethod, lowest_entropy_views
+from methods.base import TRAINING_FREE
 from methods.registry import register_method
 
 VOTES = ("eps_softmax", "one_hot")
@@ -102,7 +102,8 @@ def reported_logits(votes: torch.Tensor, prediction: torch.Tensor, kind: str) ->
 
 
 @register_method("zero")
-class Zero(TTAMethod):
+class Zero(ViewsMethod):
+    views_node = "ZERO"
     protocol = TRAINING_FREE
     mixed_precision_node = "ZERO"
     config_defaults = {"ZERO": {
@@ -123,7 +124,8 @@ class Zero(TTAMethod):
 
     @classmethod
     def check_setup(cls, cfg, model_spec, class_names) -> None:
-        views, n_confident = confident_views_setup(cfg, "ZERO")
+        super().check_setup(cfg, model_spec, class_names)
+        views, n_confident = cls.views_setup(cfg)
         if n_confident == views.n_views and cfg.ZERO.TIE_BREAK != "lowest_index":
             raise ConfigError(f"ZERO.SELECTION_P = {cfg.ZERO.SELECTION_P} keeps all {views.n_views} views, so "
                               f"ZERO.TIE_BREAK {cfg.ZERO.TIE_BREAK} has no discarded view to break a tie with (the "
@@ -131,17 +133,7 @@ class Zero(TTAMethod):
 
     def __init__(self, cfg, model, num_classes):
         super().__init__(cfg, model, num_classes)
-        self.views, self.n_selected = confident_views_setup(cfg, "ZERO")
         self.options = cfg.ZERO
-        # Cost per image, for the results' provenance: image-encoder passes (views) per test image.
-        self.views_per_image = self.views.n_views
-
-    def cost_info(self) -> dict:
-        """Per test image: the views through the image encoder; text features are computed once at start-up."""
-        return {"views_per_image": self.views_per_image, "backward_passes_per_image": 0}
-
-    def reset_extra_state(self) -> None:
-        self.views.reset()
 
     @torch.no_grad()
     def view_cosines(self, x: torch.Tensor) -> torch.Tensor:
