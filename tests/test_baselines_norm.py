@@ -31,6 +31,14 @@ def build(name, model, **overrides):
     return methods.build_method(cfg, model, C)
 
 
+def assert_same_forward(a, b):
+    """Two forwards of the same weights on the same images, one while autograd records: equal but for rounding,
+    since on some CPU paths (SSE: tests/golden.py's CPU_PATH_SETTINGS) the kernels differ between the two.
+    Measured: 1.7e-6 at most on logits of magnitude 4 (SSE), 0 on the AVX2 and AVX-512 paths; an update step of
+    these tests moves the adapted weights by about 1e-3."""
+    torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+
+
 def images(n, seed=0):
     return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
@@ -130,7 +138,7 @@ def test_update_and_predictions(tiny_clip, name):
         loss_fn = lambda l: ((1 - l.softmax(1).gather(1, l.argmax(1, keepdim=True)) ** 0.8) / 0.8).mean()
     pre_logits, expected = manual_sgd(source, method.param_names, loss_fn, x)
     out = method(x)
-    assert torch.equal(out, pre_logits)                     # the pre-update forward's predictions
+    assert_same_forward(out, pre_logits)                    # the pre-update forward's predictions
     params = dict(method.model.named_parameters())
     for n, w in expected.items():
         assert torch.allclose(params[n], w, atol=1e-6), n
@@ -210,7 +218,7 @@ def test_sar_normal_steps_and_moving_average(tiny_clip):
     assert 0 < int(mask1.sum()) < len(x)
     with torch.no_grad():
         pre = tiny_clip(x)
-    assert torch.equal(sar(x), pre)
+    assert_same_forward(sar(x), pre)
     params = dict(sar.model.named_parameters())
     for n, w in expected.items():
         assert torch.allclose(params[n], w, atol=1e-6), n
@@ -398,7 +406,7 @@ def test_rotta_teacher_is_the_ema_and_predicts(tiny_clip):
     x = images(8)
     teacher_before = [t.clone() for t in rotta.teacher_params()]
     with torch.no_grad():
-        assert torch.equal(rotta(x), source(x))     # first batch: teacher = source, predicted before the update
+        assert_same_forward(rotta(x), source(x))    # first batch: teacher = source, predicted before the update
     assert rotta.num_model_updates == 1
     for t_new, t_old, p in zip(rotta.teacher_params(), teacher_before, rotta.params):
         assert torch.equal(t_new, (1 - 0.3) * t_old + 0.3 * p.detach())

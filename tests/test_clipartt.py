@@ -253,7 +253,11 @@ def test_several_steps_match_the_reference(tiny_clip, k):
     logits = method(x)
     state, prediction, history = reference_batch(source, x, 3, k=k)
     assert len(set(history[0])) > 1
-    assert_states_close(ln_state(method.model), state)
+    # Three Adam steps (lr 1e-2) move some weights by 3e-2; where a gradient is almost zero, Adam's step follows
+    # its rounding. Measured |ours - reference| after the steps: 9.0e-6 (AVX-512), 1.6e-5 (AVX2), 9.3e-6 (SSE)
+    # (the CPU paths of tests/golden.py, CPU_PATH_SETTINGS); 1e-4 leaves a factor of six and is
+    # 100 times below one step.
+    assert_states_close(ln_state(method.model), state, atol=1e-4)
     torch.testing.assert_close(logits, prediction, atol=1e-4, rtol=1e-4)
 
 
