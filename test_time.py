@@ -13,8 +13,8 @@ import sys
 from conf import ConfigError
 from harness.build import check_config, config_warnings, load_cfg
 from harness.cli import entry_point, parse_command_line
+from harness.identity import unread_default_nodes
 from harness.logs import console_logging
-from harness.run import evaluate
 
 
 def shard_domains(domains: list[str], shard: str) -> list[str]:
@@ -44,8 +44,22 @@ def build_run_cfg(cfg_file, opts, restart: bool = False, domains=None, shard: st
     return cfg
 
 
+def shown_config(cfg) -> str:
+    """The config as YAML without the nodes of the other methods that hold their defaults: they cannot change this
+    run's results and are left out of its identity too (harness.identity.unread_default_nodes). A node of another
+    method set away from its defaults stays, and config_warnings says that the method does not read it."""
+    left_out = unread_default_nodes(cfg)
+    shown = cfg.clone()
+    shown.defrost()
+    for node in left_out:
+        del shown[node]
+    note = f"# not shown: {', '.join(sorted(left_out))} (other methods' keys, at their defaults)\n" if left_out else ""
+    return shown.dump() + note
+
+
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-progress", action="store_true", help="hide the per-domain progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="hide the progress (a bar on a terminal, else a line a minute and one at the end)")
     parser.add_argument("--restart", action="store_true",
                         help="start over instead of resuming finished tasks (RESUME False)")
     parser.add_argument("--domains", nargs="+", metavar="DOMAIN",
@@ -60,15 +74,17 @@ def main(argv=None) -> int:
     parser.add_argument("--cfg", dest="cfg_file", required=True, help="YAML config, e.g. conf/cifar10_c/batclip.yaml")
     add_run_flags(parser)
     parser.add_argument("--show-config", action="store_true",
-                        help="print the config this command would run (composed, overrides applied) and exit")
+                        help="print the config this command would run (composed, overrides applied; other methods' "
+                             "keys only where set) and exit")
     args = parse_command_line(parser, argv)
     console_logging()
     cfg = build_run_cfg(args.cfg_file, args.opts, args.restart, args.domains, args.shard)
     if args.show_config:
-        print(cfg.dump(), end="")
+        print(shown_config(cfg), end="")
         for warning in config_warnings(cfg):
             print(f"# warning: {warning}")
         return 0
+    from harness.run import evaluate     # deferred: torch and the models load for a run, not for --help
     payload = evaluate(cfg, progress=not args.no_progress)   # logs the per-domain table (and the paper's row)
     print(f"results: {payload['provenance']['save_dir']}/results.json")
     return 0

@@ -26,7 +26,8 @@ SUITE_OPTIONS = {
     # Run only these domains of CORRUPTION.TYPE in this process ([] = all); the others' records may come from
     # other processes writing to the same run directory. Only for settings whose domains are independent.
     "RUN_DOMAINS": [],
-    # Results go to SAVE_DIR/<dataset>/<method>/<RUN_NAME>; "" = <arch>_<weights>_<setting>_seed<seed>_<hash>.
+    # Results go to SAVE_DIR/<dataset>/<method>/<RUN_NAME>; "" = <arch>_<weights>_<setting>_seed<seed>_<hash>, the
+    # weights' tag or file stem left out where it is the arch's name (tiny-clip-shapes_reset_each_shift_seed1_<hash>).
     "RUN_NAME": "",
     "LOG_DEST": Option("log.txt", valid=lambda name: bool(name) and "/" not in name,
                        expected="a file name inside the run folder"),

@@ -5,8 +5,6 @@ import difflib
 import random
 from typing import Sequence
 
-from torch.utils.data import Dataset
-
 from conf.errors import UserError
 from conf.registry import Registry
 
@@ -15,9 +13,21 @@ class DatasetError(UserError):
     """A data set is missing or malformed; the message names the path and what was expected."""
 
 
+class ImageDataset:
+    """The images of one domain as a run reads them: ``len()``, and ``[i]`` -> (PIL image, class index), what
+    torch's DataLoader needs of a data set. Not torch's Dataset class, which adds nothing the harness uses and
+    imports torch: the data-set registry loads without torch (the commands that only read files need it)."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int):
+        raise NotImplementedError
+
+
 class BenchmarkDataset:
     """One benchmark (CIFAR-10-C, ImageNet-C, PACS, ...): its classes, its domains, and how to read one
-    domain (at one severity) from DATA_DIR as a torch Dataset of (PIL image, class index) pairs. The harness
+    domain (at one severity) from DATA_DIR as an ImageDataset of (PIL image, class index) pairs. The harness
     applies the model's image transform; a data set only reads.
 
     Subclasses set the class attributes and implement ``build_domain``; register them with
@@ -43,9 +53,9 @@ class BenchmarkDataset:
             raise DatasetError(f"'{domain}' is not a domain of {self.name} (CORRUPTION.TYPE). "
                                f"Nearest: {near}; all: {list(self.domains)}")
 
-    def build_domain(self, cfg, domain: str, severity: int) -> Dataset:
+    def build_domain(self, cfg, domain: str, severity: int) -> ImageDataset:
         """The images of one domain at one severity, checked: every file this needs exists and has the expected
-        layout, or a DatasetError names the path. Reading an image happens later, in the DataLoader. The Dataset
+        layout, or a DatasetError names the path. Reading an image happens later, in the DataLoader. The data set
         lists the files it reads in ``source_files()`` (the run's identity covers them)."""
         raise NotImplementedError
 

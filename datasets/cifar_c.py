@@ -16,14 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from PIL import Image
-from torch.utils.data import Dataset
 
-from datasets.base import CLEAN, BenchmarkDataset, DatasetError, register_dataset, select_subset
+from datasets.base import CLEAN, BenchmarkDataset, DatasetError, ImageDataset, register_dataset, select_subset
 from datasets.class_names import CIFAR10_CLASSES, CIFAR100_CLASSES, CIFAR_TEMPLATES
 from datasets.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS, NUM_SEVERITIES, held_severities
 
 
-class NpyImages(Dataset):
+class NpyImages(ImageDataset):
     """(PIL image, label) for rows ``indices`` of a memory-mapped (N, H, W, 3) uint8 array; the file is opened
     lazily so the dataset pickles cheaply into DataLoader workers."""
 
@@ -57,7 +56,7 @@ def _load_mmap(path: Path, what: str) -> np.ndarray:
         raise DatasetError(f"Cannot read {what} {path} as a .npy array: {err}") from err
 
 
-class CleanImages(Dataset):
+class CleanImages(ImageDataset):
     """(PIL image, label) for rows of an in-memory uint8 (N, H, W, 3) array read from one file."""
 
     # The authors' loader reads the clean CIFAR test set through torchvision (no sample list), so it neither
@@ -86,7 +85,7 @@ class CifarC(BenchmarkDataset):
     clean_file = ""
     clean_labels_key = b"labels"
 
-    def clean_test_set(self, cfg) -> Dataset:
+    def clean_test_set(self, cfg) -> ImageDataset:
         """The clean test images in the file's order. The authors' suite reads them with torchvision's CIFAR class,
         which has no sample list, so it never shuffles or subsamples them: CORRUPTION.NUM_EX means something only
         with CORRUPTION.SUBSET first_n."""
@@ -120,7 +119,7 @@ class CifarC(BenchmarkDataset):
         return (f"{root}/<corruption>.npy as uint8 (N, 32, 32, 3) with N = 5 x images per severity "
                 f"(severity s in rows [(s-1)N/5, sN/5)), and {root}/labels.npy as integers (N,)")
 
-    def build_domain(self, cfg, domain: str, severity: int) -> Dataset:
+    def build_domain(self, cfg, domain: str, severity: int) -> ImageDataset:
         self.check_domain(domain)
         if domain == CLEAN:
             return self.clean_test_set(cfg)

@@ -1,5 +1,26 @@
 """Class names used in the prompts."""
-from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+import importlib.util
+import sys
+from pathlib import Path
+
+
+def _open_clip_metadata():
+    """open_clip's zero_shot_metadata (CLIP's ImageNet class names and templates). The file imports nothing, but
+    importing it as open_clip.zero_shot_metadata imports open_clip and so torch, which the data-set registry does
+    not need otherwise (the commands that only read files): it is run on its own unless open_clip is loaded."""
+    loaded = sys.modules.get("open_clip.zero_shot_metadata")
+    if loaded is not None:
+        return loaded
+    package = importlib.util.find_spec("open_clip")      # finds the package without running it
+    path = Path(package.submodule_search_locations[0]) / "zero_shot_metadata.py"
+    spec = importlib.util.spec_from_file_location("_open_clip_zero_shot_metadata", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_METADATA = _open_clip_metadata()
+IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES = _METADATA.IMAGENET_CLASSNAMES, _METADATA.OPENAI_IMAGENET_TEMPLATES
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -28,9 +28,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from torch.utils.data import Dataset
 
-from datasets.base import BenchmarkDataset, DatasetError, register_dataset, select_subset
+from datasets.base import BenchmarkDataset, DatasetError, ImageDataset, register_dataset, select_subset
 from datasets.class_names import IMAGENET_TEMPLATES, TDA_SELECTED_TEMPLATES
 from datasets.folders import ImageFiles, check_no_severity
 
@@ -84,7 +83,7 @@ class CoopDataset(BenchmarkDataset):
                                f"{self.layout(base)}; set DATA_DIR to the folder that contains '{self.folder}/'.")
         return base
 
-    def build_domain(self, cfg, domain: str, severity: int) -> Dataset:
+    def build_domain(self, cfg, domain: str, severity: int) -> ImageDataset:
         self.check_domain(domain)
         check_no_severity(self.name, severity)
         base = self.base(cfg)

@@ -145,10 +145,12 @@ def _corrupt_job(corruption: str, severity: int, seed: int) -> tuple[str, int, n
 
 def write_corrupted(images: np.ndarray, labels: np.ndarray, out_dir: str | Path,
                     corruptions: Sequence[str] = CORRUPTIONS, seed: int = 0,
-                    class_names: Sequence[str] | None = None, source: str = "", progress: bool = True,
+                    class_names: Sequence[str] | None = None, source: str = "", progress=True,
                     overwrite: bool = True, workers: int = 1, severities: Sequence[int] = SEVERITIES) -> Path:
     """Write ``out_dir/<corruption>.npy`` (one block per severity of ``severities``, all five by default) and
-    ``out_dir/labels.npy``; returns ``out_dir``.
+    ``out_dir/labels.npy``; returns ``out_dir``. ``progress``: True for a tqdm bar of the images, False for none, or
+    a function ``(total, label)`` returning the bar to count them on (a tqdm-like context manager, such as
+    harness.progress.Progress).
 
     With ``overwrite`` False, corruption files that already exist are kept (resuming an interrupted run; they
     must hold the same severities). ``workers`` > 1 corrupts (corruption, severity) blocks in that many
@@ -178,9 +180,13 @@ def write_corrupted(images: np.ndarray, labels: np.ndarray, out_dir: str | Path,
     todo = [c for c in corruptions if overwrite or not (out_dir / f"{c}.npy").is_file()]
     jobs = [(name, severity) for name in todo for severity in severities]
 
-    from tqdm import tqdm
     n = len(images)
-    with tqdm(total=len(jobs) * n, desc=f"corrupting -> {out_dir}", unit="img", disable=not progress) as bar:
+    if callable(progress):
+        bar = progress(len(jobs) * n, f"corrupting -> {out_dir}")
+    else:
+        from tqdm import tqdm
+        bar = tqdm(total=len(jobs) * n, desc=f"corrupting -> {out_dir}", unit="img", disable=not progress)
+    with bar:
         if workers == 1:
             for name in todo:
                 blocks = []

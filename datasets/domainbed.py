@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch.utils.data import Dataset
 
-from datasets.base import BenchmarkDataset, DatasetError, register_dataset
+from datasets.base import BenchmarkDataset, DatasetError, ImageDataset, register_dataset
 from datasets.class_names import IMAGENET_TEMPLATES
 from datasets.folders import ImageFiles, check_no_severity, read_class_folders, take_subset
 
@@ -51,7 +50,7 @@ class DomainBedDataset(BenchmarkDataset):
                 return base / name
         return base / domain
 
-    def build_domain(self, cfg, domain: str, severity: int) -> Dataset:
+    def build_domain(self, cfg, domain: str, severity: int) -> ImageDataset:
         self.check_domain(domain)
         check_no_severity(self.name, severity)
         base = Path(cfg.DATA_DIR).expanduser() / self.folder

@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import Sequence
 
 from PIL import Image
-from torch.utils.data import Dataset
 
-from datasets.base import DatasetError, select_subset
+from datasets.base import DatasetError, ImageDataset, select_subset
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"}
 
 
 
-class ImageFiles(Dataset):
+class ImageFiles(ImageDataset):
     """(PIL image, label) for a list of image files, decoded when read."""
 
     def __init__(self, files: list[Path], labels: list[int]):

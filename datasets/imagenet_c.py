@@ -16,9 +16,8 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-from torch.utils.data import Dataset
 
-from datasets.base import CLEAN, BenchmarkDataset, DatasetError, register_dataset, select_subset
+from datasets.base import CLEAN, BenchmarkDataset, DatasetError, ImageDataset, register_dataset, select_subset
 from datasets.class_names import (COOP_IMAGENET_TEMPLATES, IMAGENET_CLASSES, IMAGENET_TEMPLATES,
                                   TDA_SELECTED_TEMPLATES)
 from datasets.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS
@@ -125,7 +124,7 @@ class ImageNetC(BenchmarkDataset):
                 return root
         return data / "imagenet" / "val"
 
-    def build_domain(self, cfg, domain: str, severity: int) -> Dataset:
+    def build_domain(self, cfg, domain: str, severity: int) -> ImageDataset:
         self.check_domain(domain)
         if domain == CLEAN:
             root = self.clean_root(cfg)

@@ -16,9 +16,8 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from torch.utils.data import Dataset
 
-from datasets.base import BenchmarkDataset, register_dataset
+from datasets.base import BenchmarkDataset, ImageDataset, register_dataset
 from datasets.class_names import (COOP_IMAGENET_TEMPLATES, IMAGENET_CLASSES, IMAGENET_TEMPLATES,
                                   TDA_SELECTED_TEMPLATES)
 from datasets.folders import ImageFiles, check_no_severity, read_class_folders, take_subset
@@ -58,7 +57,7 @@ class ImageNetVariant(BenchmarkDataset):
         # Computed on first use: the wnid order comes from the robustbench data files.
         return [IMAGENET_CLASSES[i] for i in self.imagenet_indices()]
 
-    def build_domain(self, cfg, domain: str, severity: int) -> Dataset:
+    def build_domain(self, cfg, domain: str, severity: int) -> ImageDataset:
         self.check_domain(domain)
         check_no_severity(self.name, severity)
         root = Path(cfg.DATA_DIR).expanduser() / self.folder

@@ -11,9 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from torch.utils.data import Dataset
+from typing import TYPE_CHECKING
 
 import conf
 import datasets
@@ -21,12 +19,18 @@ import methods
 from conf import ConfigError
 from conf.files import check_writable_folder
 from conf.defaults import AUTHORS_DEFAULTS
+from datasets.base import ImageDataset
 from harness.identity import config_hash, data_fingerprint, file_sha256, flatten
 from harness.settings import SETTINGS, Segment, SettingError, Task, build_tasks, tasks_to_run
 from harness.task_records import read_tasks
-from models import ModelSpec, model_spec, resolve_model_weights
-from models.build import check_precision
-from models.weights import WeightsSource
+
+# Reading and checking a config needs neither torch nor the model code (the commands that only read files do
+# that); a plan does, and imports them when it is built.
+if TYPE_CHECKING:
+    import torch
+
+    from models import ModelSpec
+    from models.weights import WeightsSource
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -53,8 +57,9 @@ def _other_configs_plugins(cfg_file, opts, plugins) -> set[str]:
     all but those it names and those defining its method (and the classes its method derives from)."""
     keep = {conf.plugin_module_name(p) for p in plugins}
     name = conf.requested_method(cfg_file, opts)
-    if name and name in methods.METHODS:
-        keep |= {klass.__module__ for klass in methods.METHODS.get(name).__mro__}
+    declared = methods.method_declarations()
+    if name and name in declared:
+        keep |= {klass.__module__ for klass in declared.get(name).__mro__}
     return conf.PLUGIN_MODULES - keep
 
 
@@ -70,12 +75,19 @@ def _as_the_authors_wrote_it(cfg) -> None:
 
 
 def method_class(cfg) -> type:
+    """The registered class of MODEL.ADAPTATION (the built-in methods imported)."""
     return methods.METHODS.get(cfg.MODEL.ADAPTATION)
+
+
+def declared_method(cfg) -> type:
+    """The class of MODEL.ADAPTATION for its declarations only (methods.method_declarations: without torch where
+    no method has been imported)."""
+    return methods.method_declarations().get(cfg.MODEL.ADAPTATION)
 
 
 def check_config(cfg) -> None:
     """Names against the registries, and every declared option of the suite and of the chosen method."""
-    cls = method_class(cfg)
+    cls = declared_method(cfg)
     dataset = datasets.get_dataset(cfg.CORRUPTION.DATASET)
     SETTINGS.canonical(cfg.SETTING)
     for domain in cfg.CORRUPTION.TYPE:
@@ -104,6 +116,7 @@ def check_config(cfg) -> None:
 
 def check_method(cfg, spec: ModelSpec | None = None, class_names=None) -> None:
     """The method's own checks across options, against the architecture and the class names (``check_setup``)."""
+    from models import model_spec
     if class_names is None:
         class_names = datasets.get_dataset(cfg.CORRUPTION.DATASET).class_names
     method_class(cfg).check_setup(cfg, spec or model_spec(cfg.MODEL.ARCH), list(class_names))
@@ -139,6 +152,7 @@ def config_warnings(cfg) -> list[str]:
 # ------------------------------------------------------------------------------------------------ the plan
 
 def resolve_device(cfg) -> torch.device:
+    import torch
     if cfg.DEVICE == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(cfg.DEVICE)
@@ -151,12 +165,40 @@ def resolve_device(cfg) -> torch.device:
     return device
 
 
+def run_name(cfg) -> str:
+    """RUN_NAME, or <arch>[_<weights>]_<setting>_seed<seed>_<config hash>: the weights' tag or file stem only where
+    it differs from the architecture (a checkpoint named after its architecture, as the demo's
+    tiny-clip-shapes.pt, is not named twice). The hash is the config's identity, so the same config finds its
+    folder again (resuming); the rest is for reading."""
+    if cfg.RUN_NAME:
+        return _folder_name(cfg.RUN_NAME)
+    weights = Path(str(cfg.MODEL.WEIGHTS)).stem
+    model = cfg.MODEL.ARCH if weights.lower() == cfg.MODEL.ARCH.lower() else f"{cfg.MODEL.ARCH}_{weights}"
+    return _folder_name(f"{model}_{cfg.SETTING}_seed{cfg.RNG_SEED}_{config_hash(cfg)}")
+
+
+def _folder_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.@+-]", "-", name)
+
+
 def run_dir(cfg) -> Path:
-    """SAVE_DIR/<dataset>/<method>/<RUN_NAME or arch_weights_setting_seed_hash>."""
-    method = methods.METHODS.canonical(cfg.MODEL.ADAPTATION)
-    name = cfg.RUN_NAME or (f"{cfg.MODEL.ARCH}_{Path(str(cfg.MODEL.WEIGHTS)).stem}_{cfg.SETTING}"
-                            f"_seed{cfg.RNG_SEED}_{config_hash(cfg)}")
-    return Path(cfg.SAVE_DIR) / cfg.CORRUPTION.DATASET / method / re.sub(r"[^A-Za-z0-9_.@+-]", "-", name)
+    """SAVE_DIR/<dataset>/<method>/<run_name(cfg)>: the one place a run's folder is named (test_time.py,
+    scripts/compare.py, the demo and grids all run through it)."""
+    method = methods.method_declarations().canonical(cfg.MODEL.ADAPTATION)
+    return Path(cfg.SAVE_DIR) / cfg.CORRUPTION.DATASET / method / run_name(cfg)
+
+
+def renamed_run_dir_warning(cfg, save_dir: Path) -> str | None:
+    """A line when this config's records sit in the folder its run had before run folders dropped the repeated
+    weights name (<arch>_<arch>_...): they are not resumed from there."""
+    if cfg.RUN_NAME or not cfg.RESUME or save_dir.exists():
+        return None
+    old = save_dir.parent / _folder_name(f"{cfg.MODEL.ARCH}_{Path(str(cfg.MODEL.WEIGHTS)).stem}_{cfg.SETTING}"
+                                         f"_seed{cfg.RNG_SEED}_{config_hash(cfg)}")
+    if old == save_dir or not old.is_dir():
+        return None
+    return f"records of this config under {old} (the run folder's former name) are not resumed: rename it to " \
+           f"{save_dir.name} to resume them"
 
 
 def select_tasks(cfg, tasks: list[Task]) -> list[int]:
@@ -190,7 +232,7 @@ class RunPlan:
     dataset: datasets.BenchmarkDataset
     tasks: list[Task]                    # the SETTING's tasks, in order
     wanted: list[int]                    # the task indices this process is asked for (RUN_DOMAINS)
-    data: dict[Segment, Dataset]         # every segment this process may run -> its checked images
+    data: dict[Segment, ImageDataset]    # every segment this process may run -> its checked images
     templates: list[str]                 # prompt templates of the zero-shot head
     model: ModelSpec
     weights: WeightsSource
@@ -213,6 +255,8 @@ class RunPlan:
 
 def build_plan(cfg) -> RunPlan:
     """Check cfg completely and put the run together, without loading weights, reading images or writing."""
+    from models import model_spec, resolve_model_weights
+    from models.build import check_precision
     check_config(cfg)
     dataset = datasets.get_dataset(cfg.CORRUPTION.DATASET)
     templates = dataset.prompt_templates(cfg)
@@ -226,6 +270,9 @@ def build_plan(cfg) -> RunPlan:
     save_dir = run_dir(cfg)
     check_writable_folder(save_dir, "SAVE_DIR")
     warnings = config_warnings(cfg)
+    renamed = renamed_run_dir_warning(cfg, save_dir)
+    if renamed:
+        warnings.append(renamed)
     data, fingerprints = {}, {}
     for index in tasks_to_run(tasks, set(wanted)):
         for segment in tasks[index].segments:

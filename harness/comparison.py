@@ -10,7 +10,6 @@ from conf import ConfigError, config_names
 from harness.build import check_config, load_cfg
 from harness.identity import config_hash
 from harness.report import CompareError
-from harness.run import evaluate as run_evaluate
 
 
 # Keys every compared method takes from the base config, so that all of them see the same data, stream and
@@ -103,11 +102,21 @@ def method_configs(methods: list[str], base_cfg_file=None, opts=None, seeds=None
     return result
 
 
-def run_comparison(configs, progress: bool = False, evaluate=run_evaluate) -> list[tuple[str, list[dict]]]:
-    """Evaluate every (label, [cfg per seed]) in turn; returns the groups for build_table."""
-    groups = []
+def run_comparison(configs, progress: bool = True, evaluate=None) -> list[tuple[str, list[dict]]]:
+    """Evaluate every (label, [cfg per seed]) in turn; returns the groups for build_table. ``progress``: each run's
+    progress (harness/progress.py) named by its method, its seed where there are several, and its place among the
+    comparison's runs ("[2/3] tent")."""
+    if evaluate is None:
+        from harness.run import evaluate     # deferred: it imports torch, which the tabulating commands do not need
+    runs = sum(len(cfgs) for _, cfgs in configs)
+    groups, done = [], 0
     for label, cfgs in configs:
-        groups.append((label, [evaluate(cfg, progress=progress) for cfg in cfgs]))
+        payloads = []
+        for cfg in cfgs:
+            done += 1
+            name = f"{label} seed {cfg.RNG_SEED}" if len(cfgs) > 1 else label
+            payloads.append(evaluate(cfg, progress=progress, label=f"[{done}/{runs}] {name}"))
+        groups.append((label, payloads))
     return groups
 
 

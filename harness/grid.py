@@ -51,7 +51,6 @@ from harness.build import check_config, load_cfg, run_dir
 from harness.identity import config_hash, identity_keys
 from harness.report.runs import SEED_KEY
 from harness.results import utc_now
-from harness.run import evaluate
 from harness.settings import build_tasks
 from harness.task_records import ResumeError, read_tasks
 
@@ -514,11 +513,36 @@ def _job_status(grid, job, records, listed, error, submission, scheduled) -> Job
 
 # ------------------------------------------------------------------------------------------------ running one job
 
-def run_job(grid_folder: Path, job: GridJob, output: str = "", progress: bool = False) -> str:
+def check_inputs(grid: Grid, jobs: list[GridJob]) -> None:
+    """What the jobs read besides their configs, checked where they are submitted (test_time.py's checks, in its
+    order): each cell's weights (a file exists, a tag is cached or may be downloaded) and its DATA_DIR folder. A
+    grid whose weights or data are missing is refused in one line instead of failing every job; each data set's
+    files are checked by the jobs reading them."""
+    from models import resolve_model_weights
+    wanted = {job.id for job in jobs}
+    checked = set()
+    for cell in grid.cells:
+        cfg = cell.cfg
+        key = (cfg.MODEL.ARCH, str(cfg.MODEL.WEIGHTS), cfg.CKPT_DIR, cfg.MODEL.ALLOW_DOWNLOAD, cfg.DATA_DIR)
+        if key in checked or not any(job.id in wanted for job in cell.jobs):
+            continue
+        checked.add(key)
+        where = f"{grid.path}: cell ({cell.dataset}, {cell.method}, seed {cell.seed})"
+        try:
+            resolve_model_weights(cfg)
+        except UserError as err:
+            raise GridError(f"{where}: {err.one_line()}") from None
+        if not Path(cfg.DATA_DIR).is_dir():
+            raise GridError(f"{where}: DATA_DIR {cfg.DATA_DIR}: no such folder")
+
+
+def run_job(grid_folder: Path, job: GridJob, output: str = "", progress: bool = True) -> str:
     """Run one job where it is (the unit a launcher executes): claim its lock, run its config's domains through
-    harness.run.evaluate (resuming its finished tasks), record the outcome. Returns done / failed / skipped (another
-    process holds it). A user error or a crash is recorded with its line and returned as failed; an interruption
-    (SystemExit, KeyboardInterrupt: pre-emption, a time limit) is recorded as interrupted and re-raised."""
+    harness.run.evaluate (resuming its finished tasks; ``progress`` in the job's output: a line a minute, a bar on a
+    terminal), record the outcome. Returns done / failed / skipped (another process holds it). A user error or a
+    crash is recorded with its line and returned as failed; an interruption (SystemExit, KeyboardInterrupt:
+    pre-emption, a time limit) is recorded as interrupted and re-raised."""
+    from harness.run import evaluate     # deferred: it imports torch, which status and report do not need
     with claim(grid_folder, job) as mine:
         if not mine:
             return "skipped"
@@ -528,7 +552,7 @@ def run_job(grid_folder: Path, job: GridJob, output: str = "", progress: bool = 
             if _already_finished(cfg, job):   # another worker finished it since this one was handed the job
                 return "done"
             write_state(grid_folder, job, state="running", started_at=utc_now(), output=output)
-            payload = evaluate(cfg, progress=progress)
+            payload = evaluate(cfg, progress=progress, label=job.id)
         except UserError as err:
             write_state(grid_folder, job, state="failed", error=err.one_line(), ended_at=utc_now(), output=output)
             return "failed"

@@ -41,9 +41,10 @@ def unread_default_nodes(config) -> set[str]:
     that its method does not read it). Nothing is left out for a method this process has not registered."""
     import methods     # deferred: reporting imports this module and needs the registry only here
     name = (config.get("MODEL") or {}).get("ADAPTATION")
-    if name not in methods.METHODS:
+    declared_methods = methods.method_declarations()     # without torch where no method has run (the reports)
+    if name not in declared_methods:
         return set()
-    own = methods.own_nodes(methods.METHODS.get(name))
+    own = methods.own_nodes(declared_methods.get(name))
     declared = methods.declared_nodes()
     base = _declared_defaults(frozenset(declared))
     return {node for node in declared

@@ -12,24 +12,30 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
+import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import submitit
-import torch
 
 from conf.errors import UserError
 from conf.files import atomic_write_text
 from harness.grid import Grid, GridJob, run_job
 from harness.grid import job_statuses as grid_job_statuses
 from harness.logs import console_logging
+from harness.progress import Progress
 from harness.results import utc_now
 
 LAUNCHERS = ("slurm", "local", "debug")
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60          # submitit's LocalExecutor stops a job after 2 minutes unless told
+
+logger = logging.getLogger(__name__)
 
 
 class LaunchError(UserError):
@@ -40,7 +46,7 @@ class LaunchError(UserError):
 class LaunchOptions:
     launcher: str = "local"
     parallel: int | None = None           # local: worker processes (default: one per visible GPU, else one)
-    gpus_per_job: int | None = None       # slurm: default 1; local: 1 where GPUs are visible, else 0
+    gpus_per_job: int | None = None       # slurm: 1 where the partition has GPUs, else 0; local: 1 where visible
     cpus_per_job: int | None = None       # CPU threads of a job (slurm: --cpus-per-task)
     timeout_min: int | None = None        # slurm: the job's time limit (default 240); local: default a week
     partition: str | None = None
@@ -54,6 +60,7 @@ class LaunchOptions:
 def _threads(threads: int | None):
     """The job's CPU threads (its own, or SLURM's --cpus-per-task), restored afterwards: the debug launcher runs
     jobs in the calling process, whose thread count must not change."""
+    import torch     # deferred, as below: grid.py status imports this module and needs no torch
     before = torch.get_num_threads()
     threads = threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0) or 0)
     if threads:
@@ -146,6 +153,7 @@ def job_statuses(grid: Grid) -> list:
 
 
 def _visible_gpus() -> list[int]:
+    import torch
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is None:
@@ -176,11 +184,76 @@ def submit(grid: Grid, jobs: list[GridJob], options: LaunchOptions) -> list:
     return handles
 
 
+@dataclass(frozen=True)
+class SlurmGpus:
+    """The GPUs a SLURM job asks for, and why (for the log)."""
+    per_job: int
+    reason: str
+
+
+def _gres_gpus(gres: str) -> int:
+    """GPUs per node in one sinfo %G field ("gpu:4", "gpu:a100:4(S:0-1),mps:200", "(null)"); 0 without GPUs."""
+    count = 0
+    for item in re.split(r",(?![^(]*\))", gres.strip()):
+        name, _, rest = item.partition(":")
+        if name == "gpu":
+            number = re.match(r"(?:[^:(]*:)?(\d+)", rest)
+            count = max(count, int(number.group(1)) if number else 1)
+    return count
+
+
+def slurm_gpu_request(sinfo_text: str, partition: str | None, gpus_per_job: int | None) -> SlurmGpus:
+    """What a job array asks for, from ``sinfo -h -o '%P|%G'`` (one line per partition and kind of node; the
+    default partition ends in ``*``): without --gpus-per-job, 1 GPU where the partition has GPUs and none where
+    it has none. Refused (LaunchError): a partition the cluster lacks, GPUs asked of a partition without any."""
+    gres: dict[str, list[str]] = {}
+    default = None
+    for line in sinfo_text.splitlines():
+        name, sep, value = line.strip().partition("|")
+        if not sep or not name:
+            continue
+        if name.endswith("*"):
+            name = default = name[:-1]
+        gres.setdefault(name, []).append(value.strip())
+    asked = 1 if gpus_per_job is None else gpus_per_job
+    if partition is not None and partition not in gres:
+        raise LaunchError(f"--partition {partition}: this cluster has no such partition; its partitions (sinfo): "
+                          f"{', '.join(gres) or 'none'}")
+    name = partition or default
+    if name is None:             # no partition named and none is the default: sbatch says what it makes of it
+        return SlurmGpus(asked, "no default partition in sinfo")
+    gpus = max(_gres_gpus(g) for g in gres[name])
+    if gpus:
+        return SlurmGpus(asked, f"partition {name} has {gpus} GPU(s) per node")
+    if gpus_per_job:
+        raise LaunchError(f"--gpus-per-job {gpus_per_job}: partition {name} has no GPUs (sinfo's GRES: "
+                          f"{', '.join(sorted(set(gres[name])))}); leave the flag out or name a partition with GPUs")
+    return SlurmGpus(0, f"partition {name} has no GPUs: the jobs ask for none")
+
+
+def slurm_gpus(options: LaunchOptions) -> SlurmGpus:
+    """The GPUs per job for ``options`` on the cluster ``sinfo`` describes; without ``sinfo`` (or its answer),
+    --gpus-per-job or 1, unchecked."""
+    sinfo = shutil.which("sinfo")
+    unchecked = SlurmGpus(1 if options.gpus_per_job is None else options.gpus_per_job, "sinfo not asked")
+    if sinfo is None:
+        return unchecked
+    try:
+        answer = subprocess.run([sinfo, "-h", "-o", "%P|%G"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return unchecked
+    if answer.returncode != 0 or not answer.stdout.strip():
+        return SlurmGpus(unchecked.per_job, "sinfo did not answer")
+    return slurm_gpu_request(answer.stdout, options.partition, options.gpus_per_job)
+
+
 def _submit_slurm(grid, jobs, options, folder) -> list:
     executor = submitit.SlurmExecutor(folder=folder)
     params = dict(time=options.timeout_min or 240, job_name=f"grid-{grid.name}", stderr_to_stdout=True,
                   array_parallelism=options.array_parallelism or len(jobs), setup=list(options.setup))
-    gpus = 1 if options.gpus_per_job is None else options.gpus_per_job
+    request = slurm_gpus(options)
+    gpus = request.per_job
+    logger.info("SLURM: %d GPU(s) per job (%s)", gpus, request.reason)
     if gpus:
         params["gpus_per_node"] = gpus
     if options.cpus_per_job:
@@ -247,22 +320,29 @@ def _output_to_devnull(active: bool):
             os.close(fd)
 
 
-def wait(handles: list, report_progress, poll_s: float = 2.0) -> None:
-    """Until every handle is done; ``report_progress()`` is called at every poll (it prints when counts change).
-    A debug handle runs here, now."""
-    for handle in handles:
-        if isinstance(handle, submitit.local.debug.DebugJob):
-            handle.result()
-    while not all(handle.done() for handle in handles):
-        report_progress()
-        time.sleep(poll_s)
-    report_progress()
+def wait(handles: list, count=None, total: int = 0, label: str = "jobs", poll_s: float = 2.0,
+         progress: bool = True) -> None:
+    """Until every handle is done. ``count()``, at every poll: (how many of the ``total`` submitted jobs have ended,
+    a note such as "2 running, 1 failed"), shown as ``label``'s progress (harness/progress.py: a bar on a terminal,
+    a line a minute elsewhere). A debug handle runs here, now."""
+    with Progress(total, label, unit="jobs", enabled=progress and count is not None) as bar:
+        for handle in handles:
+            if isinstance(handle, submitit.local.debug.DebugJob):
+                handle.result()
+        while True:
+            finished = all(handle.done() for handle in handles)
+            if count is not None:
+                ended, note = count()
+                bar.set_postfix_str(note)
+                bar.update_to(ended)
+            if finished:
+                return
+            time.sleep(poll_s)
 
 
 def check_launcher(options: LaunchOptions) -> None:
     """Refuse a launcher this machine cannot use, before anything is submitted."""
     if options.launcher == "slurm":
-        import shutil
         missing = [c for c in ("sbatch", "sacct", "squeue") if shutil.which(c) is None]
         if missing:
             raise LaunchError(f"--launcher slurm: {', '.join(missing)} not found on PATH (SLURM's client commands); "
@@ -271,6 +351,10 @@ def check_launcher(options: LaunchOptions) -> None:
         value = getattr(options, name)
         if value is not None and (value < 0 or (value == 0 and name != "gpus_per_job")):
             raise LaunchError(f"--{name.replace('_', '-')} {value}: expected a positive integer")
+    if options.launcher == "slurm":
+        slurm_gpus(options)      # a partition the cluster lacks, GPUs of a partition without any: refused now
+    elif options.gpus_per_job and options.gpus_per_job > len(_visible_gpus()):
+        raise LaunchError(f"--gpus-per-job {options.gpus_per_job}: {len(_visible_gpus())} GPU(s) visible here")
     if options.launcher != "slurm":
         for name, flag in (("partition", "partition"), ("array_parallelism", "array-parallelism"),
                            ("mem_gb", "mem-gb"), ("slurm_params", "slurm-param"), ("setup", "setup")):
@@ -280,5 +364,6 @@ def check_launcher(options: LaunchOptions) -> None:
         raise LaunchError(f"--parallel is for --launcher local (slurm: --array-parallelism), not {options.launcher}")
 
 
-__all__ = ["JobRunner", "LAUNCHERS", "LaunchError", "LaunchOptions", "Worker", "check_launcher",
-           "job_statuses", "read_submissions", "scheduler_states", "submit", "wait"]
+__all__ = ["JobRunner", "LAUNCHERS", "LaunchError", "LaunchOptions", "SlurmGpus", "Worker", "check_launcher",
+           "job_statuses", "read_submissions", "scheduler_states", "slurm_gpu_request", "slurm_gpus", "submit",
+           "wait"]

@@ -1,12 +1,12 @@
 """Logging for runs and entry points: our records readable in a terminal and in a cluster job's log file.
 
 open_clip logs its routine steps (parsing the model name, loading the config, ...) at INFO on the root logger;
-they are dropped below WARNING so that they do not drown the run's own records. Progress bars are drawn only on
-a terminal: in a file they would leave carriage-return residue on the lines of the log records."""
+they are dropped below WARNING so that they do not drown the run's own records. Progress is harness/progress.py:
+a bar on a terminal (these records printed above it), a plain line a minute in a file, never carriage-return
+residue on the lines of the log records."""
 from __future__ import annotations
 
 import logging
-import sys
 
 NOISY_LIBRARIES = ("open_clip", "submitit")
 
@@ -48,7 +48,3 @@ def file_logging(path) -> logging.Handler:
         root.setLevel(logging.INFO)
     return handler
 
-
-def show_progress(wanted: bool) -> bool:
-    """Progress bars only when asked for and stderr is a terminal."""
-    return wanted and sys.stderr.isatty()

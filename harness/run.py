@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import methods
 from conf.errors import UserError
@@ -27,7 +26,8 @@ from harness.results import (command_line, git_commit, make_record, package_vers
                              write_results)
 from harness.calibration import CalibrationCounts
 from harness.stream import SegmentStream, make_loader, task_stream_order
-from harness.logs import file_logging, show_progress
+from harness.logs import file_logging
+from harness.progress import Progress
 from harness.task_records import TASKS_DIR, clear_tasks, read_tasks, results_lock, task_locks, write_task
 from harness.settings import tasks_to_run
 from models import build_zero_shot_clip
@@ -58,8 +58,11 @@ class RunState:
     model_info: dict = field(default_factory=dict)
 
 
-def evaluate(cfg_or_plan, progress: bool = True) -> dict:
+def evaluate(cfg_or_plan, progress: bool = True, label: str | None = None) -> dict:
     """Run a plan (or a config, planned first); returns the results payload (also written to disk).
+
+    ``progress``: the images done of every task this process runs, with an ETA (harness/progress.py: a bar on a
+    terminal, a line a minute elsewhere), shown as ``label`` (default: the method and the data set).
 
     The run folder is created only once the plan is checked. With RESUME (default) the tasks an earlier run of
     the same config finished are read back instead of run again; RUN_DOMAINS limits this process to some domains
@@ -75,7 +78,7 @@ def evaluate(cfg_or_plan, progress: bool = True) -> dict:
             logger.info("Removed %s, left by an interrupted write", orphan)
         with task_locks(plan.save_dir, tasks_to_run(plan.tasks, set(plan.wanted))):
             state = prepare(plan)
-            run_tasks(plan, state, show_progress(progress))
+            run_tasks(plan, state, progress, label)
             return finish(plan, state)
     except UserError as err:
         err.log_path = log_path
@@ -156,26 +159,32 @@ def prepare(plan: RunPlan) -> RunState:
 
 # ------------------------------------------------------------------------------------------------ run
 
-def run_tasks(plan: RunPlan, state: RunState, progress: bool) -> None:
-    """Every task of ``state.run_now`` in order; each finished task's records are written at once (resuming)."""
+def run_tasks(plan: RunPlan, state: RunState, progress: bool, label: str | None = None) -> None:
+    """Every task of ``state.run_now`` in order; each finished task's records are written at once (resuming).
+    ``progress``: one count of the images of all these tasks."""
     cfg = plan.cfg
     cfg_hash, config_dump = state.provenance["config_hash"], state.provenance["config"]
-    for index in state.run_now:
-        task = plan.tasks[index]
-        if task.reset:
-            state.method.reset()
-            # Every reset task starts from the same RNG state, so a task's result does not depend on which
-            # tasks ran before it in this process (exact resuming and sharding).
-            seed_everything(cfg)
-        records, seconds, images = run_task(plan, state, index, progress)
-        write_task(plan.save_dir, index, task, records, seconds, images, cfg_hash, config_dump, state.device_name,
-                   plan.identity_of(index))
-        state.done[index] = {"records": records, "wall_time_s": seconds, "images": images}
-        _write_payload(plan, state)
+    total = sum(len(plan.data[s]) for index in state.run_now for s in plan.tasks[index].segments)
+    with Progress(total, label or f"{plan.method_name} on {cfg.CORRUPTION.DATASET}",
+                  enabled=progress and bool(state.run_now)) as bar:
+        for index in state.run_now:
+            task = plan.tasks[index]
+            if task.reset:
+                state.method.reset()
+                # Every reset task starts from the same RNG state, so a task's result does not depend on which
+                # tasks ran before it in this process (exact resuming and sharding).
+                seed_everything(cfg)
+            records, seconds, images = run_task(plan, state, index, bar)
+            write_task(plan.save_dir, index, task, records, seconds, images, cfg_hash, config_dump,
+                       state.device_name, plan.identity_of(index))
+            state.done[index] = {"records": records, "wall_time_s": seconds, "images": images}
+            _write_payload(plan, state)
+        bar.set_postfix_str("")         # the last line names the domain only where the run stopped
 
 
-def run_task(plan: RunPlan, state: RunState, index: int, progress: bool) -> tuple[list[dict], float, int]:
-    """One task's stream through the method; returns (records per segment, seconds, images)."""
+def run_task(plan: RunPlan, state: RunState, index: int,
+             bar: Progress | None = None) -> tuple[list[dict], float, int]:
+    """One task's stream through the method, counted on ``bar``; returns (records per segment, seconds, images)."""
     cfg, task = plan.cfg, plan.tasks[index]
     parts = [plan.data[s] for s in task.segments]
     order = task_stream_order(cfg, task, index, parts)
@@ -183,26 +192,32 @@ def run_task(plan: RunPlan, state: RunState, index: int, progress: bool) -> tupl
     correct = torch.zeros(len(parts), dtype=torch.long)
     counts = torch.zeros(len(parts), dtype=torch.long)
     calibration = CalibrationCounts(len(parts))
-    label = ", ".join(f"{s.domain}@{s.severity}" for s in task.segments[:3]) + (
-        " ..." if len(task.segments) > 3 else "")
+    bar = bar or Progress(0, "", enabled=False)
+    bar.set_postfix_str(", ".join(f"{s.domain}@{s.severity}" for s in task.segments[:3])
+                        + (" ..." if len(task.segments) > 3 else ""))
     start = time.perf_counter()
     try:
-        for images, labels_batch, segment in tqdm(loader, desc=label, disable=not progress, leave=False):
+        for images, labels_batch, segment in loader:
             logits = state.method(images.to(plan.device, non_blocking=True))
             hits = (logits.argmax(1).cpu() == labels_batch).long()
             correct.index_add_(0, segment, hits)
             counts.index_add_(0, segment, torch.ones_like(hits))
             calibration.add(logits, labels_batch, segment)
+            bar.update(len(labels_batch))
     except UserError as err:
         raise _without_worker_traceback(err) from None
     seconds = time.perf_counter() - start
+    streamed = int(counts.sum())
+    planned = sum(len(p) for p in parts)
+    if streamed != planned:         # a stream that samples fewer images than its segments hold
+        bar.set_total(bar.total - planned + streamed)
     records = []
     for k, seg in enumerate(task.segments):
         record = make_record(seg.domain, seg.severity, int(counts[k]), int(correct[k]), calibration.fields(k))
         records.append(record)
         logger.info("%s severity %d: accuracy %.2f%% (error %.2f%%, n=%d)", seg.domain, seg.severity,
                     100 * record["accuracy"], 100 * record["error"], record["n"])
-    return records, seconds, int(counts.sum())
+    return records, seconds, streamed
 
 
 def _without_worker_traceback(err: UserError) -> UserError:

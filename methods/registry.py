@@ -1,5 +1,5 @@
 """The method registry (MODEL.ADAPTATION -> class), filled by the ``@register_method`` decorator, and the config
-nodes the registered methods declare."""
+nodes method classes declare."""
 from __future__ import annotations
 
 from conf.errors import ConfigError
@@ -26,13 +26,14 @@ def own_nodes(cls) -> dict[str, dict]:
     return nodes
 
 
-def declared_nodes(leave_out_modules=frozenset()) -> dict[str, dict]:
-    """Every node declared by a registered method, except those of methods defined in ``leave_out_modules`` (plug-in
-    modules another config imported). A node belongs to the class whose ``config_defaults`` declares it;
-    subclasses share it. Two unrelated classes declaring one node name is an error."""
+def nodes_declared_by(classes, leave_out_modules=frozenset()) -> dict[str, dict]:
+    """Every node declared by the method ``classes`` (and the classes they derive from), except those of methods
+    defined in ``leave_out_modules`` (plug-in modules another config imported). A node belongs to the class whose
+    ``config_defaults`` declares it; subclasses share it. Two unrelated classes declaring one node name is an
+    error. (methods.declared_nodes: the nodes of every method.)"""
     owners: dict[str, type] = {}
     nodes: dict[str, dict] = {}
-    for cls in {id(c): c for _, c in METHODS.items()}.values():
+    for cls in {id(c): c for c in classes}.values():
         if any(cls.__module__ == m or cls.__module__.startswith(m + ".") for m in leave_out_modules):
             continue
         for klass in cls.__mro__:

@@ -4,7 +4,7 @@ generated Shapes-C), per launcher. Every command runs as a user runs it, in a fr
 
     python scripts/bench_grid.py                       # paper grids' expansion; tiny grid: debug, local x1, local x2
     python scripts/bench_grid.py --launchers debug slurm   # slurm: a SLURM must answer `scontrol ping`
-                                                           # (sudo bash scripts/slurm_local.sh start)
+                                                           # (as root: bash scripts/slurm_local.sh start)
 
 For each launcher: the wall time of `scripts/grid.py run` until every job is done, the sum of the jobs' own
 times (model loading and evaluation, as each job records it), and the rest: the launcher's overhead (process

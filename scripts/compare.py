@@ -9,9 +9,10 @@ Tabulate existing results (runs of one config with different seeds become one ro
 
     python scripts/compare.py --results output/cifar10_c
 
-Merge the shards of one run (e.g. from several machines) into one results.json, then tabulate it:
+Merge the shards of one run (e.g. each shard's results.json copied from its machine) into one results.json, then
+tabulate it:
 
-    python scripts/compare.py --merge host1/output/.../results.json host2/output/.../results.json --out merged/
+    python scripts/compare.py --merge host1/results.json host2/results.json --out merged/
 
 The table is printed as Markdown; with --out (always, for a run of methods) it is also written as Markdown, CSV,
 LaTeX and a PNG figure. The paper's row and the difference per cell follow every method the paper reports.
@@ -49,7 +50,8 @@ def parse_args(argv):
     parser.add_argument("--out", help="folder for comparison.md/.csv/.tex/.png (and the merged results.json)")
     parser.add_argument("--restart", action="store_true", help="start every run over instead of resuming")
     parser.add_argument("--domains", nargs="+", metavar="DOMAIN", help="run only these domains (RUN_DOMAINS)")
-    parser.add_argument("--progress", action="store_true", help="show per-domain progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="hide each run's progress (a bar on a terminal, else a line a minute and one per run)")
     args = parse_command_line(parser, argv)   # KEY VALUE overrides for every method: args.opts
     if args.seeds:
         try:
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
         if args.domains:
             overrides["RUN_DOMAINS"] = list(args.domains)
         configs = comparison.method_configs(args.methods, args.cfg_file, args.opts, args.seeds, overrides)
-        groups = comparison.run_comparison(configs, progress=args.progress)
+        groups = comparison.run_comparison(configs, progress=not args.no_progress)
         table = report.build_table(groups, args.metric, with_paper)
         out = args.out or comparison.comparison_dir(configs[0][1][0], [label for label, _ in configs])
         _print_and_write([table], out, args.figure)

@@ -33,6 +33,7 @@ from conf import ConfigError, config_names  # noqa: E402
 from datasets.corruptions import CORRUPTIONS  # noqa: E402
 from harness.cli import entry_point, parse_command_line  # noqa: E402
 from harness.logs import console_logging  # noqa: E402
+from harness.progress import Progress  # noqa: E402
 
 DEFAULT_METHODS = ["source", "tent", "batclip"]
 # Clean test images per severity in the generated Shapes-C, and the demo evaluates all of them: 2,000 per
@@ -71,15 +72,18 @@ def ensure_shapes_c(data_dir: Path, corruptions: list[str], images_per_severity:
               f"{images_per_severity} images", flush=True)
         images, labels = clean_split("test", images_per_severity)
         write_corrupted(images, labels, root, todo, seed=seed, class_names=SHAPE_CLASSES, source=source,
-                        progress=progress, overwrite=True, workers=workers, severities=keep)
+                        progress=lambda total, label: Progress(total, "generating Shapes-C", enabled=progress),
+                        overwrite=True, workers=workers, severities=keep)
     return root
 
 
 def run_methods(methods_wanted: list[str], opts: list[str], progress: bool = True) -> list[tuple[str, list[dict]]]:
-    """(method, [payload]) from the suite's comparison runner (harness.compare: every method on the identical
-    data and stream, through harness.run.evaluate); methods without a config or registration are skipped."""
+    """(method, [payload]) for build_table: every method on the identical data and stream (the comparison's
+    configs, harness.comparison.method_configs), each through harness.run.evaluate with its progress ("[2/3] tent":
+    a bar on a terminal, a line a minute elsewhere); methods without a config or registration are skipped."""
     import methods
-    from harness.comparison import method_configs, run_comparison
+    from harness.comparison import method_configs
+    from harness.run import evaluate
     runnable = []
     for name in methods_wanted:
         if f"shapes_c/{name}" not in config_names():
@@ -94,12 +98,12 @@ def run_methods(methods_wanted: list[str], opts: list[str], progress: bool = Tru
         return []
     configs = method_configs([f"conf/shapes_c/{name}.yaml" for name in runnable], opts=opts)
     groups = []
-    for (name, (_, cfgs)) in zip(runnable, configs):
+    for k, (name, (label, cfgs)) in enumerate(zip(runnable, configs), 1):
         start = time.perf_counter()
-        (label, payloads), = run_comparison([(name, cfgs)], progress=progress)
-        print(f"{name}: mean accuracy {100 * payloads[0]['summary']['mean_accuracy']:.2f}% "
-              f"({time.perf_counter() - start:.0f} s) -> {payloads[0]['provenance']['save_dir']}", flush=True)
-        groups.append((label, payloads))
+        payload = evaluate(cfgs[0], progress=progress, label=f"[{k}/{len(runnable)}] {name}")
+        print(f"{name}: mean accuracy {100 * payload['summary']['mean_accuracy']:.2f}% "
+              f"({time.perf_counter() - start:.0f} s) -> {payload['provenance']['save_dir']}", flush=True)
+        groups.append((label, [payload]))
     return groups
 
 
@@ -120,7 +124,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="processes generating Shapes-C (the files do not depend on it)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="hide the progress (a bar on a terminal, else a line a minute and one per method)")
     parser.add_argument("--verbose", action="store_true", help="log every domain's result as it finishes")
     args = parse_command_line(parser, argv)   # further KEY VALUE config overrides: args.opts
     if args.num_ex > args.images_per_severity:

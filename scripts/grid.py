@@ -3,9 +3,9 @@ CPU, or in this process, and tabulate it as the paper's tables. Jobs are spread 
 command skips what is finished and resumes the rest from its finished tasks.
 
     python scripts/grid.py run grids/paper_main.yaml --launcher slurm --partition gpu --timeout-min 240 DATA_DIR /data
-    python scripts/grid.py run grids/tiny.yaml --launcher local --parallel 2
+    python scripts/grid.py run grids/tiny.yaml --launcher local --parallel 2     # after scripts/demo.py
     python scripts/grid.py status grids/paper_main.yaml DATA_DIR /data
-    python scripts/grid.py run grids/paper_main.yaml --launcher slurm --retry-failed DATA_DIR /data
+    python scripts/grid.py run grids/paper_main.yaml --launcher slurm --partition gpu --retry-failed DATA_DIR /data
     python scripts/grid.py report grids/paper_main.yaml DATA_DIR /data
 
 ``KEY VALUE`` overrides apply to every cell (give status and report the same ones as run: they find the jobs
@@ -42,7 +42,8 @@ def parse_args(argv):
     parser.add_argument("--launcher", choices=launch.LAUNCHERS, default="local",
                         help="run: slurm (a job array), local (worker processes here), debug (this process)")
     parser.add_argument("--parallel", type=int, help="local: worker processes (default: one per visible GPU, or 1)")
-    parser.add_argument("--gpus-per-job", type=int, help="GPUs per job (slurm default 1; local: 1 if any is visible)")
+    parser.add_argument("--gpus-per-job", type=int,
+                        help="GPUs per job (slurm: 1 where the partition has GPUs, else 0; local: 1 if any is visible)")
     parser.add_argument("--cpus-per-job", type=int, help="CPU threads per job (slurm: --cpus-per-task)")
     parser.add_argument("--timeout-min", type=int, help="a job's time limit in minutes (slurm default 240); a job "
                                                         "reaching it is requeued and resumes")
@@ -122,21 +123,21 @@ def run(grid, args) -> int:
             print(f"  {job.id}  {job.config_file} {' '.join(job.opts)}")
         return 0
     if to_run:
+        grids.check_inputs(grid, to_run)
         handles = launch.submit(grid, to_run, options)
         print(f"submitted {len(to_run)} jobs with --launcher {options.launcher}; the launcher's output in "
               f"{grid.folder / 'submitit'}")
         if args.no_wait:
             print(f"follow with: python scripts/grid.py status {args.grid} {' '.join(args.opts)}".rstrip())
             return 0
-        last = [None]
+        submitted = {job.id for job in to_run}
 
-        def progress():
-            current = launch.job_statuses(grid)
-            counts = {k: sum(s.state == k for s in current) for k in grids.JOB_STATES}
-            if counts != last[0]:
-                print(", ".join(f"{counts[k]} {k}" for k in grids.JOB_STATES), flush=True)
-                last[0] = counts
-        launch.wait(handles, progress)
+        def count():
+            current = [s for s in launch.job_statuses(grid) if s.job.id in submitted]
+            states = {k: sum(s.state == k for s in current) for k in grids.JOB_STATES}
+            note = ", ".join(f"{states[k]} {k}" for k in ("running", "failed") if states[k])
+            return states["done"] + states["failed"], note
+        launch.wait(handles, count, len(to_run), label=grid.name)
     counts = print_status(grid, launch.job_statuses(grid))
     write_tables(grid, args)
     if counts["failed"]:
@@ -150,6 +151,8 @@ def run(grid, args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     console_logging()
+    if args.command == "run":
+        launch.check_launcher(args.options)     # flags this machine or cluster cannot take: before the expansion
     grid = grids.load_grid(args.grid, args.opts)
     if args.command == "run":
         return run(grid, args)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A single-node SLURM on this machine (localhost), with accounting, for trying the grid launcher and for its test:
 #
-#   sudo bash scripts/slurm_local.sh install   # Debian/Ubuntu packages: munge, slurmctld, slurmd, slurmdbd, MariaDB
-#   sudo bash scripts/slurm_local.sh start     # idempotent: starts what is not running, waits for an idle node
-#   sudo bash scripts/slurm_local.sh stop      # stops the daemons this script started
+#   bash scripts/slurm_local.sh install   # as root; Debian/Ubuntu packages: munge, slurmctld, slurmd, slurmdbd, MariaDB
+#   bash scripts/slurm_local.sh start     # as root; idempotent: starts what is not running, waits for an idle node
+#   bash scripts/slurm_local.sh stop      # as root; stops the daemons this script started
 #   bash scripts/slurm_local.sh status
 #
 # Accounting (slurmdbd + MariaDB) is not optional: without it sacct fails, submitit sees every job as UNKNOWN and
@@ -160,7 +160,7 @@ start_daemons() {
 
 start() {
   need_root
-  installed || die 3 "SLURM is not installed: sudo bash scripts/slurm_local.sh install"
+  installed || die 3 "SLURM is not installed: bash scripts/slurm_local.sh install (as root)"
   CHANGED=0
   write_configs
   # some settings (AuthInfo) are read only when a daemon starts: a changed slurm.conf restarts them

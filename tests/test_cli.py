@@ -134,3 +134,27 @@ def test_show_config_prints_the_composition(tmp_path, capsys):
     assert shown["CORRUPTION"]["DATASET"] == "imagenet_c" and shown["TEST"]["BATCH_SIZE"] == 64     # protocol
     assert (shown["MODEL"]["ADAPTATION"], shown["OPTIM"]["METHOD"], shown["OPTIM"]["LR"]) == ("tent", "SGD", 2.5e-4)
     assert shown["OPTIM"]["STEPS"] == 2                                                          # override
+
+
+def test_show_config_leaves_out_other_methods_nodes_at_their_defaults(capsys):
+    import yaml
+    import methods
+    from harness.build import load_cfg
+    from harness.identity import flatten
+    nodes = set(methods.declared_nodes())
+    for config, own in (("conf/shapes_c/tent.yaml", set()), ("conf/shapes_c/batclip.yaml", {"BATCLIP"})):
+        assert test_time.main(["--cfg", config, "--show-config"]) == 0
+        printed = capsys.readouterr().out
+        shown = yaml.safe_load(printed)
+        cfg = load_cfg(config)
+        suite = set(cfg) - nodes
+        assert set(shown) == suite | own                       # the suite's keys and the method's own node only
+        assert flatten(shown) == {k: v for k, v in flatten(yaml.safe_load(cfg.dump())).items()
+                                  if k.split(".")[0] in suite | own}
+        assert "TDA:" not in printed and ("BATCLIP:" in printed) == bool(own)
+        assert printed.rstrip().splitlines()[-1].startswith("# not shown: BATCLIP, ") != bool(own)
+    # another method's node set away from its defaults is shown, with the warning that the method ignores it
+    assert test_time.main(["--cfg", "conf/shapes_c/tent.yaml", "--show-config", "TDA.POSITIVE_ALPHA", "3.0"]) == 0
+    printed = capsys.readouterr().out
+    assert yaml.safe_load(printed)["TDA"]["POSITIVE_ALPHA"] == 3.0 and "BATCLIP:" not in printed
+    assert "# warning: TDA.POSITIVE_ALPHA set, but method tent does not read the TDA keys" in printed

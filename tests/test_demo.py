@@ -1,6 +1,8 @@
 """The embedded demo: the committed tiny CLIP, the conf/shapes_c configs and scripts/demo.py end to end."""
 import hashlib
+import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -121,6 +123,18 @@ def test_demo_runs_end_to_end_on_a_reduced_setting(tmp_path, capsys, monkeypatch
     assert demo.main(argv + ["--no-progress"]) == 0
     assert (root / "contrast.npy").stat().st_mtime_ns == mtime
     assert (out / "demo_table.md").read_text() == table
+    # the docs' compare.py command, cut to this setting, composes the demo's configs: it reads the demo's runs back
+    tasks = sorted(Path(out).rglob("task_*.json"))
+    stamps = [t.stat().st_mtime_ns for t in tasks]
+    reduced = ["CORRUPTION.NUM_EX", "20", "TEST.BATCH_SIZE", "10", "CORRUPTION.TYPE", "[gaussian_noise, contrast]",
+               "DATA_DIR", str(data), "SAVE_DIR", str(out)]
+    capsys.readouterr()
+    assert _compare_cli().main([*_docs_compare_command(REPO / "docs" / "demo.md"), *reduced]) == 0
+    compared = capsys.readouterr().out
+    for method in summary["methods"]:
+        row = next(line for line in table.splitlines() if line.startswith(f"| {method} |"))
+        assert row in compared.splitlines()
+    assert sorted(Path(out).rglob("task_*.json")) == tasks and [t.stat().st_mtime_ns for t in tasks] == stamps
     # a severity the files do not hold is refused by the loader, in one line naming the folder
     from harness.build import build_plan, load_cfg
     with pytest.raises(Exception, match=r"Shapes-C: its files hold severities \[5\] only"):
@@ -137,6 +151,67 @@ def test_demo_runs_end_to_end_on_a_reduced_setting(tmp_path, capsys, monkeypatch
     assert demo.main([a if a != "20" or argv[k - 1] != "--images-per-severity" else "30"
                       for k, a in enumerate(argv)]) == 2
     assert "generated differently" in capsys.readouterr().err
+
+
+# The command README.md and docs/demo.md give for the demo's table with the shipped configs.
+DOCS_COMMAND = re.compile(r"python scripts/compare\.py (--cfg conf/shapes_c/source\.yaml --methods source tent "
+                          r"batclip(?: [A-Z][A-Z_.]* [^\s`]+)*)[`\n]")
+
+
+def _docs_compare_command(doc: Path) -> list[str]:
+    (command,) = DOCS_COMMAND.findall(doc.read_text())
+    return command.split()
+
+
+def _compare_cli():
+    spec = importlib.util.spec_from_file_location("compare_cli", REPO / "scripts" / "compare.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli
+
+
+class _Composed(Exception):
+    pass
+
+
+def test_the_docs_compare_command_composes_exactly_the_demos_configs(monkeypatch):
+    import methods
+    from harness import comparison
+    from harness.build import run_dir
+    from harness.identity import config_hash, identity_keys
+    if not all(m in methods.METHODS for m in demo.DEFAULT_METHODS):
+        pytest.skip("the demo's methods are not all registered in this checkout")
+    composed = []
+
+    def keep(*args, **kwargs):                    # the demo's configs, caught before anything runs
+        composed.extend(real(*args, **kwargs))
+        raise _Composed
+
+    real = comparison.method_configs
+    monkeypatch.setattr(comparison, "method_configs", keep)
+    monkeypatch.setattr(demo, "ensure_shapes_c", lambda *args, **kwargs: None)
+    with pytest.raises(_Composed):
+        demo.main(["--no-progress"])
+    monkeypatch.undo()
+    demo_cfgs = {label: cfg for label, (cfg,) in composed}
+    assert list(demo_cfgs) == demo.DEFAULT_METHODS
+
+    commands = [_docs_compare_command(doc) for doc in (REPO / "README.md", REPO / "docs" / "demo.md")]
+    assert commands[0] == commands[1]
+    args = _compare_cli().parse_args(commands[0])
+    docs_cfgs = {label: cfg for label, (cfg,) in comparison.method_configs(args.methods, args.cfg_file, args.opts)}
+    assert list(docs_cfgs) == demo.DEFAULT_METHODS
+    for method, cfg in docs_cfgs.items():
+        assert identity_keys(cfg) == identity_keys(demo_cfgs[method]), method
+        assert config_hash(cfg) == config_hash(demo_cfgs[method])
+        # the same run folder under the demo's SAVE_DIR: with SAVE_DIR output/demo the command reads the demo's runs
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.SAVE_DIR = demo_cfgs[method].SAVE_DIR
+        assert run_dir(cfg) == run_dir(demo_cfgs[method])
+    # the run folders name the checkpoint once
+    tent = demo_cfgs["tent"]
+    assert run_dir(tent).name == f"tiny-clip-shapes_reset_each_shift_seed1_{config_hash(tent)}"
 
 
 def test_training_script_is_deterministic_and_writes_a_loadable_checkpoint(tmp_path, capsys):

@@ -1,4 +1,6 @@
 """The examples a newcomer copies run as written: README's "Adding a method" and docs/adding_a_dataset.md."""
+import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -6,7 +8,9 @@ import pytest
 
 import conf.compose
 from conf import import_plugins
+import test_time
 from harness.build import load_cfg
+from harness.comparison import method_configs
 from harness.run import evaluate
 from tests.synthetic import TINY_OPTS, tiny_cfg, write_cifar_c, write_image_folders
 
@@ -20,7 +24,7 @@ def code_blocks(path: Path, section: str, language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", text[start:end if end > 0 else None], flags=re.S)
 
 
-def test_readme_method_example(tmp_path, monkeypatch):
+def test_readme_method_example(tmp_path, monkeypatch, capsys):
     (code,), (config,) = (code_blocks(ROOT / "README.md", "## Adding a method", lang) for lang in ("python", "yaml"))
     (tmp_path / "readme_method.py").write_text(code)
     import_plugins([str(tmp_path / "readme_method.py")])
@@ -40,6 +44,27 @@ def test_readme_method_example(tmp_path, monkeypatch):
     payload = evaluate(cfg, progress=False)
     assert payload["method"] == "my_method" and payload["records"][0]["n"] == 8
     assert payload["provenance"]["adapted_parameters"] > 0
+
+    # on the demo's data, with the commands the README gives (here on a small synthetic Shapes-C)
+    assert "shapes_c/my_method" in conf.compose.config_names()
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Adding a method"):]
+    run = re.search(r"`\.venv/bin/python test_time\.py (--cfg conf/shapes_c/my_method\.yaml[^`]*)`", section)
+    compare = re.search(r"\n +\.venv/bin/python scripts/compare\.py (.*my_method.*)\n", section)
+    write_cifar_c(tmp_path / "shapes", ["fog", "snow"], per_severity=6, folder="Shapes-C")
+    small = ["DATA_DIR", str(tmp_path / "shapes"), "SAVE_DIR", str(tmp_path / "out"), "CORRUPTION.TYPE",
+             "[fog, snow]", "TEST.BATCH_SIZE", "3"]
+    assert test_time.main([*run.group(1).split(), "--no-progress", *small]) == 0
+    saved = json.loads(Path(capsys.readouterr().out.strip().removeprefix("results: ")).read_text())
+    assert saved["method"] == "my_method" and [r["n"] for r in saved["records"]] == [6, 6]
+    assert "ARCH: tiny-clip-shapes" in saved["provenance"]["config"]          # the demo's CLIP
+    spec = importlib.util.spec_from_file_location("compare_cli", ROOT / "scripts" / "compare.py")
+    compare_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_script)
+    args = compare_script.parse_args(compare.group(1).split())
+    configs = method_configs(args.methods, args.cfg_file, args.opts)
+    assert [label for label, _ in configs] == ["source", "tent", "batclip", "my_method"]
+    assert {cfg.SAVE_DIR for _, (cfg,) in configs} == {"output/demo"}
 
 
 def test_adding_a_dataset_example(tmp_path):

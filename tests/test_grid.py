@@ -367,7 +367,7 @@ def test_a_preempted_local_worker_is_requeued_by_submitit_and_resumes(tmp_path, 
     os.kill(pid, signal.SIGUSR2)        # what SLURM sends a job before its time limit or a pre-emption
     wait_until(lambda: grids.read_state(grid.folder, paused.job).get("state") == "interrupted", 30,
                "the job to record its interruption")
-    launch.wait(handles, lambda: None, poll_s=0.5)     # the requeued attempt does not pause again (PAUSED exists)
+    launch.wait(handles, poll_s=0.5)     # the requeued attempt does not pause again (PAUSED exists)
     assert {s.state for s in statuses(grid).values()} == {"done"}
     log = Path(grids.read_state(grid.folder, paused.job)["output"]).read_text()
     assert "this job is preempted" in log and "Requeued job" in log

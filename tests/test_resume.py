@@ -170,3 +170,24 @@ def test_command_line_shards_and_overrides_after_list_options():
     cfg = test_time.build_run_cfg("conf/cifar10_c/source.yaml", ["CORRUPTION.TYPE", str(DOMAINS)], restart=True,
                                   shard="2/2")
     assert cfg.RUN_DOMAINS == ["shot_noise", "snow"] and cfg.RESUME is False
+
+
+def test_run_folder_names_the_checkpoint_once_and_a_folder_of_the_former_name_is_pointed_at(data, tmp_path):
+    from harness.build import build_plan, run_dir
+    from harness.identity import config_hash
+    weights = tmp_path / "tiny-clip-test.pt"          # a checkpoint named after its architecture
+    weights.write_bytes(b"not read: the plan checks only that a file is there")
+    cfg = tiny_cfg("conf/cifar10_c/source.yaml", MODEL__WEIGHTS=str(weights), DATA_DIR=str(data),
+                   SAVE_DIR=str(tmp_path / "out"), CORRUPTION__TYPE=["fog"])
+    folder = tmp_path / "out" / "cifar10_c" / "source" / f"tiny-clip-test_reset_each_shift_seed1_{config_hash(cfg)}"
+    assert run_dir(cfg) == folder
+    other = tiny_cfg("conf/cifar10_c/source.yaml", SAVE_DIR=str(tmp_path / "out"), RNG_SEED=2)    # weights "none"
+    assert run_dir(other).name == f"tiny-clip-test_none_reset_each_shift_seed2_{config_hash(other)}"
+    assert not any("former name" in w for w in build_plan(cfg).warnings)
+    # records of this config in the folder it had before (<arch>_<arch>_...) are not resumed, and the run says so
+    former = folder.parent / f"tiny-clip-test_tiny-clip-test_reset_each_shift_seed1_{config_hash(cfg)}"
+    former.mkdir(parents=True)
+    (line,) = [w for w in build_plan(cfg).warnings if "former name" in w]
+    assert str(former) in line and f"rename it to {folder.name}" in line
+    folder.mkdir()
+    assert not any("former name" in w for w in build_plan(cfg).warnings)

@@ -1,7 +1,9 @@
 """The grid on a real SLURM: scripts/slurm_local.sh brings up a single-node SLURM with accounting on this machine
 (it needs root and Debian's slurm-wlm packages; .ci/run installs them), and the tiny grid goes through submitit's
-SLURM executor as one job array. A job pre-empted by SLURM's signal is requeued and resumes; a cancelled one shows
-as failed with SLURM's state. Where SLURM cannot start, the test is skipped with the reason."""
+SLURM executor as one job array, its jobs asking for the GPUs the partition has (none there). A job pre-empted by
+SLURM's signal is requeued and resumes; a cancelled one shows as failed with SLURM's state. Where SLURM cannot
+start, those tests are skipped with the reason. The GPU request's decision, from sinfo's answer, is tested on
+sinfo's text alone."""
 from __future__ import annotations
 
 import json
@@ -16,7 +18,48 @@ from tests.grid_support import ROOT, grid_command, same_records, task_records, w
 from tests.test_grid import _paused_pid, grid_main
 
 SCRIPT = ROOT / "scripts" / "slurm_local.sh"
-SLURM_FLAGS = ["--launcher", "slurm", "--gpus-per-job", "0", "--cpus-per-job", "1", "--timeout-min", "10"]
+SLURM_FLAGS = ["--launcher", "slurm", "--cpus-per-job", "1", "--timeout-min", "10"]   # GPUs: the partition's (none)
+
+# sinfo -h -o '%P|%G' on a cluster with a default CPU partition, a GPU partition of two kinds of node and a partition
+# whose nodes differ (GRES with a socket binding and a second resource)
+SINFO = """cpu*|(null)
+gpu|gpu:a100:4(S:0-1)
+gpu|gpu:v100:2
+mixed|(null)
+mixed|gpu:1(S:0,1),mps:100
+"""
+
+
+def test_the_gpu_request_follows_what_the_partition_has():
+    request = launch.slurm_gpu_request
+    assert request(SINFO, None, None) == launch.SlurmGpus(0, "partition cpu has no GPUs: the jobs ask for none")
+    assert request(SINFO, "cpu", 0).per_job == 0
+    assert request(SINFO, "gpu", None) == launch.SlurmGpus(1, "partition gpu has 4 GPU(s) per node")
+    assert request(SINFO, "gpu", 2).per_job == 2
+    assert request(SINFO, "gpu", 0).per_job == 0
+    assert request(SINFO, "mixed", None).per_job == 1
+    assert request("debug*|(null)\n", None, None).per_job == 0                  # scripts/slurm_local.sh's cluster
+    assert request("a|gpu:2\nb|(null)\n", None, None).per_job == 1             # no default: as before, 1
+    assert request("a|gpu:2\nb|(null)\n", None, 3).per_job == 3
+
+
+def test_gpus_of_a_partition_without_any_and_an_unknown_partition_are_refused_in_one_line():
+    with pytest.raises(launch.LaunchError) as refused:
+        launch.slurm_gpu_request(SINFO, None, 1)
+    assert refused.value.one_line() == ("--gpus-per-job 1: partition cpu has no GPUs (sinfo's GRES: (null)); leave "
+                                        "the flag out or name a partition with GPUs")
+    with pytest.raises(launch.LaunchError, match="--gpus-per-job 2: partition debug has no GPUs"):
+        launch.slurm_gpu_request("debug*|(null)\n", "debug", 2)
+    with pytest.raises(launch.LaunchError) as refused:
+        launch.slurm_gpu_request(SINFO, "gpus", None)
+    assert refused.value.one_line() == ("--partition gpus: this cluster has no such partition; its partitions (sinfo): "
+                                        "cpu, gpu, mixed")
+
+
+def test_without_sinfo_the_request_is_the_flag_or_one_gpu_unchecked(monkeypatch):
+    monkeypatch.setattr(launch.shutil, "which", lambda name: None)
+    assert launch.slurm_gpus(launch.LaunchOptions("slurm", partition="anything")).per_job == 1
+    assert launch.slurm_gpus(launch.LaunchOptions("slurm", gpus_per_job=0)).per_job == 0
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +148,15 @@ def test_the_tiny_grid_on_slurm_preempted_job_requeued_cancelled_job_failed(slur
     assert same_records(task_records(folder / "out"), task_records(reference / "out"))
     submissions = [json.loads(line) for line in (grid.folder / "submissions.jsonl").read_text().splitlines()]
     assert [s["job"] for s in submissions].count(victim.job.id) == 2
+
+
+def test_a_partition_or_gpus_the_cluster_lacks_are_refused_before_anything_is_submitted(slurm, tmp_path, capsys):
+    path = write_grid(tmp_path)
+    opts = ["DATA_DIR", tmp_path / "no_data", "SAVE_DIR", tmp_path / "out"]
+    assert grid_main("run", path, "--launcher", "slurm", "--gpus-per-job", "1", *opts) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        "error: --gpus-per-job 1: partition debug has no GPUs (sinfo's GRES: (null))")
+    assert grid_main("run", path, "--launcher", "slurm", "--partition", "gpu", *opts) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == ("error: --partition gpu: this cluster has no such partition; "
+                                                       "its partitions (sinfo): debug")
+    assert not (tmp_path / "out").exists()
