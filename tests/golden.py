@@ -1,8 +1,7 @@
 """Golden runs: every shipped config on the tiny CLIP and a synthetic copy of every data-set layout, summarised as
-per-domain correct counts, each image's prediction, and each batch's sum and absolute sum of the logits
-(tests/data/golden_runs.json; tests/test_golden_runs.py compares a run with them).
+per-domain correct counts, each image's prediction, and each batch's sum and absolute sum of the logits. Each
+shipped config's record holds its golden run (tests/record.py writes them); tests/test_golden_runs.py compares.
 
-    python -m tests.golden --write [NAME ...]       record (all shipped configs, or the names given)
     python -m tests.golden --cpu-paths [NAME ...]    print how far runs move between CPU code paths
 
 Results depend on the CPU's instruction set: MKL, oneDNN and ATen's own kernels pick AVX-512, AVX2 or SSE code by
@@ -26,7 +25,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-GOLDEN = Path(__file__).parent / "data" / "golden_runs.json"
 
 # Code paths of the CPU libraries other than the native one, as other machines take them natively (an AVX2-only
 # Intel or AMD, an older CPU). "native" is whatever this machine picks (AVX-512 where it has it).
@@ -179,26 +177,6 @@ def spreads(results: dict[str, dict[str, dict]], name: str) -> list[float]:
     return [round_up(max(column)) for column in zip(*(batch_differences(e[name], native) for e in results.values()))]
 
 
-def write(names: list[str]) -> None:
-    """Record ``names`` (default: every shipped config): the native path's entries with the measured spreads."""
-    shipped = shipped_configs()
-    names = names or sorted(shipped)
-    results = measure(names)
-    golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
-    golden = {name: entry for name, entry in golden.items() if name in shipped}   # configs no longer shipped
-    for name in names:
-        golden[name] = {**results["native"][name], "cpu_path_spread": spreads(results, name),
-                        "cpu_paths_measured": sorted(CPU_PATH_SETTINGS)}
-        flipped = {label: mismatches(entries[name], {**golden[name], "cpu_path_spread": [math.inf] * 10 ** 4})
-                   for label, entries in results.items()}
-        for label, problems in flipped.items():
-            if problems:
-                print(f"warning: {name} on the {label} path: {'; '.join(problems)}")
-    GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {len(names)} golden run(s) to {GOLDEN.relative_to(ROOT)}, each measured on {len(CPU_PATH_SETTINGS)} "
-          f"CPU paths ({', '.join(CPU_PATH_SETTINGS)})")
-
-
 def cpu_paths(names: list[str]) -> None:
     """Print, per CPU path, how far the golden runs move from the native path: the largest relative difference
     of a batch's logit sums, how many runs move by more than 1e-4 (runs whose fp32 trajectory the summation order
@@ -220,7 +198,6 @@ def cpu_paths(names: list[str]) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--write", action="store_true", help="record the golden runs of NAMES (default: all)")
     mode.add_argument("--cpu-paths", action="store_true", help="measure the differences between CPU code paths")
     mode.add_argument("--other-cpu-path", action="store_true",
                       help="print the variables of a CPU path other than this machine's native one (for CI)")
@@ -230,9 +207,7 @@ def main(argv=None) -> None:
     unknown = sorted(set(args.names) - set(shipped_configs()))
     if unknown:
         parser.error(f"not a shipped config: {unknown[0]} (the shipped configs are conf/<data set>/<method>.yaml)")
-    if args.write:
-        write(args.names)
-    elif args.cpu_paths:
+    if args.cpu_paths:
         cpu_paths(args.names)
     elif args.other_cpu_path:
         print(" ".join(f"{k}={v}" for k, v in other_cpu_path().items()))

@@ -219,7 +219,7 @@ DEMO_TEST = ("tests/test_demo.py", r"\bdemo\.main\(")
 TESTS_IN = r"^def test_"
 BENCHMARK = "a benchmark: minutes on the CPU, its figures are in the docs"
 GPU_BENCHMARK = "a benchmark on a GPU; not measured yet"
-GOLDEN_WRITE = "records golden runs (minutes, four CPU paths each): it would rewrite tests/data/golden_runs.json"
+RECORD_WRITE = "records golden runs (four CPU paths each): it would rewrite the records in tests/data/records/"
 
 COMMANDS = {
     # README.md
@@ -254,7 +254,7 @@ COMMANDS = {
     "pytest -m cuda": RunElsewhere(
         "the CUDA tests, a part of the whole suite, which .ci/run runs (they skip, saying why, without a GPU)",
         (CI_TESTS, ("tests/test_cuda.py", r"^pytestmark = \[pytest\.mark\.cuda\b"), ("tests/test_cuda.py", TESTS_IN))),
-    "python -m tests.golden --write cifar10_c/tent": Parsed(GOLDEN_WRITE),
+    "python -m tests.record cifar10_c/tent": Parsed(RECORD_WRITE),
     "python -m tests.golden --cpu-paths": Parsed("runs every shipped config on four CPU paths: minutes on the CPU"),
     # README.md and docs/demo.md
     ".venv/bin/python scripts/bench_demo.py --repeats 3": Parsed(BENCHMARK),
@@ -373,7 +373,7 @@ COMMANDS = {
         "a benchmark on a GPU; it rewrites docs/performance.md"),
     "python scripts/bench_methods.py --device cpu --shapes cifar10 --batch 4 --steps 1 --warmup 1 --methods source "
     "tent rpl sar rotta batclip stata vte tpt": Parsed(BENCHMARK),
-    "python -m tests.golden --write": Parsed(GOLDEN_WRITE),
+    "python -m tests.record --all": Parsed(RECORD_WRITE),
     "python -m tests.golden --other-cpu-path": Succeeds(r"(?m)^MKL_CBWR=\S+ ONEDNN_MAX_CPU_ISA=\S+ "
                                                         r"ATEN_CPU_CAPABILITY=\S+$"),
     # docs/tpt_vte.md

@@ -1,17 +1,15 @@
 """Every shipped config, run on the tiny CLIP and a synthetic copy of every data-set layout, gives the per-domain
-correct counts, predictions and logits recorded in tests/data/golden_runs.json (tests/golden.py).
+correct counts, predictions and logits of the golden run in its record (tests/data/records/; tests/golden.py).
 
 The records were written by this suite before the one-way redesign (issue 11); a refactor that changes any of
 these numbers is a regression. They hold on any x86-64 CPU: counts and predictions exactly, except a prediction
 that was a near-tie when recorded (tests.golden.TIE_GAP), and the logit sums to tests.golden.LOGIT_SUM_RTOL,
 a tolerance chosen from the differences measured between CPU code paths (`python -m tests.golden --cpu-paths`).
-A deliberate change of results is recorded with `python -m tests.golden --write NAME ...` (and says why in its
-commit)."""
-import json
-
+A deliberate change of results is recorded with `python -m tests.record NAME ...` (and says why in its commit)."""
 import pytest
 
-from tests.golden import GOLDEN, mismatches, run_golden, shipped_configs
+from tests.golden import mismatches, run_golden, shipped_configs
+from tests.record import read_record, recorded_names
 from tests.synthetic import write_all_layouts
 
 CONFIGS = shipped_configs()
@@ -22,19 +20,20 @@ def data_dir(tmp_path_factory):
     return write_all_layouts(tmp_path_factory.mktemp("layouts"))
 
 
-def test_golden_file_covers_every_shipped_config():
-    missing = sorted(set(CONFIGS) - set(json.loads(GOLDEN.read_text())))
-    extra = sorted(set(json.loads(GOLDEN.read_text())) - set(CONFIGS))
-    assert not missing, f"no golden run for {missing}: record them with `python -m tests.golden --write {' '.join(missing)}`"
-    assert not extra, f"golden runs of configs no longer shipped: {extra}: `python -m tests.golden --write` drops them"
+def test_every_shipped_config_has_a_record():
+    missing = sorted(set(CONFIGS) - set(recorded_names()))
+    stale = sorted(set(recorded_names()) - set(CONFIGS))
+    assert not missing, f"no record of {missing}: write them with `python -m tests.record {' '.join(missing)}`"
+    assert not stale, f"records of configs no longer shipped: {stale}: delete them with `python -m tests.record --prune`"
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_shipped_config_reproduces_its_golden_run(name, data_dir, tmp_path):
     entry, payload = run_golden(name, data_dir, tmp_path)
     assert payload["provenance"]["method_precision"]["weights"] == ["float32"]   # recorded with the results
-    expected = json.loads(GOLDEN.read_text())[name]
-    assert not mismatches(entry, expected), "; ".join(mismatches(entry, expected))
+    expected = read_record(name)["golden_run"]
+    assert not mismatches(entry, expected), (f"{'; '.join(mismatches(entry, expected))}. If the change of results is "
+                                             f"meant: `python -m tests.record {name}`, and say why in the commit")
 
 
 def test_a_changed_result_is_caught():
