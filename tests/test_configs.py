@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 import methods
@@ -211,3 +213,39 @@ def test_a_new_method_moves_no_other_configs_hash_or_keys(tmp_path):
     assert config_hash(set_away) != config_hash(beside)
     tpt_set = load_cfg("conf/cifar10_c/batclip.yaml", ["TPT.SELECTION_P", "0.2"])
     assert config_hash(tpt_set) != config_hash(alone) and "TPT.SELECTION_P" in identity_keys(tpt_set)
+
+
+def test_every_shipped_config_is_a_file_a_user_can_copy():
+    """conf/<dataset>/<method>.yaml exist as the compositions' files, exactly as scripts/compose_configs.py writes
+    them, and no file composes what is no longer shipped."""
+    from conf.compose import composition_files, stale_composition_files
+    wrong = sorted(str(p) for p, text in composition_files().items() if not p.is_file() or p.read_text() != text)
+    stale = stale_composition_files()
+    assert not wrong and not stale, (f"missing or changed: {wrong[:3]}{' ...' if len(wrong) > 3 else ''}; stale: "
+                                     f"{stale}: write them with `python scripts/compose_configs.py`")
+    assert len(composition_files()) == len(config_names())
+
+
+def test_a_copy_of_a_shipped_config_with_keys_added(tmp_path):
+    shipped = load_cfg("conf/cifar10_c/tent.yaml")
+    assert load_cfg("conf/cifar10_c/tent.yaml") == load_cfg("cifar10_c/tent")   # the file is the composition
+    own = tmp_path / "my_tent.yaml"
+    own.write_text(Path("conf/cifar10_c/tent.yaml").read_text() + "OPTIM: {LR: 1.0e-4}\n")
+    mine = load_cfg(own)
+    assert mine.OPTIM.LR == 1.0e-4 and shipped.OPTIM.LR != 1.0e-4
+    mine.defrost()
+    mine.OPTIM.LR = shipped.OPTIM.LR
+    assert mine == shipped                                    # the rest is the composition's
+
+
+@pytest.mark.parametrize("compose, message", [
+    ("[conf/datasets/cifar10_c.yaml]", r"my.yaml: COMPOSE is \['conf/datasets/cifar10_c.yaml'\]; expected COMPOSE: \["),
+    ("[conf/datasets/nope.yaml, conf/methods/tent.yaml]", r"my.yaml: COMPOSE names conf/datasets/nope.yaml, which "
+                                                          r"does not exist"),
+    ("[conf/datasets/pacs.yaml, conf/methods/rpl.yaml]", r"conf/methods/rpl.yaml is not shipped for data set pacs"),
+])
+def test_a_wrong_composition_is_refused_in_one_line(tmp_path, compose, message):
+    own = tmp_path / "my.yaml"
+    own.write_text(f"COMPOSE: {compose}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_cfg(own)

@@ -255,6 +255,7 @@ COMMANDS = {
         "the CUDA tests, a part of the whole suite, which .ci/run runs (they skip, saying why, without a GPU)",
         (CI_TESTS, ("tests/test_cuda.py", r"^pytestmark = \[pytest\.mark\.cuda\b"), ("tests/test_cuda.py", TESTS_IN))),
     "python -m tests.record cifar10_c/tent": Parsed(RECORD_WRITE),
+    "python scripts/compose_configs.py": Succeeds(r"(?m)^\d+ shipped configs in conf/: 0 written, 0 deleted$"),
     "python -m tests.golden --cpu-paths": Parsed("runs every shipped config on four CPU paths: minutes on the CPU"),
     # README.md and docs/demo.md
     ".venv/bin/python scripts/bench_demo.py --repeats 3": Parsed(BENCHMARK),

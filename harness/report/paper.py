@@ -211,12 +211,12 @@ def _registered_name(name: str) -> str:
     """MODEL.ADAPTATION of a paper row's method: the name itself, or that of the shipped config it names."""
     if not (METHODS_DIR / f"{name}.yaml").is_file():
         return name
-    keys, _ = method_config(name)
+    keys, _ = method_config(METHODS_DIR / f"{name}.yaml")
     return (keys.get("MODEL") or {}).get("ADAPTATION", name)
 
 
 def _shipped_keys(name: str, dataset: str) -> dict:
-    keys, per_dataset = method_config(name)
+    keys, per_dataset = method_config(METHODS_DIR / f"{name}.yaml")
     flat = flatten(keys)
     flat.update(flatten(per_dataset.get(dataset) or {}))
     flat.pop("MODEL.ADAPTATION", None)
