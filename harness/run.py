@@ -150,9 +150,9 @@ def prepare(plan: RunPlan) -> RunState:
         "host": socket.gethostname(),
         "started_at": utc_now(),
     }
-    cost_info = getattr(method, "cost_info", None)
-    if callable(cost_info):
-        provenance["method_cost"] = dict(cost_info())
+    cost = method.cost_info()
+    if cost is not None:
+        provenance["method_cost"] = dict(cost)
     transform = clip_image_transform(model.image_size, model_info["interpolation"])
     return RunState(method, transform, provenance, done, run_now, resumed, device_name, model_info)
 

@@ -2,7 +2,9 @@
 
 Add a method: write one file with a ``TTAMethod`` subclass decorated ``@register_method("name")`` in this folder
 (every module here is imported, so nothing else needs editing), or anywhere else and name it in
-MODEL.EXTRA_MODULES; then one method config, conf/methods/<name>.yaml.
+MODEL.EXTRA_MODULES; then one method config, conf/methods/<name>.yaml. It builds on ``methods.base``, the frames
+and parameter helpers of ``methods.frames``, the kernels of ``methods.losses`` and ``methods.caches``, and imports
+no other method's module.
 
 Importing this package runs no method module (they import torch): ``METHODS``, ``TTAMethod``, ``build_method``
 and the modules themselves import every built-in method, and so register them, on first use. What the config

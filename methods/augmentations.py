@@ -1,9 +1,9 @@
 """Test-time views of a batch of images, built on the images' device in batched operations.
 
-Used by the test-time-augmentation methods (TPT, VTE, ZERO, TDA, DPE; their common frame is ``ViewsMethod``) and
-usable by any other: ``AugmentedViews(n_views, ...)`` turns a batch of [0, 1] images (B, C, H, W) into
-(B, n_views, C, H, W), where view 0 of every image is the image itself and the other n_views - 1 are random
-augmentations of it.
+Used by the test-time-augmentation methods (TPT, VTE, ZERO, TDA, DPE; their common frame is ``ViewsMethod``,
+methods/frames.py) and usable by any other: ``AugmentedViews(n_views, ...)`` turns a batch of [0, 1] images
+(B, C, H, W) into (B, n_views, C, H, W), where view 0 of every image is the image itself and the other
+n_views - 1 are random augmentations of it.
 
 Augmentation "crop_flip" is what the TPT authors and the anchor suite (mariodoebler/test-time-adaptation,
 ``AugMixAugmenter`` with ``use_augmix=False``) apply for ImageNet and the corruption benchmarks: torchvision's
@@ -34,7 +34,6 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TVF
 
 from conf.errors import ConfigError
-from methods.base import TTAMethod, softmax_entropy
 
 VIEW_AUGMENTATIONS = ("crop_flip", "augmix")
 CROP_SCALE = (0.08, 1.0)          # torchvision RandomResizedCrop defaults, as in TPT and the anchor suite
@@ -332,63 +331,3 @@ class AugmentedViews:
         """The views (B, V, C, H, W) drawn image by image, so that a batch gets the views its images get one at a
         time (for methods whose results must not depend on the batch size: TDA, DPE)."""
         return torch.cat([self(image.unsqueeze(0)) for image in images])
-
-
-def n_confident_views(n_views: int, fraction: float, key: str) -> int:
-    """How many views are kept: int(n_views * fraction), as TPT's ``select_confident_samples``. Zero views
-    would make the average undefined (NaN in the reference), so that is refused."""
-    if not 0.0 < fraction <= 1.0:
-        raise ConfigError(f"{key} must be in (0, 1], got {fraction}")
-    k = int(n_views * fraction)
-    if k < 1:
-        raise ConfigError(f"{key} = {fraction} keeps int({n_views} * {fraction}) = 0 of TEST.N_AUGMENTATIONS = "
-                         f"{n_views} views; raise either so that at least one view is kept")
-    return k
-
-
-def confident_views_setup(cfg, node: str, single_view_is_the_image: bool = False) -> tuple[AugmentedViews, int]:
-    """The views of a view-ensembling method configured under ``node`` (TPT, VTE, ZERO, TDA, DPE):
-    TEST.N_AUGMENTATIONS views made as <node>.VIEW_AUGMENTATION says, and how many of them <node>.SELECTION_P keeps.
-    ``single_view_is_the_image``: one view is the image itself, kept whatever SELECTION_P says (the one-image
-    branch of TDA's and DPE's code)."""
-    views = AugmentedViews(cfg.TEST.N_AUGMENTATIONS, cfg[node].VIEW_AUGMENTATION, cfg.RNG_SEED,
-                           keys=("TEST.N_AUGMENTATIONS", f"{node}.VIEW_AUGMENTATION"))
-    if single_view_is_the_image and views.n_views == 1:
-        return views, 1
-    return views, n_confident_views(views.n_views, cfg[node].SELECTION_P, f"{node}.SELECTION_P")
-
-
-def lowest_entropy_views(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (..., k) of the k views with the lowest softmax entropy along dim -2 of logits (..., V, C)."""
-    entropy = softmax_entropy(logits.reshape(-1, logits.shape[-1]).float()).view(logits.shape[:-1])
-    return entropy.argsort(dim=-1, stable=True)[..., :k]
-
-
-class ViewsMethod(TTAMethod):
-    """The frame of a method that classifies test-time views of every image (TPT, VTE, ZERO, TDA, DPE): its
-    ``views`` and how many it keeps (``n_selected``), from TEST.N_AUGMENTATIONS and <views_node>.VIEW_AUGMENTATION /
-    SELECTION_P (checked before the model loads); the view stream restarts on every reset."""
-    views_node = ""                    # the config node of the method's VIEW_AUGMENTATION and SELECTION_P
-    single_view_is_the_image = False   # see confident_views_setup
-
-    @classmethod
-    def views_setup(cls, cfg) -> tuple[AugmentedViews, int]:
-        return confident_views_setup(cfg, cls.views_node, cls.single_view_is_the_image)
-
-    @classmethod
-    def check_setup(cls, cfg, model_spec, class_names) -> None:
-        super().check_setup(cfg, model_spec, class_names)
-        cls.views_setup(cfg)
-
-    def __init__(self, cfg, model, num_classes):
-        super().__init__(cfg, model, num_classes)
-        self.views, self.n_selected = self.views_setup(cfg)
-        # Cost per image, for the results' provenance: image-encoder passes (views) per test image.
-        self.views_per_image = self.views.n_views
-
-    def cost_info(self) -> dict:
-        """Per test image: the views through the image encoder; text features are computed once at start-up."""
-        return {"views_per_image": self.views_per_image, "backward_passes_per_image": 0}
-
-    def reset_extra_state(self) -> None:
-        self.views.reset()

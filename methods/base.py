@@ -18,11 +18,7 @@ import logging
 import torch
 import torch.nn as nn
 
-from conf.errors import ConfigError
-
 logger = logging.getLogger(__name__)
-
-NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 # How a method reports the logits of a test batch (a declared class attribute, ``protocol``):
 PREDICT_THEN_ADAPT = "predict_then_adapt"   # the forward pass before the batch's update (TENT, BATCLIP, ...)
@@ -32,6 +28,17 @@ PROTOCOLS = (PREDICT_THEN_ADAPT, ADAPT_THEN_PREDICT, TRAINING_FREE)
 
 
 class TTAMethod(nn.Module):
+    """The base of every method. The hooks a method may override, all declared here:
+
+    - before any model loads: ``check_setup``, ``config_warnings``;
+    - set-up (``setup``): ``configure_model``, ``collect_params``, ``setup_optimizer``, ``setup_scaler``,
+      ``setup_state``;
+    - per batch: ``forward_and_adapt`` (default: one step on ``loss``), ``loss``, ``split_images``,
+      ``episode_logits``, ``autocast``;
+    - state: ``reset_episode``, ``reset_extra_state``, ``_mutable_state``;
+    - reporting: ``cost_info``, ``num_trainable_params``.
+
+    A frame adds the hooks of its own kind (methods/frames.py: ``NormAffineTTA.adapted_norm_layers``)."""
     # Method-specific config: {"NODE": {"KEY": default or conf.Option, ...}}, merged into the schema by
     # harness/build.py. A subclass reads its parents' nodes too (methods.registry.own_nodes).
     config_defaults: dict = {}
@@ -60,11 +67,11 @@ class TTAMethod(nn.Module):
         # recorded in the results, never reset.
         self.scaler_skipped_steps = 0
 
+    # Checks of several options, the architecture (``models.ModelSpec``) or the class names; the run plan calls it
+    # before any model loads. Single options declare their accepted values in ``config_defaults`` instead.
     @classmethod
     def check_setup(cls, cfg, model_spec, class_names) -> None:
-        """Checks that need more than one option, the architecture (``models.ModelSpec``) or the class names;
-        the run plan calls this before any model loads. Raise conf.ConfigError with one line. Single options
-        declare their accepted values in ``config_defaults`` instead."""
+        """Refuse a config this method cannot run, before any model loads: raise conf.ConfigError with one line."""
 
     @classmethod
     def config_warnings(cls, cfg) -> list[str]:
@@ -107,9 +114,20 @@ class TTAMethod(nn.Module):
                 self.reset_episode()
         return self.episode_logits(x, outputs)
 
+    # Default: one forward pass of the batch, one optimizer step on ``loss`` of its logits, the logits before the
+    # update reported (TENT, RPL).
+    @torch.enable_grad()
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
         """One step on a batch (or on one image's unit, for episode "image"); returns that step's logits."""
-        raise NotImplementedError
+        with self.autocast():
+            logits = self.model(x)
+        loss = self.loss(logits.float())
+        self.optimizer_step(loss)
+        return logits.detach().float()
+
+    def loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """The loss the default ``forward_and_adapt`` minimises, of a batch's fp32 logits (B, C)."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither forward_and_adapt nor loss")
 
     def episode_logits(self, x, outputs):
         """The logits reported for an episode, after its OPTIM.STEPS steps; default: the last step's logits."""
@@ -125,16 +143,17 @@ class TTAMethod(nn.Module):
 
     # ------------------------------------------------------------------ parameters and optimizer
     def configure_model(self) -> None:
-        """Default: nothing adapts."""
+        """Freeze what does not adapt and free what does; default: nothing adapts."""
         self.model.eval()
         self.model.requires_grad_(False)
 
     def collect_params(self) -> tuple[list[nn.Parameter], list[str]]:
-        """Default: every parameter left trainable by ``configure_model``."""
+        """The adapted parameters and their names; default: every one left trainable by ``configure_model``."""
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         return [p for _, p in named], [n for n, _ in named]
 
     def setup_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer of the adapted parameters; default: the one OPTIM describes (Adam, AdamW or SGD)."""
         o = self.cfg.OPTIM
         if o.METHOD == "Adam":
             return torch.optim.Adam(self.params, lr=o.LR, betas=(o.BETA, 0.999), weight_decay=o.WD, eps=self.adam_eps)
@@ -145,15 +164,13 @@ class TTAMethod(nn.Module):
                                weight_decay=o.WD, nesterov=o.NESTEROV)   # OPTIM.METHOD's choices: Adam, AdamW, SGD
 
     def setup_scaler(self):
-        """A torch.amp.GradScaler when the method trains under fp16 autocast (MIXED_PRECISION on CUDA, see
-        ``autocast``), else None."""
+        """A torch.amp.GradScaler when the method trains under fp16 autocast (MIXED_PRECISION on CUDA), else None."""
         if self.cfg.MIXED_PRECISION and self.device.type == "cuda":
             return torch.amp.GradScaler("cuda")
         return None
 
     def setup_state(self) -> None:
-        """Override to register method state (teachers, buffers) that needs the parameters; it runs before the
-        reset snapshot is taken, so reset() covers it."""
+        """Register method state (teachers, buffers) that needs the parameters; reset() covers it (snapshot after)."""
 
     def uses_mixed_precision(self) -> bool:
         """fp16 autocast on CUDA: MIXED_PRECISION (anchor-suite behaviour), or the method's own
@@ -163,7 +180,7 @@ class TTAMethod(nn.Module):
         return bool(self.cfg.MIXED_PRECISION or own) and self.device.type == "cuda"
 
     def autocast(self):
-        """fp16 autocast when ``uses_mixed_precision``; a no-op otherwise."""
+        """The context the method computes in: fp16 autocast when ``uses_mixed_precision``, else a no-op."""
         if self.uses_mixed_precision():
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
@@ -176,6 +193,10 @@ class TTAMethod(nn.Module):
                 "autocast": str(context.fast_dtype).replace("torch.", "") if isinstance(context, torch.autocast)
                 else None,
                 "grad_scaler_init": self.scaler.get_scale() if self.scaler is not None else None}
+
+    def cost_info(self) -> dict | None:
+        """The method's cost (views, forward and backward passes per image or batch) for the results; None: none."""
+        return None
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
         """zero_grad, backward and step, through the gradient scaler when there is one."""
@@ -192,14 +213,14 @@ class TTAMethod(nn.Module):
             self.optimizer.step()
 
     def num_trainable_params(self) -> int:
+        """How many parameter entries adapt (recorded in the results); default: those of ``collect_params``."""
         return sum(p.numel() for p in self.params)
 
     # ------------------------------------------------------------------ reset
+    # Frozen model weights are left out, so an episodic reset does not copy the whole CLIP; a method that edits
+    # frozen weights in place must override this.
     def _mutable_state(self) -> dict:
-        """What adaptation can change: the model's trainable parameters and buffers, and the whole state of
-        every other part of the method (teachers, prompt learners, memory buffers). Frozen model weights are
-        left out, so an episodic reset does not copy the whole CLIP; a method that edits frozen weights in
-        place must override this."""
+        """What adaptation can change: the model's trainable parameters and buffers, and all other method state."""
         frozen = {f"model.{n}" for n, p in self.model.named_parameters() if not p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k not in frozen}
 
@@ -210,107 +231,34 @@ class TTAMethod(nn.Module):
             "scaler": copy.deepcopy(self.scaler.state_dict()) if self.scaler else None,
         }
 
+    def _restore_snapshot(self, parts=("module", "optimizer", "scaler")) -> None:
+        """Load parts of the reset snapshot: "module" (the method state), "optimizer", "scaler" (where there is one).
+        A subclass's partial reset (TPT's optimizer, DPE's queues) goes through here, never the snapshot itself."""
+        snap = self._snapshot
+        if "module" in parts:
+            missing, unexpected = self.load_state_dict(snap["module"], strict=False)
+            assert not unexpected, unexpected
+        if "optimizer" in parts and self.optimizer is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
+        if "scaler" in parts and self.scaler is not None:
+            self.scaler.load_state_dict(copy.deepcopy(snap["scaler"]))
+
     def reset(self) -> None:
         """Back to the source state: model, optimizer, scaler and method state, exactly."""
-        snap = self._snapshot
-        missing, unexpected = self.load_state_dict(snap["module"], strict=False)
-        assert not unexpected, unexpected
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
-        if self.scaler is not None:
-            self.scaler.load_state_dict(copy.deepcopy(snap["scaler"]))
+        self._restore_snapshot()
         self.performed_updates = 0
         if hasattr(self.model, "invalidate_text_cache"):
             self.model.invalidate_text_cache()
         self.reset_extra_state()
 
     def reset_extra_state(self) -> None:
-        """Override to reset method state that is not a parameter or buffer (python lists, counters)."""
+        """Reset method state that is not a parameter or buffer (python lists, counters, generators)."""
 
     def restore_source_parameters(self) -> None:
         """Source values of the adapted parameters and a fresh optimizer and gradient scaler, from the reset
         snapshot: a reference's reload of model and optimizer before every batch (CLIPArTT, WATT), without
         ``reset()``'s other work."""
-        snap = self._snapshot
         with torch.no_grad():
             for p, name in zip(self.params, self.param_names):
-                p.copy_(snap["module"][f"model.{name}"])
-        self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
-        if self.scaler is not None:
-            self.scaler.load_state_dict(copy.deepcopy(snap["scaler"]))
-
-
-class NormAffineTTA(TTAMethod):
-    """The frame of the normalisation-based baselines (TENT, RPL, SAR, RoTTA): adapts the affine weight/bias of
-    the normalisation layers of the image tower (``model.clip.visual``) only; text features stay computed once
-    and frozen."""
-
-    @classmethod
-    def check_setup(cls, cfg, model_spec, class_names) -> None:
-        super().check_setup(cfg, model_spec, class_names)
-        if not cfg.CLIP.FREEZE_TEXT_ENCODER:
-            raise ConfigError(f"{cls.method_name} adapts only the image tower's norm layers; "
-                              f"CLIP.FREEZE_TEXT_ENCODER must be True, got False")
-
-    def adapted_norm_layers(self) -> list[nn.Module]:
-        """The norm layers whose affine parameters adapt (default: every one in the image tower)."""
-        return [m for m in self.model.clip.visual.modules() if isinstance(m, NORM_LAYERS)]
-
-    def configure_model(self) -> None:
-        configure_norm_adaptation(self.model, self.adapted_norm_layers())
-
-    def collect_params(self) -> tuple[list[nn.Parameter], list[str]]:
-        params, names = norm_parameters(self.model, self.model.clip.visual)
-        keep = {id(p) for m in self.adapted_norm_layers() for p in m.parameters(recurse=False)}
-        chosen = [(p, n) for p, n in zip(params, names) if id(p) in keep]
-        if not chosen:   # every open_clip image tower has norm layers; a plug-in tower might not
-            raise ConfigError(f"{self.method_name}: the image tower of MODEL.ARCH={self.cfg.MODEL.ARCH} has no "
-                              f"normalisation layer left to adapt")
-        return [p for p, _ in chosen], [n for _, n in chosen]
-
-
-def configure_norm_adaptation(model: nn.Module, modules=None) -> None:
-    """Freeze everything, then free the affine parameters of the normalisation layers in ``modules``
-    (default: the whole model). BatchNorm2d uses batch statistics (train mode, no running stats), as in
-    the anchor suite; LayerNorm has no running statistics, so its mode does not matter."""
-    model.eval()
-    model.requires_grad_(False)
-    for module in (modules if modules is not None else model.modules()):
-        if isinstance(module, NORM_LAYERS):
-            module.requires_grad_(True)
-            if isinstance(module, nn.BatchNorm2d):
-                module.train()
-                module.track_running_stats = False
-                module.running_mean = None
-                module.running_var = None
-
-
-def configure_image_layernorms(model: nn.Module) -> None:
-    """Freeze CLIP, then free the affine parameters of the image tower's LayerNorms (what CLIPArTT and WATT adapt:
-    their references' ``configure_model`` on ``model.visual`` for ViTs)."""
-    model.eval()
-    model.requires_grad_(False)
-    for module in model.clip.visual.modules():
-        if isinstance(module, nn.LayerNorm):
-            module.requires_grad_(True)
-
-
-def norm_parameters(model: nn.Module, root: nn.Module | None = None) -> tuple[list[nn.Parameter], list[str]]:
-    """Affine weight and bias of every normalisation layer under ``root`` (default: the model), named
-    relative to ``model``."""
-    root = root if root is not None else model
-    prefix = {id(m): n for n, m in model.named_modules()}
-    params, names = [], []
-    for module in root.modules():
-        if isinstance(module, NORM_LAYERS):
-            for pname in ("weight", "bias"):
-                p = getattr(module, pname, None)
-                if isinstance(p, nn.Parameter):
-                    params.append(p)
-                    names.append(f"{prefix[id(module)]}.{pname}")
-    return params, names
-
-
-def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Per-sample Shannon entropy of softmax(logits)."""
-    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
+                p.copy_(self._snapshot["module"][f"model.{name}"])
+        self._restore_snapshot(("optimizer", "scaler"))

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 
 from conf.errors import ConfigError
 from conf.options import Option
-from methods.base import TTAMethod, configure_norm_adaptation, softmax_entropy
+from methods.base import TTAMethod
+from methods.frames import configure_norm_adaptation
+from methods.losses import softmax_entropy
 from methods.registry import register_method
 
 logger = logging.getLogger(__name__)

@@ -9,11 +9,11 @@ MODEL.EPISODIC True in the configs), OPTIM.STEPS (the reference's niter, 10) tim
 2. one prompt per image conditioned on them, TEMPLATE filled with "c1 or c2 or c3" ("a photo of a cat or dog or
    deer"), encoded by the frozen text tower: t_i, normalised; v_i the normalised image features (with gradient);
 3. soft pseudo-labels from the batch's image-image and text-text similarities and CLIPArTT's cross-entropy
-   (``clipartt_loss``), one Adam step on the affine parameters of the image tower's LayerNorms.
+   (``methods.losses.clipartt_loss``), one Adam step on the affine parameters of the image tower's LayerNorms.
 
 Then the batch is predicted with the adapted image tower and the class prompts (adapt, then predict; the text
-tower never changes). WATT (methods/watt.py) is this loss with single-template pseudo-label prompts and reuses
-``clipartt_loss`` (and methods.base.configure_image_layernorms).
+tower never changes). WATT (methods/watt.py) is this loss with single-template pseudo-label prompts: both take
+``clipartt_loss`` from methods/losses.py and ``configure_image_layernorms`` from methods/frames.py.
 """
 from __future__ import annotations
 
@@ -22,46 +22,15 @@ import torch.nn.functional as F
 
 from conf.errors import ConfigError
 from conf.options import Option
-from methods.base import ADAPT_THEN_PREDICT, TTAMethod, configure_image_layernorms
+from methods.base import ADAPT_THEN_PREDICT, TTAMethod
+from methods.frames import configure_image_layernorms
+from methods.losses import clipartt_loss
 from methods.registry import register_method
 
-# How image i's target weights over the batch's prompts j are normalised (see clipartt_loss).
+# How image i's target weights over the batch's prompts j are normalised (see methods.losses.clipartt_loss).
 TARGET_NORMALIZATIONS = ("column", "row")
 # What the targets are made of: the reference's --target-method 1 (the method), 2, 3 and 4 (the paper's Table 4).
 TARGET_SIMILARITIES = ("image_text", "image", "text", "identity")
-
-
-def clipartt_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                  temperature: float, target_normalization: str = "column", detach_targets: bool = False,
-                  target_similarity: str = "image_text") -> torch.Tensor:
-    """CLIPArTT's transductive loss. ``image_features`` v (B, D) normalised and carrying gradient,
-    ``text_features`` t (B, D) normalised, one prompt per image (row i belongs to image i):
-
-        A       = (v v^T + t t^T) / 2
-        targets = softmax_row(A / temperature)
-        loss    = -1/B sum_i sum_j  w_ij  log softmax_j(s v_i . t_j)      (s = CLIP's logit scale)
-
-    "column" (official code, ``cross_entropy(logits.t(), targets.t())``, and the paper's Eq. 3 "column-wise"
-    softmax): w_ij = targets[j, i], normalised over images, not over prompts. "row" (MarcLafon/cliptta):
-    w_ij = targets[i, j], a distribution over prompts per image. ``detach_targets``: the official code lets the
-    gradient flow through v v^T in the targets; cliptta detaches them. ``target_similarity``: the reference's
-    ablations of A (its --target-method): "image" A = v v^T / 2, "text" A = t t^T / 2, "identity" targets = I."""
-    logits = logit_scale * text_features @ image_features.t()                 # [j, i] = s t_j . v_i
-    if target_similarity == "identity":
-        targets = torch.eye(len(image_features), dtype=logits.dtype, device=logits.device)
-    else:
-        if target_similarity == "image_text":
-            affinity = (image_features @ image_features.t() + text_features @ text_features.t()) / 2
-        elif target_similarity == "image":
-            affinity = image_features @ image_features.t() / 2
-        else:
-            affinity = text_features @ text_features.t() / 2
-        targets = (affinity / temperature).softmax(dim=-1)
-    if detach_targets:
-        targets = targets.detach()
-    weights = targets.t() if target_normalization == "column" else targets
-    # Row i of logits.t(): image i against every prompt j.
-    return -(weights * logits.t().log_softmax(dim=-1)).sum(dim=1).mean()
 
 
 def conditioned_prompts(template: str, class_names, top_classes: torch.Tensor) -> list[str]:

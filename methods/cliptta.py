@@ -26,7 +26,9 @@ import torch.nn.functional as F
 
 from conf.errors import ConfigError
 from conf.options import Option
-from methods.base import ADAPT_THEN_PREDICT, NormAffineTTA, softmax_entropy
+from methods.base import ADAPT_THEN_PREDICT
+from methods.frames import NormAffineTTA
+from methods.losses import mean_prediction_entropy, softmax_entropy
 from methods.registry import register_method
 
 ADAPT_SETS = ("batch_and_memory", "memory", "batch")
@@ -61,13 +63,6 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
         return (softmax_entropy(per_image).mean(0) + softmax_entropy(per_text).mean(0)) / 2
     diagonal = torch.arange(per_image.shape[0], device=per_image.device)
     return (F.cross_entropy(per_image, diagonal) + F.cross_entropy(per_text, diagonal)) / 2
-
-
-def mean_prediction_entropy(logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Entropy of the batch's mean softmax, -sum_c p_c log(p_c + eps) (the authors' softmax_mean_entropy; the
-    eps inside the log is why tpt.marginal_entropy is not reused)."""
-    mean = logits.softmax(1).mean(0)
-    return -(mean * torch.log(mean + eps)).sum()
 
 
 class ClassConfidentMemory:

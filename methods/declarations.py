@@ -30,8 +30,10 @@ from conf.registry import Registry
 from methods.registry import METHODS, nodes_declared_by
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-# Modules of this package that hold shared code, not a method.
-INFRASTRUCTURE = {"base", "registry", "augmentations", "declarations"}
+# Modules of this package that hold shared code, not a method: the base class, the frames and parameter helpers,
+# the loss kernels, the caches, the test-time views, the registry and this reader. A method module imports these,
+# never another method module (tests/test_architecture.py).
+INFRASTRUCTURE = {"base", "frames", "losses", "caches", "augmentations", "registry", "declarations"}
 
 
 class UnreadableDeclaration(Exception):

@@ -36,11 +36,12 @@ import torch.nn.functional as F
 from conf.defaults import SUITE_OPTIONS
 from conf.errors import ConfigError
 from conf.options import Option, default_of
-from methods.augmentations import VIEW_AUGMENTATIONS, ViewsMethod, lowest_entropy_views
+from methods.augmentations import VIEW_AUGMENTATIONS
 from methods.base import ADAPT_THEN_PREDICT
+from methods.caches import REFERENCE_LOGIT_SCALE, ClassQueues
+from methods.frames import ViewsMethod, lowest_entropy_views
+from methods.losses import marginal_entropy
 from methods.registry import register_method
-from methods.tda import REFERENCE_LOGIT_SCALE, ClassQueues
-from methods.tpt import marginal_entropy
 
 # torch's AdamW defaults, which the reference leaves as they are.
 ADAMW_BETAS = (0.9, 0.999)
@@ -258,7 +259,7 @@ class DPE(ViewsMethod):
     def reset_episode(self) -> None:
         """MODEL.EPISODIC: forget the queues and the evolved textual prototypes before every image (the view
         stream goes on). The residuals are per image in any case."""
-        self.load_state_dict(self._snapshot["module"], strict=False)
+        self._restore_snapshot(("module",))
 
     # ------------------------------------------------------------------ per image
     def split_images(self, x: torch.Tensor) -> list[ImageEpisode]:

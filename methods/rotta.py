@@ -29,7 +29,8 @@ from torchvision.transforms import InterpolationMode
 
 from conf.errors import ConfigError
 from conf.options import Option
-from methods.base import NormAffineTTA
+from methods.frames import NormAffineTTA
+from methods.losses import soft_cross_entropy
 from methods.registry import register_method
 
 
@@ -185,10 +186,6 @@ class StrongAugment:
             x = TF.horizontal_flip(x)
         x = x + self._noise(x) * self.noise_std
         return x.clamp(0.0, 1.0)
-
-
-def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    return -(teacher_logits.softmax(1) * student_logits.log_softmax(1)).sum(1)
 
 
 # ---------------------------------------------------------------------- the method

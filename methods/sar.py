@@ -25,7 +25,8 @@ import torch.nn as nn
 
 from conf.errors import ConfigError
 from conf.options import Option
-from methods.base import NormAffineTTA, softmax_entropy
+from methods.frames import NormAffineTTA
+from methods.losses import softmax_entropy
 from methods.registry import register_method
 
 logger = logging.getLogger(__name__)

@@ -30,18 +30,15 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 
 from conf.errors import ConfigError
 from conf.options import Option
-from methods.augmentations import VIEW_AUGMENTATIONS, ViewsMethod, lowest_entropy_views
+from methods.augmentations import VIEW_AUGMENTATIONS
 from methods.base import TRAINING_FREE
+from methods.caches import REFERENCE_LOGIT_SCALE, ClassQueues
+from methods.frames import ViewsMethod, lowest_entropy_views
+from methods.losses import marginal_entropy
 from methods.registry import register_method
-from methods.tpt import marginal_entropy
-
-# The reference's clip logits: ``100. * image_features @ clip_weights`` (OpenAI CLIP's learned scale, rounded); DPE's
-# code, built on TDA's, does the same.
-REFERENCE_LOGIT_SCALE = 100.0
 
 
 def cache_weights(query: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, beta: float) -> torch.Tensor:
@@ -63,44 +60,6 @@ def negative_cache_logits(query, keys, counts, probs, alpha: float, beta: float,
     (mask_lower, mask_upper); probs (C, S, C) are the entries' probability maps. (C,)"""
     mask = ((probs > mask_lower) & (probs < mask_upper)).to(keys.dtype)
     return alpha * torch.einsum("cs,csk->k", cache_weights(query, keys, counts, beta), mask)
-
-
-class ClassQueues(nn.Module):
-    """TDA's cache (``update_cache``): per class a queue of at most ``capacity`` entries (key (D,), score[, extra
-    (E,)]) sorted by ascending score. A new entry is appended while its class's queue has room, else it replaces
-    the last (highest-score) entry if its score is strictly lower; the queue is then sorted again, stably, as
-    Python's ``sorted`` (ties keep their order). Buffers, so a method's reset() empties them exactly. TDA scores by
-    entropy (float32) and keeps a probability map per negative entry (``extra_dim`` C); DPE queues its visual
-    features here with python-float scores (``score_dtype`` float64, compared as the reference compares floats)."""
-
-    def __init__(self, num_classes: int, capacity: int, dim: int, extra_dim: int = 0,
-                 score_dtype: torch.dtype = torch.float32, device=None):
-        super().__init__()
-        self.capacity = capacity
-        self.register_buffer("keys", torch.zeros(num_classes, capacity, dim, device=device))
-        self.register_buffer("scores", torch.full((num_classes, capacity), math.inf, dtype=score_dtype,
-                                                  device=device))
-        self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.long, device=device))
-        self.register_buffer("extras", torch.zeros(num_classes, capacity, extra_dim, device=device))
-
-    @torch.no_grad()
-    def insert(self, label: int, key: torch.Tensor, score, extra: torch.Tensor | None = None) -> None:
-        n = int(self.counts[label])
-        if n < self.capacity:
-            slot = n
-            self.counts[label] = n + 1
-        elif bool(torch.as_tensor(score, dtype=self.scores.dtype) < self.scores[label, -1]):
-            slot = n - 1
-        else:
-            return
-        self.keys[label, slot] = key
-        self.scores[label, slot] = score
-        if extra is not None:
-            self.extras[label, slot] = extra
-        filled = int(self.counts[label])
-        order = self.scores[label, :filled].argsort(stable=True)
-        for buffer in (self.keys, self.scores, self.extras):
-            buffer[label, :filled] = buffer[label, order]
 
 
 @register_method("tda")

@@ -14,7 +14,6 @@ part of that per-image reset; ``reset()`` restores everything (prompt, optimizer
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -23,18 +22,11 @@ import torch.nn.functional as F
 
 from conf.errors import ConfigError
 from conf.options import Option
-from methods.augmentations import VIEW_AUGMENTATIONS, ViewsMethod, lowest_entropy_views
+from methods.augmentations import VIEW_AUGMENTATIONS
 from methods.base import ADAPT_THEN_PREDICT
+from methods.frames import ViewsMethod, lowest_entropy_views
+from methods.losses import marginal_entropy
 from methods.registry import register_method
-
-
-def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the average of softmax(logits) over dim 0 (TPT's ``avg_entropy``), computed in log space:
-    log mean_i p_i = logsumexp_i log_softmax_i - log N."""
-    log_probs = logits.log_softmax(dim=-1)
-    log_mean = torch.logsumexp(log_probs, dim=0) - torch.log(torch.tensor(float(logits.shape[0])))
-    log_mean = log_mean.clamp(min=torch.finfo(log_mean.dtype).min)   # as the reference: avoids 0 * -inf
-    return -(log_mean.exp() * log_mean).sum(dim=-1)
 
 
 def context_prompt_tokens(tokenizer, ctx_init: str, n_ctx: int, class_names) -> torch.Tensor:
@@ -143,7 +135,7 @@ class TPT(ViewsMethod):
     def reset_episode(self) -> None:
         """The per-image episodic reset: only the context tokens and the optimizer state (cheap)."""
         self.prompt_learner.restore()
-        self.optimizer.load_state_dict(copy.deepcopy(self._snapshot["optimizer"]))
+        self._restore_snapshot(("optimizer",))
 
     # ------------------------------------------------------------------ adaptation
     def text_features(self) -> torch.Tensor:

@@ -17,8 +17,9 @@ import torch
 
 from conf.errors import ConfigError
 from conf.options import Option
-from methods.augmentations import VIEW_AUGMENTATIONS, ViewsMethod, lowest_entropy_views
+from methods.augmentations import VIEW_AUGMENTATIONS
 from methods.base import TRAINING_FREE
+from methods.frames import ViewsMethod, lowest_entropy_views
 from methods.registry import register_method
 
 

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 
 from conf.errors import ConfigError
 from conf.options import Option
-from methods.base import ADAPT_THEN_PREDICT, TTAMethod, configure_image_layernorms
-from methods.clipartt import clipartt_loss
+from methods.base import ADAPT_THEN_PREDICT, TTAMethod
+from methods.frames import configure_image_layernorms
+from methods.losses import clipartt_loss
 from methods.registry import register_method
 
 # The eight templates of the reference's templates.yaml (the paper's CIFAR setting), in its order.

@@ -1,4 +1,5 @@
-"""The layers point one way, and no module imports itself back through others.
+"""The layers point one way, no module imports itself back through others, and a method module imports no other
+method module (what methods share lives in the infrastructure modules: base, frames, losses, caches, ...).
 
     conf  <-  datasets, models  <-  methods  <-  harness (report <- the rest of harness)  <-  scripts, test_time.py
 
@@ -8,6 +9,8 @@ import ast
 from pathlib import Path
 
 import pytest
+
+from methods.declarations import builtin_method_modules
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ["conf", "datasets", "models", "methods", "harness"]
@@ -50,6 +53,13 @@ def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
 
 MODULES = suite_modules()
 GRAPH = {name: imports_of(path, MODULES) for name, path in MODULES.items()}
+# The built-in method modules: every module of methods/ but the infrastructure (methods.declarations.INFRASTRUCTURE).
+METHOD_MODULES = set(builtin_method_modules())
+
+
+def method_modules_imported(path: Path) -> set[str]:
+    """The built-in method modules a file imports (``from methods import tpt`` and ``import methods.tpt`` count)."""
+    return imports_of(path, MODULES) & METHOD_MODULES
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
@@ -89,3 +99,19 @@ def test_the_checker_sees_deferred_imports(tmp_path):
     source = tmp_path / "probe.py"
     source.write_text("def f():\n    from harness.run import evaluate\n    import methods.base\n")
     assert imports_of(source, MODULES) == {"harness.run", "methods.base"}
+
+
+@pytest.mark.parametrize("module", sorted(METHOD_MODULES))
+def test_a_method_module_imports_no_other_method_module(module):
+    others = sorted(method_modules_imported(MODULES[module]) - {module})
+    assert not others, (f"{module} imports the method module(s) {others}; move what they share to methods/frames.py, "
+                        f"methods/losses.py or methods/caches.py")
+
+
+def test_the_checker_sees_a_method_module_imported(tmp_path):
+    source = tmp_path / "probe.py"
+    source.write_text("from methods.tent import Tent\nimport methods.frames\n\n"
+                      "def f():\n    from methods import tpt\n    import methods.rpl\n    from methods.losses import x\n")
+    assert method_modules_imported(source) == {"methods.tent", "methods.tpt", "methods.rpl"}
+    assert {"methods.tent", "methods.tpt", "methods.rpl", "methods.tda"} <= METHOD_MODULES
+    assert not {"methods.base", "methods.frames", "methods.losses", "methods.caches"} & METHOD_MODULES

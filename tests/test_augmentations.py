@@ -11,8 +11,9 @@ from PIL import Image, ImageOps
 from conf import ConfigError
 from methods import augmentations
 from methods.augmentations import (AUGMIX_MAX_DEPTH, AUGMIX_OPS, AUGMIX_WIDTH, AugmentedViews, augmix_chains,
-                                   augmix_mixture, augmix_step, int_parameter, lowest_entropy_views,
-                                   n_confident_views, resized_crops, sample_augmix, sample_crop_boxes)
+                                   augmix_mixture, augmix_step, int_parameter, resized_crops, sample_augmix,
+                                   sample_crop_boxes)
+from methods.frames import lowest_entropy_views, n_confident_views
 
 
 def _generator(seed=0):

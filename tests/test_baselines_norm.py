@@ -10,8 +10,8 @@ import methods
 from conf import ConfigError
 from harness.build import check_method
 from harness.run import evaluate
+from methods.losses import generalized_cross_entropy
 from methods.rotta import CategoryBalancedMemory, StrongAugment, timeliness_weights
-from methods.rpl import generalized_cross_entropy
 from tests.synthetic import tiny_cfg, write_cifar_c
 
 C = 10

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from conf import ConfigError
 from harness.run import evaluate
-from methods.clipartt import CLIPArTT, clipartt_loss, conditioned_prompts
+from methods.clipartt import CLIPArTT, conditioned_prompts
+from methods.losses import clipartt_loss
 from models import model_spec
 from tests.synthetic import tiny_cfg, write_cifar_c
 

@@ -12,7 +12,8 @@ import torch.nn as nn
 import methods
 from conf import ConfigError
 from harness.build import check_method
-from methods.cliptta import ClassConfidentMemory, contrastive_loss, mean_prediction_entropy
+from methods.cliptta import ClassConfidentMemory, contrastive_loss
+from methods.losses import mean_prediction_entropy
 from tests.synthetic import reproducible_run_on_cifar10c, tiny_cfg
 
 CFG_FILE = "conf/cifar10_c/cliptta.yaml"

@@ -16,7 +16,9 @@ from tests.synthetic import tiny_cfg, write_cifar_c, write_imagenet_c
 # on the image tower's LayerNorms, with a stateful counter buffer, so determinism and reset are exercised.
 EXTERNAL_METHOD = '''
 import torch
-from methods.base import TTAMethod, configure_norm_adaptation, norm_parameters, softmax_entropy
+from methods.base import TTAMethod
+from methods.frames import configure_norm_adaptation, norm_parameters
+from methods.losses import softmax_entropy
 from methods.registry import register_method
 
 @register_method("ext_entropy")

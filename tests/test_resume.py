@@ -17,7 +17,9 @@ from tests.synthetic import tiny_cfg, write_cifar_c
 # that can be told to crash after a number of batches, to simulate a killed run.
 PROBE = '''
 import torch
-from methods.base import TTAMethod, configure_norm_adaptation, norm_parameters, softmax_entropy
+from methods.base import TTAMethod
+from methods.frames import configure_norm_adaptation, norm_parameters
+from methods.losses import softmax_entropy
 from methods.registry import register_method
 
 @register_method("resume_probe")

@@ -15,7 +15,8 @@ from conf import ConfigError
 from datasets.class_names import CIFAR10_CLASSES
 from harness.build import check_method, load_cfg
 from methods.augmentations import AugmentedViews
-from methods.tda import ClassQueues, negative_cache_logits, positive_cache_logits
+from methods.caches import ClassQueues
+from methods.tda import negative_cache_logits, positive_cache_logits
 from tests.synthetic import reproducible_run_on_cifar10c, tiny_cfg
 
 CFG_FILE = "conf/cifar10_c/tda.yaml"

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from datasets.class_names import CIFAR10_CLASSES, CIFAR_TEMPLATES
-from methods.base import configure_norm_adaptation, norm_parameters
+from methods.frames import configure_norm_adaptation, norm_parameters
 from models import build_zero_shot_clip
 from models.clip import ZeroShotCLIP
 from tests.synthetic import tiny_cfg

@@ -9,7 +9,7 @@ import methods
 from conf import ConfigError
 from harness.build import check_method
 from methods.augmentations import AugmentedViews
-from methods.tpt import marginal_entropy
+from methods.losses import marginal_entropy
 from tests.synthetic import reproducible_run_on_cifar10c, tiny_cfg
 
 CFG_FILE = "conf/cifar10_c/tpt.yaml"
