@@ -6,6 +6,9 @@ shipped config with its record; a test that finds one missing, stale or changed 
     python -m tests.record cifar10_c/my_method shapes_c/my_method    record these configs (a new method's)
     python -m tests.record --prune                                   delete records of configs no longer shipped
 
+It first writes the shipped configs' files conf/<dataset>/<method>.yaml (scripts/compose_configs.py), so that a
+method added with its method config needs this one command.
+
 Recording runs each config's golden run on four CPU code paths (tests/golden.py; seconds per config on the tiny
 CLIP). A record changes only when the results are meant to change: say why in the commit."""
 from __future__ import annotations
@@ -83,6 +86,8 @@ def main(argv=None) -> None:
                      f"e.g. {next(iter(shipped))})")
     if not (args.names or args.all or args.prune):
         parser.error("name the configs to record (or --all, --prune)")
+    from conf.compose import write_composition_files
+    write_composition_files()
     if args.prune:
         prune()
     names = sorted(shipped) if args.all else args.names

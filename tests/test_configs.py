@@ -222,7 +222,8 @@ def test_every_shipped_config_is_a_file_a_user_can_copy():
     wrong = sorted(str(p) for p, text in composition_files().items() if not p.is_file() or p.read_text() != text)
     stale = stale_composition_files()
     assert not wrong and not stale, (f"missing or changed: {wrong[:3]}{' ...' if len(wrong) > 3 else ''}; stale: "
-                                     f"{stale}: write them with `python scripts/compose_configs.py`")
+                                     f"{stale}: write them with `python scripts/compose_configs.py` (`python -m tests.record` "
+                                     f"with a new config's name does it too)")
     assert len(composition_files()) == len(config_names())
 
 

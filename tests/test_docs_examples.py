@@ -26,14 +26,22 @@ def code_blocks(path: Path, section: str, language: str) -> list[str]:
 
 def test_readme_method_example(tmp_path, monkeypatch, capsys):
     (code,), (config,) = (code_blocks(ROOT / "README.md", "## Adding a method", lang) for lang in ("python", "yaml"))
-    (tmp_path / "readme_method.py").write_text(code)
-    import_plugins([str(tmp_path / "readme_method.py")])
-    methods_dir = tmp_path / "methods"
-    methods_dir.mkdir()
-    for path in conf.compose.METHODS_DIR.glob("*.yaml"):
-        (methods_dir / path.name).symlink_to(path)
-    (methods_dir / "my_method.yaml").write_text(config)
-    monkeypatch.setattr(conf.compose, "METHODS_DIR", methods_dir)
+    # Where a newcomer has followed the guide in this checkout, the files saved are the example's, a built-in method.
+    guide = {ROOT / "methods" / "my_method.py": code, ROOT / "conf" / "methods" / "my_method.yaml": config}
+    saved = [path for path in guide if path.exists()]
+    for path in saved:
+        assert path.read_text() == guide[path], f"{path} is not README's example"
+    if not saved:
+        (tmp_path / "readme_method.py").write_text(code)
+        import_plugins([str(tmp_path / "readme_method.py")])
+        methods_dir = tmp_path / "methods"
+        methods_dir.mkdir()
+        for path in conf.compose.METHODS_DIR.glob("*.yaml"):
+            (methods_dir / path.name).symlink_to(path)
+        (methods_dir / "my_method.yaml").write_text(config)
+        monkeypatch.setattr(conf.compose, "METHODS_DIR", methods_dir)
+    else:
+        assert len(saved) == len(guide), f"the guide saves both files; only {saved} exist"
 
     assert "imagenet_c/my_method" in conf.compose.config_names()
     assert load_cfg("conf/imagenet_c/my_method.yaml").OPTIM.LR == 2.5e-4
