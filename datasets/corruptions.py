@@ -158,19 +158,7 @@ def write_corrupted(images: np.ndarray, labels: np.ndarray, out_dir: str | Path,
     whichever severities are written beside a block."""
     images = np.asarray(images)
     labels = np.asarray(labels)
-    check_images(images, labels)
-    corruptions = list(corruptions)
-    if not corruptions:
-        raise CorruptionError("no corruption requested")
-    for name in corruptions:
-        check_corruption(name)
-    if workers < 1:
-        raise CorruptionError(f"workers must be >= 1, got {workers}")
-    severities = sorted({int(s) for s in severities})
-    if not severities:
-        raise CorruptionError("no severity requested")
-    for severity in severities:
-        check_corruption(corruptions[0], severity)
+    corruptions, severities = _checked_request(images, labels, corruptions, severities, workers)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     held = held_severities(out_dir)
@@ -181,12 +169,7 @@ def write_corrupted(images: np.ndarray, labels: np.ndarray, out_dir: str | Path,
     jobs = [(name, severity) for name in todo for severity in severities]
 
     n = len(images)
-    if callable(progress):
-        bar = progress(len(jobs) * n, f"corrupting -> {out_dir}")
-    else:
-        from tqdm import tqdm
-        bar = tqdm(total=len(jobs) * n, desc=f"corrupting -> {out_dir}", unit="img", disable=not progress)
-    with bar:
+    with _progress_bar(progress, len(jobs) * n, f"corrupting -> {out_dir}") as bar:
         if workers == 1:
             for name in todo:
                 blocks = []
@@ -209,6 +192,32 @@ def write_corrupted(images: np.ndarray, labels: np.ndarray, out_dir: str | Path,
             "library": f"imagecorruptions-imaug {version}"}
     atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
     return out_dir
+
+
+def _checked_request(images, labels, corruptions, severities, workers) -> tuple[list[str], list[int]]:
+    """The corruptions and the sorted severities asked for, each checked (CorruptionError names what is wrong)."""
+    check_images(images, labels)
+    corruptions = list(corruptions)
+    if not corruptions:
+        raise CorruptionError("no corruption requested")
+    for name in corruptions:
+        check_corruption(name)
+    if workers < 1:
+        raise CorruptionError(f"workers must be >= 1, got {workers}")
+    severities = sorted({int(s) for s in severities})
+    if not severities:
+        raise CorruptionError("no severity requested")
+    for severity in severities:
+        check_corruption(corruptions[0], severity)
+    return corruptions, severities
+
+
+def _progress_bar(progress, total: int, label: str):
+    """write_corrupted's ``progress``: a bar factory ``(total, label)``, else a tqdm bar (none when False)."""
+    if callable(progress):
+        return progress(total, label)
+    from tqdm import tqdm
+    return tqdm(total=total, desc=label, unit="img", disable=not progress)
 
 
 def _corrupt_in_processes(images, jobs, seed, workers, out_dir: Path, bar, blocks_per_file: int) -> None:

@@ -275,6 +275,11 @@ def load_grid(path, cli_opts=()) -> Grid:
     for i, hit in enumerate(excluded_any):
         if not hit:
             raise GridError(f"{path}: exclude[{i}] matches no cell of the grid: {excludes[i]}")
+    return Grid(name, path, _shared_save_dir(path, cells) / "grids" / name, cells, cli_opts)
+
+
+def _shared_save_dir(path: Path, cells: list[Cell]) -> Path:
+    """The one SAVE_DIR of a grid's cells, each a different config; refused otherwise (GridError)."""
     if not cells:
         raise GridError(f"{path}: every cell is excluded; the grid has nothing to run")
     seen: dict[str, Cell] = {}
@@ -288,7 +293,7 @@ def load_grid(path, cli_opts=()) -> Grid:
     save_dirs = {str(cell.cfg.SAVE_DIR) for cell in cells}
     if len(save_dirs) > 1:
         raise GridError(f"{path}: the cells of one grid share SAVE_DIR; they give {sorted(save_dirs)}")
-    return Grid(name, path, Path(save_dirs.pop()) / "grids" / name, cells, cli_opts)
+    return Path(save_dirs.pop())
 
 
 def _expand_cell(path, dataset, method, seed, setting, shared, cell_overrides, cli_opts, excludes, used,

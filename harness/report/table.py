@@ -12,6 +12,38 @@ def _row_mean(row: Row, columns: list[Column]) -> float | None:
     return _mean(shown) if shown else None
 
 
+def _paper_rows(dataset: str, row: Row, runs: list[dict], columns: list[Column]) -> tuple[list[Row], str | None]:
+    """The paper's row and the difference (measured - paper) under ``row``, and the note naming the paper; none
+    where the paper does not report that method on that data set at the same severity."""
+    reference = paper.paper_row_for_run(dataset, row.method, run_config(runs[0]))
+    shown = paper.comparable_reference(reference, runs[0]["records"])
+    printed_mean = paper.comparable_mean(reference, runs[0]["records"])
+    if not shown and printed_mean is None:
+        return [], None
+    cells = {c: shown[c.domain] for c in row.cells if c.domain in shown} if shown else {}
+    paper_row = Row(f"{row.label} (paper)", "paper", cells, method=row.method, runs=0)
+    paper_row.mean = (printed_mean if printed_mean is not None
+                      else _mean(list(cells.values())) if len(cells) == len(columns) else None)
+    diff = {c: row.cells[c] - cells[c] for c in cells}
+    diff_row = Row(f"{row.label} - paper", "diff", diff, method=row.method, runs=0)
+    if paper_row.mean is not None and row.mean is not None:
+        diff_row.mean = row.mean - paper_row.mean
+    cfg = run_config(runs[0])
+    mismatch = paper.protocol_mismatch(reference, (cfg.get("MODEL") or {}).get("ARCH"),
+                                       (cfg.get("MODEL") or {}).get("WEIGHTS"), runs[0].get("setting"))
+    note = f"{row.label} (paper): {reference.paper_method}"
+    if reference.source != paper.BATCLIP_PAPER:
+        note += f" as reported in {reference.source}"
+    if printed_mean is not None:
+        note += f", printed mean only (over its {len(reference.mean_over)} domains)"
+    elif reference.reported_mean is not None:
+        note += (f", printed mean {reference.reported_mean:.2f} over its {len(reference.accuracy)} domains "
+                 f"(mean of its printed cells {reference.mean_of(list(reference.accuracy)):.2f})")
+    if mismatch:
+        note += "; measured with " + ", ".join(mismatch)
+    return [paper_row, diff_row], note
+
+
 def build_table(groups: list[tuple[str, list[dict]]], metric: str = "accuracy", with_paper: bool = True) -> Table:
     """groups: (row label, runs of one config) in row order; every run must be on one data set. Rows are the
     aggregated runs, each followed by the paper's row and the difference (measured - paper) where the paper
@@ -31,7 +63,7 @@ def build_table(groups: list[tuple[str, list[dict]]], metric: str = "accuracy", 
         columns += [c for c in row.expected if c not in columns]
     rows: list[Row] = []
     notes: list[str] = []
-    for (label, runs), row in zip(groups, measured):
+    for (_, runs), row in zip(groups, measured):
         if row.incomplete:
             row.note = "incomplete, no mean: " + "; ".join(row.incomplete)
         elif set(row.cells) != set(columns):
@@ -39,36 +71,10 @@ def build_table(groups: list[tuple[str, list[dict]]], metric: str = "accuracy", 
             row.mean_std = None
             row.note = "mean over its own cells only"
         rows.append(row)
-        if not with_paper:
-            continue
-        reference = paper.paper_row_for_run(dataset, row.method, run_config(runs[0]))
-        shown = paper.comparable_reference(reference, runs[0]["records"])
-        printed_mean = paper.comparable_mean(reference, runs[0]["records"])
-        if not shown and printed_mean is None:
-            continue
-        cells = {c: shown[c.domain] for c in row.cells if c.domain in shown} if shown else {}
-        paper_row = Row(f"{row.label} (paper)", "paper", cells, method=row.method, runs=0)
-        paper_row.mean = (printed_mean if printed_mean is not None
-                          else _mean(list(cells.values())) if len(cells) == len(columns) else None)
-        diff = {c: row.cells[c] - cells[c] for c in cells}
-        diff_row = Row(f"{row.label} - paper", "diff", diff, method=row.method, runs=0)
-        if paper_row.mean is not None and row.mean is not None:
-            diff_row.mean = row.mean - paper_row.mean
-        rows += [paper_row, diff_row]
-        cfg = run_config(runs[0])
-        mismatch = paper.protocol_mismatch(reference, (cfg.get("MODEL") or {}).get("ARCH"),
-                                           (cfg.get("MODEL") or {}).get("WEIGHTS"), runs[0].get("setting"))
-        note = f"{row.label} (paper): {reference.paper_method}"
-        if reference.source != paper.BATCLIP_PAPER:
-            note += f" as reported in {reference.source}"
-        if printed_mean is not None:
-            note += f", printed mean only (over its {len(reference.mean_over)} domains)"
-        elif reference.reported_mean is not None:
-            note += (f", printed mean {reference.reported_mean:.2f} over its {len(reference.accuracy)} domains "
-                     f"(mean of its printed cells {reference.mean_of(list(reference.accuracy)):.2f})")
-        if mismatch:
-            note += "; measured with " + ", ".join(mismatch)
-        notes.append(note)
+        if with_paper:
+            paper_rows, note = _paper_rows(dataset, row, runs, columns)
+            rows += paper_rows
+            notes += [note] if note else []
     first_run = groups[0][1][0]
     table = Table(dataset, columns, rows, metric, first_run.get("domain_label", "corruption"), notes)
     table.incomplete = [run for row in measured for run in row.incomplete]
