@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 from datasets.corruptions import (ALL_CORRUPTIONS, CORRUPTIONS, CorruptionError, load_image_folder,  # noqa: E402
                                   write_corrupted)
 from harness.cli import entry_point  # noqa: E402
+from harness.progress import Progress  # noqa: E402
 
 
 def _load_array(path: str, what: str) -> np.ndarray:
@@ -74,7 +75,8 @@ def main(argv=None) -> int:
         class_names = SHAPE_CLASSES
         source_desc = f"datasets.shapes.clean_split('test', {args.shapes}) (seed {SPLIT_SEEDS['test']})"
     out = write_corrupted(images, labels, Path(args.out) / f"{args.name}-C", args.corruptions, seed=args.seed,
-                          class_names=class_names, source=source_desc, progress=not args.no_progress,
+                          class_names=class_names, source=source_desc,
+                          progress=lambda total, label: Progress(total, label, enabled=not args.no_progress),
                           overwrite=not args.keep_existing, workers=args.workers, severities=args.severities)
     print(f"wrote {out}: {len(args.corruptions)} corruption(s) x severities {sorted(set(args.severities))} x "
           f"{len(images)} images")
