@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from conf import ConfigError
-from harness.build import check_config, config_warnings, load_cfg
+from harness.build import LoadedConfig, build_plan, check_config, config_warnings, read_config
 from harness.cli import entry_point, parse_command_line
 from harness.identity import unread_default_nodes
 from harness.logs import console_logging
@@ -28,9 +28,11 @@ def shard_domains(domains: list[str], shard: str) -> list[str]:
     return list(domains)[k - 1::n]
 
 
-def build_run_cfg(cfg_file, opts, restart: bool = False, domains=None, shard: str | None = None):
-    """load_cfg plus the command-line flags that become RESUME / RUN_DOMAINS."""
-    cfg = load_cfg(cfg_file, opts, freeze=False)
+def build_run_cfg(cfg_file, opts, restart: bool = False, domains=None, shard: str | None = None) -> LoadedConfig:
+    """read_config plus the command-line flags that become RESUME / RUN_DOMAINS (checked by build_plan, or by
+    --show-config)."""
+    loaded = read_config(cfg_file, opts)
+    cfg = loaded.cfg
     if restart:
         cfg.RESUME = False
     if domains and shard:
@@ -39,9 +41,7 @@ def build_run_cfg(cfg_file, opts, restart: bool = False, domains=None, shard: st
         cfg.RUN_DOMAINS = list(domains)
     elif shard:
         cfg.RUN_DOMAINS = shard_domains(cfg.CORRUPTION.TYPE, shard)
-    check_config(cfg)
-    cfg.freeze()
-    return cfg
+    return loaded
 
 
 def shown_config(cfg) -> str:
@@ -78,14 +78,16 @@ def main(argv=None) -> int:
                              "keys only where set) and exit")
     args = parse_command_line(parser, argv)
     console_logging()
-    cfg = build_run_cfg(args.cfg_file, args.opts, args.restart, args.domains, args.shard)
+    loaded = build_run_cfg(args.cfg_file, args.opts, args.restart, args.domains, args.shard)
     if args.show_config:
-        print(shown_config(cfg), end="")
-        for warning in config_warnings(cfg):
+        check_config(loaded.cfg)
+        print(shown_config(loaded.cfg), end="")
+        for warning in config_warnings(loaded.cfg, loaded.keys_set):
             print(f"# warning: {warning}")
         return 0
     from harness.run import evaluate     # deferred: torch and the models load for a run, not for --help
-    payload = evaluate(cfg, progress=not args.no_progress)   # logs the per-domain table (and the paper's row)
+    plan = build_plan(loaded.cfg, loaded.keys_set)
+    payload = evaluate(plan, progress=not args.no_progress)   # logs the per-domain table (and the paper's row)
     print(f"results: {payload['provenance']['save_dir']}/results.json")
     return 0
 

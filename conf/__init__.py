@@ -6,9 +6,9 @@ from conf.compose import config_names
 from conf.errors import ConfigError, UserError
 from conf.options import Option
 from conf.registry import PLUGIN_MODULES, Registry, import_plugins, plugin_module_name
-from conf.loading import keys_set_by, load_config, requested_method, requested_plugins
+from conf.loading import ConfigSource, load_config
 from conf.schema import check_values, declared_options, defaults, inert_settings, read_yaml
 
-__all__ = ["ConfigError", "config_names", "Option", "PLUGIN_MODULES", "Registry", "UserError", "check_values",
-           "declared_options", "defaults", "import_plugins", "inert_settings", "keys_set_by", "load_config",
-           "plugin_module_name", "read_yaml", "requested_method", "requested_plugins"]
+__all__ = ["ConfigError", "ConfigSource", "config_names", "Option", "PLUGIN_MODULES", "Registry", "UserError",
+           "check_values", "declared_options", "defaults", "import_plugins", "inert_settings", "load_config",
+           "plugin_module_name", "read_yaml"]

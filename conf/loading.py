@@ -1,56 +1,74 @@
-"""Reading a config: defaults <- the YAML file, or the composition it names <- command-line ``KEY VALUE`` pairs."""
+"""Reading a config: defaults <- the YAML file, or the composition it names <- command-line ``KEY VALUE`` pairs.
+
+A ``ConfigSource`` reads the file (or the files of the composition it names) once; everything later asked of the
+config's text (the plug-ins it names, its method, the keys it sets) and the merge itself read that one copy."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
+import yaml
 from yacs.config import CfgNode as CN
 
 from conf.compose import config_layers
-from conf.schema import defaults, merge_mapping, merge_pairs, typed_value
+from conf.errors import ConfigError
+from conf.schema import defaults, flat_keys, merge_mapping, merge_pairs, typed_value
 
 
-def _requested(cfg_file, opts, key: str, default) -> list:
-    """Every value the config file's layers and the command line give MODEL.<key>, in order (read before the schema
-    is built)."""
-    found = []
-    for _, data in (config_layers(cfg_file) if cfg_file else []):
-        model = data.get("MODEL") or {}
-        if key in model:
-            found.append(model[key])
-    opts = [str(o) for o in opts or []]
-    for name, value in zip(opts[0::2], opts[1::2]):
-        if name == f"MODEL.{key}":
-            found.append(typed_value(name, value, default, "the command-line overrides"))
-    return found
+@dataclass(frozen=True)
+class ConfigSource:
+    """A config's layers, read once: the (source, mapping) layers of its file or composition, in merge order,
+    then the command line's ``KEY VALUE`` pairs."""
+    layers: tuple[tuple[str, dict], ...]
+    opts: tuple[str, ...]
+
+    @classmethod
+    def read(cls, cfg_file=None, opts=None) -> ConfigSource:
+        """The layers of ``cfg_file`` (none: the defaults alone) and ``opts``."""
+        return cls(tuple(config_layers(cfg_file)) if cfg_file else (), tuple(str(o) for o in opts or []))
+
+    @classmethod
+    def of_text(cls, text: str, source: str) -> ConfigSource:
+        """A whole config written as YAML text (a dumped config: what a grid hands each job), named ``source``."""
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of config keys")
+        return cls(((source, data),), ())
+
+    def _requested(self, key: str, default) -> list:
+        """Every value the layers and the command line give MODEL.<key>, in order (read before the schema is
+        built)."""
+        found = [data["MODEL"][key] for _, data in self.layers if key in (data.get("MODEL") or {})]
+        for name, value in zip(self.opts[0::2], self.opts[1::2]):
+            if name == f"MODEL.{key}":
+                found.append(typed_value(name, value, default, "the command-line overrides"))
+        return found
+
+    def plugins(self) -> list[str]:
+        """The modules MODEL.EXTRA_MODULES names (imported before the schema is built: they may declare keys)."""
+        return [str(m) for value in self._requested("EXTRA_MODULES", []) for m in (value or [])]
+
+    def method(self) -> str | None:
+        """The MODEL.ADAPTATION the layers and the command line end with (None: the default's)."""
+        found = self._requested("ADAPTATION", "")
+        return str(found[-1]) if found else None
+
+    def keys_set(self) -> frozenset[str]:
+        """The keys the file (or its composition) and the command line set, nodes included ("OPTIM",
+        "OPTIM.LR"): what harness/build.py's config_warnings tells apart from a default left as it is."""
+        keys = {key for _, data in self.layers for key in flat_keys(data)}
+        return frozenset(keys | set(self.opts[0::2]))
 
 
-def requested_plugins(cfg_file, opts) -> list[str]:
-    """The modules MODEL.EXTRA_MODULES names in the config and on the command line (imported before the schema is
-    built, because they may declare config keys)."""
-    return [str(m) for value in _requested(cfg_file, opts, "EXTRA_MODULES", []) for m in (value or [])]
-
-
-def requested_method(cfg_file, opts) -> str | None:
-    """The MODEL.ADAPTATION the config file and the command line end with (None: the default's)."""
-    found = _requested(cfg_file, opts, "ADAPTATION", "")
-    return str(found[-1]) if found else None
-
-
-def keys_set_by(cfg_file) -> frozenset[str]:
-    """The leaf keys the config file (or the composition it names) sets."""
-    from conf.schema import flat_keys
-    keys: set[str] = set()
-    for _, data in (config_layers(cfg_file) if cfg_file else []):
-        keys.update(flat_keys(data))
-    return frozenset(keys)
-
-
-def load_config(cfg_file=None, opts=None, nodes: Mapping[str, dict] | None = None) -> CN:
-    """defaults (suite keys + ``nodes``) <- the YAML file (or the composition it names, conf/compose.py) <-
-    ``KEY VALUE`` pairs; not frozen, values not checked beyond their types (harness/build.py checks them against the
-    registries and the declared options)."""
+def load_config(source: ConfigSource, nodes: Mapping[str, dict] | None = None) -> CN:
+    """defaults (suite keys + ``nodes``) <- the source's layers (conf/compose.py) <- its ``KEY VALUE`` pairs; not
+    frozen, values not checked beyond their types (harness/build.py checks them against the registries and the
+    declared options)."""
     cfg = defaults(nodes)
-    for source, data in (config_layers(cfg_file) if cfg_file else []):
-        merge_mapping(cfg, data, source)
-    merge_pairs(cfg, list(opts or []))
+    for name, data in source.layers:
+        merge_mapping(cfg, data, name)
+    merge_pairs(cfg, list(source.opts))
     return cfg

@@ -81,8 +81,9 @@ class BenchmarkDataset:
         """Data-set facts recorded in the results (e.g. which ImageNet-C list was used)."""
         return {}
 
-    def config_warnings(self, cfg) -> list[str]:
-        """Where this data set reads what the config asks differently from the authors' suite (logged)."""
+    def config_warnings(self, cfg, keys_set: frozenset[str] | None = None) -> list[str]:
+        """Where this data set reads what the config asks differently from the authors' suite (logged).
+        ``keys_set``: the keys the config's file and command line set (None: not known)."""
         return []
 
 

@@ -97,16 +97,15 @@ class ImageNetC(BenchmarkDataset):
                                f"of {layout}; a list file reads a chosen subset)")
         return entries
 
-    def config_warnings(self, cfg) -> list[str]:
+    def config_warnings(self, cfg, keys_set: frozenset[str] | None = None) -> list[str]:
         warnings = []
         default_list = cfg.CORRUPTION.IMAGENET_C_LIST == "robustbench_5000"
         if CLEAN in cfg.CORRUPTION.TYPE and default_list:
             warnings.append("CORRUPTION.TYPE none reads RobustBench's 5,000 validation images "
                             "(CORRUPTION.IMAGENET_C_LIST); the authors' suite reads all 50,000 for 'none': set "
                             "CORRUPTION.IMAGENET_C_LIST all to match")
-        set_by_file = getattr(cfg, "_keys_set_by_file", None)
-        if ("correlated" in cfg.SETTING and default_list and set_by_file is not None
-                and "CORRUPTION.IMAGENET_C_LIST" not in set_by_file):
+        if ("correlated" in cfg.SETTING and default_list and keys_set is not None
+                and "CORRUPTION.IMAGENET_C_LIST" not in keys_set):
             warnings.append(f"SETTING {cfg.SETTING}: the authors' suite reads ImageNet-C from its 50,000-image list "
                             f"in correlated settings; this run reads RobustBench's 5,000 (CORRUPTION.IMAGENET_C_LIST; "
                             f"set it to say which)")

@@ -35,28 +35,52 @@ if TYPE_CHECKING:
 
 # ------------------------------------------------------------------------------------------------ configs
 
-def load_cfg(cfg_file=None, opts=None, freeze: bool = True):
-    """Defaults <- YAML file <- ``KEY VALUE`` pairs, with the keys of every built-in method and of the plug-ins
-    named in MODEL.EXTRA_MODULES in the schema (not those of plug-ins other configs of this process named: a
-    config's keys and hash are the same in any process); checked by ``check_config``."""
-    opts = [str(o) for o in (opts or [])]
-    plugins = conf.requested_plugins(cfg_file, opts)
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A config as read (not checked: ``build_plan`` checks it) and the keys its file and command line set, which
+    tell a key left at its default from one set to the default's value (``config_warnings``)."""
+    cfg: object
+    keys_set: frozenset[str]
+
+
+def read_config(cfg_file=None, opts=None) -> LoadedConfig:
+    """Defaults <- YAML file <- ``KEY VALUE`` pairs, each file read once (conf.ConfigSource), with the keys of every
+    built-in method and of the plug-ins named in MODEL.EXTRA_MODULES in the schema (not those of plug-ins other
+    configs of this process named: a config's keys and hash are the same in any process). Not frozen."""
+    return _loaded(conf.ConfigSource.read(cfg_file, opts))
+
+
+def config_from_text(text: str, keys_set, source: str) -> LoadedConfig:
+    """A whole config dumped as YAML (what a grid hands each job), read back as it was, with the keys its own file
+    and command line had set."""
+    loaded = _loaded(conf.ConfigSource.of_text(text, source))
+    return LoadedConfig(loaded.cfg, frozenset(keys_set))
+
+
+def _loaded(source) -> LoadedConfig:
+    plugins = source.plugins()
     conf.import_plugins(plugins)
-    cfg = conf.load_config(cfg_file, opts, methods.declared_nodes(_other_configs_plugins(cfg_file, opts, plugins)))
+    cfg = conf.load_config(source, methods.declared_nodes(_other_configs_plugins(source, plugins)))
     _as_the_authors_wrote_it(cfg)
-    if cfg_file:     # kept beside the config (not a key: it does not enter dumps or hashes), for config_warnings
-        object.__setattr__(cfg, "_keys_set_by_file", conf.keys_set_by(cfg_file) | set(opts[0::2]))
+    return LoadedConfig(cfg, source.keys_set())
+
+
+def load_cfg(cfg_file=None, opts=None, freeze: bool = True):
+    """``read_config``'s config, checked by ``check_config``: a config on its own, for what needs neither its
+    warnings nor a plan (tests, benchmarks). A run reads its config with ``read_config`` and ``build_plan`` checks
+    it."""
+    cfg = read_config(cfg_file, opts).cfg
     check_config(cfg)
     if freeze:
         cfg.freeze()
     return cfg
 
 
-def _other_configs_plugins(cfg_file, opts, plugins) -> set[str]:
+def _other_configs_plugins(source, plugins) -> set[str]:
     """The plug-in modules imported in this process for other configs, whose method nodes stay out of this one:
     all but those it names and those defining its method (and the classes its method derives from)."""
     keep = {conf.plugin_module_name(p) for p in plugins}
-    name = conf.requested_method(cfg_file, opts)
+    name = source.method()
     declared = methods.method_declarations()
     if name and name in declared:
         keep |= {klass.__module__ for klass in declared.get(name).__mro__}
@@ -114,31 +138,32 @@ def check_config(cfg) -> None:
     conf.check_values(cfg, conf.declared_options(methods.own_nodes(cls)))
 
 
-def check_method(cfg, spec: ModelSpec | None = None, class_names=None) -> None:
+def check_method(cfg, spec: ModelSpec | None = None, class_names=None, cls: type | None = None) -> None:
     """The method's own checks across options, against the architecture and the class names (``check_setup``)."""
     from models import model_spec
     if class_names is None:
         class_names = datasets.get_dataset(cfg.CORRUPTION.DATASET).class_names
-    method_class(cfg).check_setup(cfg, spec or model_spec(cfg.MODEL.ARCH), list(class_names))
+    (cls or method_class(cfg)).check_setup(cfg, spec or model_spec(cfg.MODEL.ARCH), list(class_names))
 
 
-def config_warnings(cfg) -> list[str]:
-    """Keys that are set but change nothing for this run."""
+def config_warnings(cfg, keys_set: frozenset[str] | None = None, cls: type | None = None) -> list[str]:
+    """Keys that are set but change nothing for this run, and keys left at a default that differs from the
+    authors' suite. ``keys_set``: what the config's file and command line set (LoadedConfig.keys_set; None: not
+    known, for a config built in code, and those defaults are not named)."""
     warnings = conf.inert_settings(cfg)
-    set_by_file = getattr(cfg, "_keys_set_by_file", None)
-    if set_by_file is not None:
+    if keys_set is not None:
         for key, (theirs, why) in AUTHORS_DEFAULTS.items():
-            if key not in set_by_file:
+            if key not in keys_set:
                 warnings.append(f"{key} is not set: its default is {theirs} in the authors' suite and "
                                 f"{dict(flatten(dict(cfg)))[key]} here ({why})")
-    cls = method_class(cfg)
+    cls = cls or method_class(cfg)
     if cls.protocol == methods.base.TRAINING_FREE:
         if cfg.OPTIM.STEPS != 1:
             warnings.append(f"OPTIM.STEPS = {cfg.OPTIM.STEPS} has no effect: {cls.method_name} trains nothing")
         if cfg.MODEL.EPISODIC:
             warnings.append(f"MODEL.EPISODIC = True has no effect: {cls.method_name} trains nothing")
     warnings += cls.config_warnings(cfg)
-    warnings += datasets.get_dataset(cfg.CORRUPTION.DATASET).config_warnings(cfg)
+    warnings += datasets.get_dataset(cfg.CORRUPTION.DATASET).config_warnings(cfg, keys_set)
     own = methods.own_nodes(cls)
     base = conf.defaults(methods.declared_nodes())
     for node in methods.declared_nodes():
@@ -181,10 +206,11 @@ def _folder_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.@+-]", "-", name)
 
 
-def run_dir(cfg) -> Path:
+def run_dir(cfg, method_name: str | None = None) -> Path:
     """SAVE_DIR/<dataset>/<method>/<run_name(cfg)>: the one place a run's folder is named (test_time.py,
-    scripts/compare.py, the demo and grids all run through it)."""
-    method = methods.method_declarations().canonical(cfg.MODEL.ADAPTATION)
+    scripts/compare.py, the demo and grids all run through it). ``method_name``: the registered name of
+    MODEL.ADAPTATION, where the caller has looked it up."""
+    method = method_name or methods.method_declarations().canonical(cfg.MODEL.ADAPTATION)
     return Path(cfg.SAVE_DIR) / cfg.CORRUPTION.DATASET / method / run_name(cfg)
 
 
@@ -228,13 +254,13 @@ class RunPlan:
     """Everything a run needs, checked; built by ``build_plan``, executed by harness.run.evaluate."""
     cfg: object                          # the frozen config
     method_name: str                     # registered name (aliases resolved)
-    method_class: type
+    method_class: type                   # what harness.run constructs
     dataset: datasets.BenchmarkDataset
     tasks: list[Task]                    # the SETTING's tasks, in order
     wanted: list[int]                    # the task indices this process is asked for (RUN_DOMAINS)
     data: dict[Segment, ImageDataset]    # every segment this process may run -> its checked images
     templates: list[str]                 # prompt templates of the zero-shot head
-    model: ModelSpec
+    model_spec: ModelSpec                # the architecture the method was checked against (in the provenance)
     weights: WeightsSource
     device: torch.device
     save_dir: Path
@@ -253,11 +279,15 @@ class RunPlan:
         return {"data": self.data_fingerprints.get(index), "weights_sha256": self.weights_sha256}
 
 
-def build_plan(cfg) -> RunPlan:
-    """Check cfg completely and put the run together, without loading weights, reading images or writing."""
+def build_plan(cfg, keys_set: frozenset[str] | None = None) -> RunPlan:
+    """Check cfg completely (the one ``check_config`` of a run) and put the run together, without loading weights,
+    reading images or writing; cfg is frozen. ``keys_set``: what its file and command line set
+    (LoadedConfig.keys_set), for ``config_warnings``."""
     from models import model_spec, resolve_model_weights
     from models.build import check_precision
     check_config(cfg)
+    cfg.freeze()
+    cls = method_class(cfg)
     dataset = datasets.get_dataset(cfg.CORRUPTION.DATASET)
     templates = dataset.prompt_templates(cfg)
     tasks = build_tasks(cfg, dataset)
@@ -265,11 +295,11 @@ def build_plan(cfg) -> RunPlan:
     device = resolve_device(cfg)
     check_precision(cfg.CLIP.PRECISION, device)
     spec = model_spec(cfg.MODEL.ARCH)
-    check_method(cfg, spec, dataset.class_names)
+    check_method(cfg, spec, dataset.class_names, cls)
     weights = resolve_model_weights(cfg)
-    save_dir = run_dir(cfg)
+    save_dir = run_dir(cfg, cls.method_name)
     check_writable_folder(save_dir, "SAVE_DIR")
-    warnings = config_warnings(cfg)
+    warnings = config_warnings(cfg, keys_set, cls)
     renamed = renamed_run_dir_warning(cfg, save_dir)
     if renamed:
         warnings.append(renamed)
@@ -286,9 +316,8 @@ def build_plan(cfg) -> RunPlan:
         warnings.append(f"data set {dataset.name} does not list the files it reads (source_files): its data are not "
                         f"part of the run's identity, so a resumed run cannot tell other data from these")
     weights_sha256 = file_sha256(weights.path) if weights.path else None
-    plan = RunPlan(cfg, methods.METHODS.canonical(cfg.MODEL.ADAPTATION), method_class(cfg), dataset, tasks, wanted,
-                   data, templates,
-                   spec, weights, device, save_dir, warnings, fingerprints, weights_sha256)
+    plan = RunPlan(cfg, cls.method_name, cls, dataset, tasks, wanted, data, templates, spec, weights, device,
+                   save_dir, warnings, fingerprints, weights_sha256)
     if cfg.RESUME:   # records of another config, other data or other weights are refused now, before any load
         read_tasks(save_dir, tasks, config_hash(cfg), cfg.dump(), plan.identity_of)
     return plan

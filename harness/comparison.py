@@ -7,7 +7,7 @@ import hashlib
 from pathlib import Path
 
 from conf import ConfigError, config_names
-from harness.build import check_config, load_cfg
+from harness.build import LoadedConfig, build_plan, check_config, read_config
 from harness.identity import config_hash
 from harness.report import CompareError
 
@@ -52,47 +52,45 @@ def _set(cfg, dotted: str, value) -> None:
     node[leaf] = copy.deepcopy(value)
 
 
-def method_configs(methods: list[str], base_cfg_file=None, opts=None, seeds=None, overrides: dict | None = None):
-    """[(method label, [cfg per seed])]: each method's own config with the SHARED_KEYS of the base config (the
-    --cfg file, else the first method's config) and the command-line overrides applied to all of them."""
+def _is_shared(key: str) -> bool:
+    return any(key == shared or key.startswith(shared + ".") for shared in SHARED_KEYS)
+
+
+def method_configs(methods: list[str], base_cfg_file=None, opts=None, seeds=None,
+                   overrides: dict | None = None) -> list[tuple[str, list[LoadedConfig]]]:
+    """[(method label, [config per seed])]: each method's own config with the SHARED_KEYS of the base config (the
+    --cfg file, else the first method's config) and the command-line overrides applied to all of them; every
+    config checked (check_config) before any of them runs."""
     opts = list(opts or [])
     if not methods:
         raise CompareError("give at least one method (name or config file)")
-    first = base_cfg_file
-    if first is None:
-        if Path(methods[0]).suffix not in (".yaml", ".yml"):
-            dataset = dict(zip(opts[0::2], opts[1::2])).get("CORRUPTION.DATASET")
-            if not dataset:
-                raise CompareError("method names need a data set: give --cfg (a config of that data set) or "
-                                   "CORRUPTION.DATASET <name>")
-            first = resolve_method_config(methods[0], dataset)
-        else:
-            first = methods[0]
     try:
-        base = load_cfg(first, opts, freeze=False)
+        base = read_config(_base_config_file(methods, base_cfg_file, opts), opts)
     except ConfigError as err:
         raise CompareError(str(err)) from None
     for key, value in (overrides or {}).items():
-        _set(base, key, value)
+        _set(base.cfg, key, value)
     result = []
     for method in methods:
-        path = resolve_method_config(method, base.CORRUPTION.DATASET)
+        path = resolve_method_config(method, base.cfg.CORRUPTION.DATASET)
         try:
-            cfg = load_cfg(path, opts, freeze=False)
+            own = read_config(path, opts)
         except ConfigError as err:
             raise CompareError(f"{path}: {err}") from None
         for key in SHARED_KEYS:
-            _set(cfg, key, _get(base, key))
+            _set(own.cfg, key, _get(base.cfg, key))
+        # What the file and command line set, for config_warnings: the shared keys as the base config set them.
+        keys_set = frozenset({k for k in own.keys_set if not _is_shared(k)} |
+                             {k for k in base.keys_set | set(overrides or {}) if _is_shared(k)})
         per_seed = []
-        for seed in (seeds or [cfg.RNG_SEED]):
-            seeded = cfg.clone()
+        for seed in (seeds or [own.cfg.RNG_SEED]):
+            seeded = own.cfg.clone()
             seeded.RNG_SEED = int(seed)
             try:
                 check_config(seeded)
             except ConfigError as err:
                 raise CompareError(f"{path}: {err}") from None
-            seeded.freeze()
-            per_seed.append(seeded)
+            per_seed.append(LoadedConfig(seeded, keys_set))
         label = Path(method).stem if Path(method).suffix in (".yaml", ".yml") else method
         result.append((label, per_seed))
     labels = [label for label, _ in result]
@@ -102,20 +100,33 @@ def method_configs(methods: list[str], base_cfg_file=None, opts=None, seeds=None
     return result
 
 
-def run_comparison(configs, progress: bool = True, evaluate=None) -> list[tuple[str, list[dict]]]:
-    """Evaluate every (label, [cfg per seed]) in turn; returns the groups for build_table. ``progress``: each run's
-    progress (harness/progress.py) named by its method, its seed where there are several, and its place among the
-    comparison's runs ("[2/3] tent")."""
-    if evaluate is None:
-        from harness.run import evaluate     # deferred: it imports torch, which the tabulating commands do not need
-    runs = sum(len(cfgs) for _, cfgs in configs)
+def _base_config_file(methods: list[str], base_cfg_file, opts: list[str]):
+    """The --cfg file, else the first method's config (a name needs CORRUPTION.DATASET among the overrides)."""
+    if base_cfg_file is not None:
+        return base_cfg_file
+    if Path(methods[0]).suffix in (".yaml", ".yml"):
+        return methods[0]
+    dataset = dict(zip(opts[0::2], opts[1::2])).get("CORRUPTION.DATASET")
+    if not dataset:
+        raise CompareError("method names need a data set: give --cfg (a config of that data set) or "
+                           "CORRUPTION.DATASET <name>")
+    return resolve_method_config(methods[0], dataset)
+
+
+def run_comparison(configs, progress: bool = True) -> list[tuple[str, list[dict]]]:
+    """Evaluate every (label, [config per seed]) in turn; returns the groups for build_table. ``progress``: each
+    run's progress (harness/progress.py) named by its method, its seed where there are several, and its place
+    among the comparison's runs ("[2/3] tent")."""
+    from harness.run import evaluate     # deferred: it imports torch, which the tabulating commands do not need
+    runs = sum(len(loaded) for _, loaded in configs)
     groups, done = [], 0
-    for label, cfgs in configs:
+    for label, per_seed in configs:
         payloads = []
-        for cfg in cfgs:
+        for loaded in per_seed:
             done += 1
-            name = f"{label} seed {cfg.RNG_SEED}" if len(cfgs) > 1 else label
-            payloads.append(evaluate(cfg, progress=progress, label=f"[{done}/{runs}] {name}"))
+            name = f"{label} seed {loaded.cfg.RNG_SEED}" if len(per_seed) > 1 else label
+            plan = build_plan(loaded.cfg, loaded.keys_set)
+            payloads.append(evaluate(plan, progress=progress, label=f"[{done}/{runs}] {name}"))
         groups.append((label, payloads))
     return groups
 

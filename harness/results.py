@@ -6,13 +6,19 @@ import csv
 import io
 import json
 import platform
+import socket
 import subprocess
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from conf.files import atomic_write_text
+from harness.identity import config_hash
+
+if TYPE_CHECKING:
+    from harness.build import RunPlan
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _PACKAGES = ["torch", "torchvision", "open_clip_torch", "timm", "numpy", "yacs", "scipy", "pillow", "robustbench"]
@@ -96,3 +102,75 @@ def write_results(save_dir: Path, payload: dict) -> None:
 
 def command_line() -> str:
     return " ".join(sys.argv)
+
+
+def run_provenance(plan: RunPlan, method, model_info: dict, device_name: str) -> dict:
+    """What produced a run, recorded in its results: config and its hash, seed, command, commit, package versions,
+    model (as built and as planned), the method's adapted parameters, precision and cost, device, data (folder,
+    description, fingerprints), weights' hash, warnings, host and start time."""
+    import torch
+    cfg = plan.cfg
+    provenance = {
+        "config": cfg.dump(),
+        "config_hash": config_hash(cfg),
+        "seed": cfg.RNG_SEED,
+        "command": command_line(),
+        "git": git_commit(),
+        "versions": package_versions(),
+        "model": model_info,
+        "model_spec": {"image_tower": plan.model_spec.image_tower, "vision_layers": plan.model_spec.vision_layers,
+                       "context_length": plan.model_spec.context_length},
+        "adapted_parameters": method.num_trainable_params(),
+        "method_precision": method.precision_info(),
+        "device": device_name,
+        "torch_threads": torch.get_num_threads(),
+        "data": {"data_dir": str(Path(cfg.DATA_DIR).resolve()), **plan.dataset.describe(cfg),
+                 "stream_order": cfg.TEST.STREAM_ORDER,
+                 "fingerprints": {str(i): f for i, f in sorted(plan.data_fingerprints.items())},
+                 "image_shapes": [list(s) for s in sorted({tuple(p.image_shape) for p in plan.data.values()
+                                                          if hasattr(p, "image_shape")})]},
+        "weights_sha256": plan.weights_sha256,
+        "save_dir": str(plan.save_dir),
+        "config_warnings": list(plan.warnings),
+        "host": socket.gethostname(),
+        "started_at": utc_now(),
+    }
+    cost = method.cost_info()
+    if cost is not None:
+        provenance["method_cost"] = dict(cost)
+    return provenance
+
+
+def results_payload(plan: RunPlan, done: dict, provenance: dict, resumed: list[int],
+                    scaler_skipped_steps: int | None) -> dict:
+    """results.json's content from every finished task (``done``: task index -> records, seconds, images), in
+    the setting's order, with the run's provenance and its counts so far."""
+    cfg = plan.cfg
+    finished = sorted(done)
+    records = [r for i in finished for r in done[i]["records"]]
+    seconds = sum(done[i]["wall_time_s"] for i in finished)
+    images = sum(done[i]["images"] for i in finished)
+    return {
+        "method": plan.method_name,
+        "dataset": cfg.CORRUPTION.DATASET,
+        "setting": cfg.SETTING,
+        "domain_label": plan.dataset.domain_label,
+        "has_severities": bool(getattr(plan.dataset, "has_severities", True)),
+        "complete": len(finished) == len(plan.tasks),
+        # Every (domain, severity) record of the complete run, in order: what a table of this run must show.
+        "expected": [[s.domain, s.severity] for task in plan.tasks for s in task.segments],
+        "records": records,
+        "summary": summarise(records),
+        "provenance": {
+            **provenance,
+            "wall_time_s": seconds,
+            "images": images,
+            "images_per_second": images / seconds if seconds > 0 else None,
+            "tasks_total": len(plan.tasks),
+            "tasks_done": finished,
+            "resumed_tasks": resumed,
+            "run_domains": list(cfg.RUN_DOMAINS),
+            "grad_scaler_skipped_steps": scaler_skipped_steps,
+            "finished_at": utc_now(),
+        },
+    }

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import random
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +21,7 @@ from harness.build import RunPlan, build_plan
 from harness.identity import config_hash
 from harness.report import paper
 from harness.report.text import format_table
-from harness.results import (command_line, git_commit, make_record, package_versions, summarise, utc_now,
-                             write_results)
+from harness.results import make_record, results_payload, run_provenance, write_results
 from harness.calibration import CalibrationCounts
 from harness.stream import SegmentStream, make_loader, task_stream_order
 from harness.logs import file_logging
@@ -104,9 +102,8 @@ def prepare(plan: RunPlan) -> RunState:
     """Seed, read back finished tasks, build model and method, collect the provenance."""
     cfg = plan.cfg
     seed_everything(cfg)
-    cfg_hash, config_dump = config_hash(cfg), cfg.dump()
     if cfg.RESUME:
-        done = read_tasks(plan.save_dir, plan.tasks, cfg_hash, config_dump, plan.identity_of)
+        done = read_tasks(plan.save_dir, plan.tasks, config_hash(cfg), cfg.dump(), plan.identity_of)
     else:
         clear_tasks(plan.save_dir, plan.wanted)
         done = {}
@@ -121,38 +118,13 @@ def prepare(plan: RunPlan) -> RunState:
         logger.info("Resuming: %d of %d tasks already finished in %s", len(resumed), len(plan.tasks), plan.save_dir)
 
     model, model_info = build_zero_shot_clip(cfg, plan.class_names, plan.templates, plan.device, plan.weights)
-    method = methods.build_method(cfg, model, len(plan.class_names)).to(plan.device)
+    method = plan.method_class(cfg, model, len(plan.class_names)).setup().to(plan.device)
     logger.info("Method %s on %s (%s) with %s, %d/%d parameters adapted; results in %s", plan.method_name,
                 cfg.CORRUPTION.DATASET, cfg.SETTING, model_info["arch"], method.num_trainable_params(),
                 model_info["num_parameters"], plan.save_dir)
     device = plan.device
     device_name = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-    provenance = {
-        "config": config_dump,
-        "config_hash": cfg_hash,
-        "seed": cfg.RNG_SEED,
-        "command": command_line(),
-        "git": git_commit(),
-        "versions": package_versions(),
-        "model": model_info,
-        "adapted_parameters": method.num_trainable_params(),
-        "method_precision": method.precision_info(),
-        "device": device_name,
-        "torch_threads": torch.get_num_threads(),
-        "data": {"data_dir": str(Path(cfg.DATA_DIR).resolve()), **plan.dataset.describe(cfg),
-                 "stream_order": cfg.TEST.STREAM_ORDER,
-                 "fingerprints": {str(i): f for i, f in sorted(plan.data_fingerprints.items())},
-                 "image_shapes": [list(s) for s in sorted({tuple(p.image_shape) for p in plan.data.values()
-                                                          if hasattr(p, "image_shape")})]},
-        "weights_sha256": plan.weights_sha256,
-        "save_dir": str(plan.save_dir),
-        "config_warnings": list(plan.warnings),
-        "host": socket.gethostname(),
-        "started_at": utc_now(),
-    }
-    cost = method.cost_info()
-    if cost is not None:
-        provenance["method_cost"] = dict(cost)
+    provenance = run_provenance(plan, method, model_info, device_name)
     transform = clip_image_transform(model.image_size, model_info["interpolation"])
     return RunState(method, transform, provenance, done, run_now, resumed, device_name, model_info)
 
@@ -268,34 +240,8 @@ def _write_payload(plan: RunPlan, state: RunState) -> dict:
 
 
 def _payload_written(plan: RunPlan, state: RunState) -> dict:
-    cfg, done = plan.cfg, state.done
-    finished = sorted(done)
-    records = [r for i in finished for r in done[i]["records"]]
-    seconds = sum(done[i]["wall_time_s"] for i in finished)
-    images = sum(done[i]["images"] for i in finished)
-    payload = {
-        "method": plan.method_name,
-        "dataset": cfg.CORRUPTION.DATASET,
-        "setting": cfg.SETTING,
-        "domain_label": plan.dataset.domain_label,
-        "has_severities": bool(getattr(plan.dataset, "has_severities", True)),
-        "complete": len(finished) == len(plan.tasks),
-        # Every (domain, severity) record of the complete run, in order: what a table of this run must show.
-        "expected": [[s.domain, s.severity] for task in plan.tasks for s in task.segments],
-        "records": records,
-        "summary": summarise(records),
-        "provenance": {
-            **state.provenance,
-            "wall_time_s": seconds,
-            "images": images,
-            "images_per_second": images / seconds if seconds > 0 else None,
-            "tasks_total": len(plan.tasks),
-            "tasks_done": finished,
-            "resumed_tasks": state.resumed,
-            "run_domains": list(cfg.RUN_DOMAINS),
-            "grad_scaler_skipped_steps": state.method.scaler_skipped_steps if state.method.scaler else None,
-            "finished_at": utc_now(),
-        },
-    }
+    scaler = state.method.scaler
+    payload = results_payload(plan, state.done, state.provenance, state.resumed,
+                              state.method.scaler_skipped_steps if scaler else None)
     write_results(plan.save_dir, payload)
     return payload

@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         configs = comparison.method_configs(args.methods, args.cfg_file, args.opts, args.seeds, overrides)
         groups = comparison.run_comparison(configs, progress=not args.no_progress)
         table = report.build_table(groups, args.metric, with_paper)
-        out = args.out or comparison.comparison_dir(configs[0][1][0], [label for label, _ in configs])
+        out = args.out or comparison.comparison_dir(configs[0][1][0].cfg, [label for label, _ in configs])
         _print_and_write([table], out, args.figure)
     return 0
 

@@ -82,6 +82,7 @@ def run_methods(methods_wanted: list[str], opts: list[str], progress: bool = Tru
     configs, harness.comparison.method_configs), each through harness.run.evaluate with its progress ("[2/3] tent":
     a bar on a terminal, a line a minute elsewhere); methods without a config or registration are skipped."""
     import methods
+    from harness.build import build_plan
     from harness.comparison import method_configs
     from harness.run import evaluate
     runnable = []
@@ -98,9 +99,10 @@ def run_methods(methods_wanted: list[str], opts: list[str], progress: bool = Tru
         return []
     configs = method_configs([f"conf/shapes_c/{name}.yaml" for name in runnable], opts=opts)
     groups = []
-    for k, (name, (label, cfgs)) in enumerate(zip(runnable, configs), 1):
+    for k, (name, (label, (loaded,))) in enumerate(zip(runnable, configs), 1):
         start = time.perf_counter()
-        payload = evaluate(cfgs[0], progress=progress, label=f"[{k}/{len(runnable)}] {name}")
+        payload = evaluate(build_plan(loaded.cfg, loaded.keys_set), progress=progress,
+                           label=f"[{k}/{len(runnable)}] {name}")
         print(f"{name}: mean accuracy {100 * payload['summary']['mean_accuracy']:.2f}% "
               f"({time.perf_counter() - start:.0f} s) -> {payload['provenance']['save_dir']}", flush=True)
         groups.append((label, [payload]))

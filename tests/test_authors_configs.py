@@ -154,22 +154,25 @@ def test_their_keys_that_mean_nothing_here_stop_with_the_reason(opts, needle):
         check_method(cfg)
 
 
+def _warnings(path, opts=()):
+    """config_warnings as a run gives them: with the keys the file and the command line set."""
+    from harness.build import config_warnings, read_config
+    loaded = read_config(path, list(opts))
+    return config_warnings(loaded.cfg, loaded.keys_set)
+
+
 def test_a_default_that_differs_from_theirs_is_said_when_the_file_relies_on_it():
-    from harness.build import config_warnings
-    relies = config_warnings(load_cfg(FIXTURES / "batclip" / "cifar10_c" / "source.yaml"))    # no CLIP.PRECISION
+    relies = _warnings(FIXTURES / "batclip" / "cifar10_c" / "source.yaml")    # no CLIP.PRECISION
     assert any(w.startswith("CLIP.PRECISION is not set: its default is fp16 in the authors' suite and fp32 here")
                for w in relies)
-    sets_it = config_warnings(load_cfg(FIXTURES / "batclip" / "cifar10_c" / "ours.yaml"))       # PRECISION fp32
+    sets_it = _warnings(FIXTURES / "batclip" / "cifar10_c" / "ours.yaml")       # PRECISION fp32
     assert not any(w.startswith("CLIP.PRECISION") for w in sets_it)
     assert not any(w.startswith("CLIP.PRECISION") for w in
-                   config_warnings(load_cfg(FIXTURES / "batclip" / "cifar10_c" / "source.yaml",
-                                            ["CLIP.PRECISION", "fp32"])))
+                   _warnings(FIXTURES / "batclip" / "cifar10_c" / "source.yaml", ["CLIP.PRECISION", "fp32"]))
 
 
 def test_correlated_imagenet_c_says_which_list_it_reads():
-    from harness.build import config_warnings
-    warnings = config_warnings(load_cfg("conf/imagenet_c/source.yaml", ["SETTING", "correlated"]))
+    warnings = _warnings("conf/imagenet_c/source.yaml", ["SETTING", "correlated"])
     assert any("50,000-image list in correlated settings" in w for w in warnings)
-    explicit = config_warnings(load_cfg("conf/imagenet_c/source.yaml", ["SETTING", "correlated",
-                                                                         "CORRUPTION.IMAGENET_C_LIST", "all"]))
+    explicit = _warnings("conf/imagenet_c/source.yaml", ["SETTING", "correlated", "CORRUPTION.IMAGENET_C_LIST", "all"])
     assert not any("correlated settings" in w for w in explicit)

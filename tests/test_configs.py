@@ -129,9 +129,10 @@ def test_method_keys_come_from_the_method_class_and_external_modules_register(tm
 
 
 def test_keys_that_change_nothing_warn():
-    from harness.build import config_warnings
+    from harness.build import config_warnings, read_config
     for name in config_names():
-        assert config_warnings(load_cfg(f"conf/{name}.yaml")) == [], name
+        loaded = read_config(f"conf/{name}.yaml")
+        assert config_warnings(loaded.cfg, loaded.keys_set) == [], name
     warnings = config_warnings(tiny_cfg("conf/cifar10_c/vte.yaml", TEST__WINDOW_LENGTH=4, OPTIM__STEPS=3,
                                         MODEL__EPISODIC=True, SAR__RHO=0.1, SAR__MARGIN_E0=0.3))
     assert warnings == [

@@ -193,13 +193,14 @@ def test_the_docs_compare_command_composes_exactly_the_demos_configs(monkeypatch
     with pytest.raises(_Composed):
         demo.main(["--no-progress"])
     monkeypatch.undo()
-    demo_cfgs = {label: cfg for label, (cfg,) in composed}
+    demo_cfgs = {label: loaded.cfg for label, (loaded,) in composed}
     assert list(demo_cfgs) == demo.DEFAULT_METHODS
 
     commands = [_docs_compare_command(doc) for doc in (REPO / "README.md", REPO / "docs" / "demo.md")]
     assert commands[0] == commands[1]
     args = _compare_cli().parse_args(commands[0])
-    docs_cfgs = {label: cfg for label, (cfg,) in comparison.method_configs(args.methods, args.cfg_file, args.opts)}
+    docs_cfgs = {label: loaded.cfg for label, (loaded,) in
+                 comparison.method_configs(args.methods, args.cfg_file, args.opts)}
     assert list(docs_cfgs) == demo.DEFAULT_METHODS
     for method, cfg in docs_cfgs.items():
         assert identity_keys(cfg) == identity_keys(demo_cfgs[method]), method

@@ -383,6 +383,11 @@ COMMANDS = {
     "python scripts/bench_methods.py --device cpu --shapes cifar10 --batch 4 --steps 1 --warmup 1 --methods source "
     "tent rpl sar rotta batclip stata vte tpt": Parsed(BENCHMARK),
     "python -m tests.record --all": Parsed(RECORD_WRITE),
+    **{f"python -m tests.record shapes_c/example_{kind} cifar10_c/example_{kind}": RunElsewhere(
+        "records a worked example of docs/adding_a_method.md, only once its files are saved; tried by hand as a "
+        "newcomer (the closing note of issue 25)",
+        (("tests/test_configs.py", r"python -m tests\.record \{' '\.join\(missing\)\}"),))
+       for kind in ("norm", "views", "cache")},
     "python -m tests.golden --other-cpu-path": Succeeds(r"(?m)^MKL_CBWR=\S+ ONEDNN_MAX_CPU_ISA=\S+ "
                                                         r"ATEN_CPU_CAPABILITY=\S+$"),
     # docs/tpt_vte.md

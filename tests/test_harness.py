@@ -178,3 +178,54 @@ def test_reset_restores_model_optimizer_and_method_state_exactly(tiny_clip, exte
     # after reset the method replays exactly: same logits and same updates (optimizer moments included)
     for expected in replay:
         torch.testing.assert_close(method(x), expected, rtol=0, atol=0)
+
+
+def test_a_config_file_is_read_once_and_the_keys_it_sets_come_back(monkeypatch):
+    """read_config reads each file of a composition once (protocol, method config, the composition file) and
+    returns the keys the files and the command line set, which config_warnings tells from defaults."""
+    import conf.compose
+    import conf.schema
+    from harness.build import read_config
+    reads = []
+    real = conf.schema.read_yaml
+
+    def counted(path):
+        reads.append(Path(path).resolve())
+        return real(path)
+    monkeypatch.setattr(conf.compose, "read_yaml", counted)
+    loaded = read_config("conf/imagenet_c/tent.yaml", ["OPTIM.STEPS", "2"])
+    root = Path(conf.compose.CONF_DIR)
+    assert sorted(reads) == sorted({root / "imagenet_c" / "tent.yaml", root / "datasets" / "imagenet_c.yaml",
+                                    root / "methods" / "tent.yaml"})
+    assert {"OPTIM.LR", "OPTIM.STEPS", "CORRUPTION.DATASET", "MODEL.ADAPTATION"} <= loaded.keys_set
+    assert "CORRUPTION.IMAGENET_C_LIST" not in loaded.keys_set and loaded.cfg.OPTIM.STEPS == 2
+
+
+def test_a_run_checks_its_config_once_and_runs_the_plans_method_class(tmp_path, checkpoint, monkeypatch, capsys):
+    """test_time.py checks the config once (in build_plan), and the method harness.run builds is the plan's
+    method_class: a plan handed another class runs that one."""
+    import harness.build
+    import test_time
+    from harness.build import build_plan
+    from methods.source import Source
+    write_cifar_c(tmp_path, ["fog"], per_severity=6)
+    opts = ["MODEL.ARCH", "tiny-clip-test", "MODEL.WEIGHTS", str(checkpoint), "DATA_DIR", str(tmp_path),
+            "SAVE_DIR", str(tmp_path / "out"), "CORRUPTION.TYPE", "[fog]", "TEST.BATCH_SIZE", "3"]
+    checks = []
+    real = harness.build.check_config
+    monkeypatch.setattr(harness.build, "check_config", lambda cfg: (checks.append(cfg), real(cfg))[1])
+    assert test_time.main(["--cfg", "conf/cifar10_c/source.yaml", "--no-progress", *opts]) == 0
+    assert len(checks) == 1
+    capsys.readouterr()
+
+    built = []
+
+    class Recorded(Source):
+        def __init__(self, cfg, model, num_classes):
+            built.append(num_classes)
+            super().__init__(cfg, model, num_classes)
+    plan = build_plan(tiny_cfg("conf/cifar10_c/source.yaml", MODEL__WEIGHTS=str(checkpoint), DATA_DIR=str(tmp_path),
+                               SAVE_DIR=str(tmp_path / "other"), CORRUPTION__TYPE=["fog"], TEST__BATCH_SIZE=3))
+    plan.method_class = Recorded
+    assert evaluate(plan, progress=False)["records"][0]["n"] == 6 and built == [10]
+    assert plan.model_spec.image_tower == "vit"

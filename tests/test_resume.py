@@ -170,7 +170,7 @@ def test_command_line_shards_and_overrides_after_list_options():
                                        "-1", "--restart"])
     assert args.restart and args.no_progress and args.opts == ["DATA_DIR", "/d", "CORRUPTION.NUM_EX", "-1"]
     cfg = test_time.build_run_cfg("conf/cifar10_c/source.yaml", ["CORRUPTION.TYPE", str(DOMAINS)], restart=True,
-                                  shard="2/2")
+                                  shard="2/2").cfg
     assert cfg.RUN_DOMAINS == ["shot_noise", "snow"] and cfg.RESUME is False
 
 
