@@ -26,14 +26,18 @@ import submitit
 
 from conf.errors import UserError
 from conf.files import atomic_write_text
-from harness.grid import Grid, GridJob, run_job
-from harness.grid import job_statuses as grid_job_statuses
+from harness.grid import Grid, GridJob, QueueState, SchedulerState, run_job
 from harness.logs import console_logging
 from harness.progress import Progress
 from harness.results import utc_now
 
 LAUNCHERS = ("slurm", "local", "debug")
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60          # submitit's LocalExecutor stops a job after 2 minutes unless told
+# SLURM's words for a job (sacct's State, as submitit reads it) in the grid's (harness/grid/status.py): running,
+# or being started, finished, requeued, suspended; waiting in the queue. Any other word is an end (COMPLETED,
+# FAILED, CANCELLED, TIMEOUT, OUT_OF_MEMORY, ...) but UNKNOWN: sacct does not know the job (yet), which says nothing.
+SLURM_ACTIVE = {"RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "RESIZING", "SUSPENDED", "STAGE_OUT"}
+SLURM_QUEUED = {"PENDING", "REQUEUE_HOLD", "REQUEUE_FED"}
 
 logger = logging.getLogger(__name__)
 
@@ -130,26 +134,33 @@ def _record_submissions(grid: Grid, records: list[dict]) -> None:
     atomic_write_text(path, old + "".join(json.dumps(r) + "\n" for r in records))
 
 
-def scheduler_states(submissions: dict[str, dict]) -> dict[str, str]:
-    """{job id: the scheduler's state word} for the jobs last submitted to SLURM: one sacct call for all of them
-    through submitit's watcher. Local and debug workers have none: their liveness is their job lock. Empty when
-    sacct does not answer (the statuses then go by the job locks and state files alone)."""
-    slurm = {job: sub for job, sub in submissions.items() if sub.get("launcher") == "slurm"}
+def slurm_state(submission: dict, word: str) -> SchedulerState | None:
+    """SLURM's ``word`` for a ``submission`` (its record in submissions.jsonl) in the grid's words; None for a
+    job SLURM does not know."""
+    if not word or word == "UNKNOWN":
+        return None
+    state = (QueueState.ACTIVE if word in SLURM_ACTIVE else QueueState.QUEUED if word in SLURM_QUEUED
+             else QueueState.ENDED)
+    return SchedulerState(state, word, f"{submission['launcher']} job {submission['scheduler_id']}")
+
+
+def scheduler_states(grid: Grid) -> dict[str, SchedulerState]:
+    """{job id: what SLURM says of its last submission} for the grid's jobs last submitted to SLURM, for
+    harness.grid.job_statuses: one sacct call for all of them through submitit's watcher. Local and debug
+    workers have none: their liveness is their job lock. Empty when sacct does not answer (the statuses then go
+    by the job locks and state files alone)."""
+    slurm = {job: sub for job, sub in read_submissions(grid).items() if sub.get("launcher") == "slurm"}
     if not slurm:
         return {}
     try:
         handles = {job: submitit.SlurmJob(sub["folder"], sub["scheduler_id"]) for job, sub in slurm.items()}
         watcher = next(iter(handles.values())).watcher
         watcher.update()
-        return {job: watcher.get_state(handle.job_id, mode="cache") for job, handle in handles.items()}
+        words = {job: watcher.get_state(handle.job_id, mode="cache") for job, handle in handles.items()}
     except Exception:        # sacct missing or failing: no word from the scheduler
         return {}
-
-
-def job_statuses(grid: Grid) -> list:
-    """Every job's status, with what its last submission's scheduler says."""
-    submissions = read_submissions(grid)
-    return grid_job_statuses(grid, submissions, scheduler_states(submissions))
+    states = {job: slurm_state(slurm[job], word) for job, word in words.items()}
+    return {job: state for job, state in states.items() if state is not None}
 
 
 def _visible_gpus() -> list[int]:
@@ -364,6 +375,6 @@ def check_launcher(options: LaunchOptions) -> None:
         raise LaunchError(f"--parallel is for --launcher local (slurm: --array-parallelism), not {options.launcher}")
 
 
-__all__ = ["JobRunner", "LAUNCHERS", "LaunchError", "LaunchOptions", "SlurmGpus", "Worker", "check_launcher",
-           "job_statuses", "read_submissions", "scheduler_states", "slurm_gpu_request", "slurm_gpus", "submit",
-           "wait"]
+__all__ = ["JobRunner", "LAUNCHERS", "LaunchError", "LaunchOptions", "SLURM_ACTIVE", "SLURM_QUEUED", "SlurmGpus",
+           "Worker", "check_launcher", "read_submissions", "scheduler_states", "slurm_gpu_request", "slurm_gpus",
+           "slurm_state", "submit", "wait"]

@@ -51,7 +51,7 @@ def bench_expansion(save_dir: Path) -> None:
         start = time.perf_counter()
         grid = grids.load_grid(path, opts)
         loaded = time.perf_counter() - start
-        launch.job_statuses(grid)
+        grids.job_statuses(grid, launch.scheduler_states(grid))
         checked = time.perf_counter() - start - loaded
         wall, _ = grid_command("status", path, *opts)
         cells = len({job.config_hash for job in grid.jobs})

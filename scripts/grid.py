@@ -9,7 +9,7 @@ command skips what is finished and resumes the rest from its finished tasks.
     python scripts/grid.py report grids/paper_main.yaml DATA_DIR /data
 
 ``KEY VALUE`` overrides apply to every cell (give status and report the same ones as run: they find the jobs
-by their configs). A grid file's format: harness/grid.py; the cluster recipes: docs/cluster.md."""
+by their configs). A grid file's format: harness/grid/spec.py; the cluster recipes: docs/cluster.md."""
 from __future__ import annotations
 
 import argparse
@@ -85,6 +85,11 @@ def parse_args(argv):
     return args
 
 
+def current_statuses(grid) -> list:
+    """Every job's status, with what the scheduler of its last submission says."""
+    return grids.job_statuses(grid, launch.scheduler_states(grid))
+
+
 def print_status(grid, statuses) -> dict:
     counts = {state: 0 for state in grids.JOB_STATES}
     width = max(len(s.job.id) for s in statuses)
@@ -112,7 +117,7 @@ def write_tables(grid, args) -> None:
 def run(grid, args) -> int:
     options = args.options
     launch.check_launcher(options)
-    statuses = launch.job_statuses(grid)
+    statuses = current_statuses(grid)
     wanted = {"failed"} if args.retry_failed else {"failed", "pending"}
     to_run = [s.job for s in statuses if s.state in wanted]
     skipped = {state: sum(s.state == state for s in statuses) for state in ("done", "running")}
@@ -133,12 +138,12 @@ def run(grid, args) -> int:
         submitted = {job.id for job in to_run}
 
         def count():
-            current = [s for s in launch.job_statuses(grid) if s.job.id in submitted]
+            current = [s for s in current_statuses(grid) if s.job.id in submitted]
             states = {k: sum(s.state == k for s in current) for k in grids.JOB_STATES}
             note = ", ".join(f"{states[k]} {k}" for k in ("running", "failed") if states[k])
             return states["done"] + states["failed"], note
         launch.wait(handles, count, len(to_run), label=grid.name)
-    counts = print_status(grid, launch.job_statuses(grid))
+    counts = print_status(grid, current_statuses(grid))
     write_tables(grid, args)
     if counts["failed"]:
         print(f"{counts['failed']} job(s) failed; see their lines above, then: python scripts/grid.py run {args.grid} "
@@ -157,7 +162,7 @@ def main(argv=None) -> int:
     if args.command == "run":
         return run(grid, args)
     if args.command == "status":
-        counts = print_status(grid, launch.job_statuses(grid))
+        counts = print_status(grid, current_statuses(grid))
         return 1 if counts["failed"] else 0
     write_tables(grid, args)
     return 0

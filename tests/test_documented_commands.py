@@ -617,9 +617,9 @@ def test_slurm_commands_on_the_single_node_cluster(slurm, tmp_path, monkeypatch,
     grid = grids.load_grid("grids/tiny.yaml")
     arrays = {record["scheduler_id"].split("_")[0] for record in launch.read_submissions(grid).values()}
     try:
-        wait_until(lambda: any(s.state == "done" for s in launch.job_statuses(grid)), 240,
+        wait_until(lambda: any(s.state == "done" for s in grids.job_statuses(grid, launch.scheduler_states(grid))), 240,
                    "a job of the tiny grid to be done on SLURM")
-        assert not any(s.state == "failed" for s in launch.job_statuses(grid))
+        assert not any(s.state == "failed" for s in grids.job_statuses(grid, launch.scheduler_states(grid)))
     finally:
         subprocess.run(["scancel", *arrays], capture_output=True, timeout=60)
         wait_until(lambda: not subprocess.run(["squeue", "-h", "-j", ",".join(arrays)], capture_output=True,

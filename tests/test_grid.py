@@ -5,6 +5,7 @@ uninterrupted run. The real-SLURM run is tests/test_slurm.py."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -42,17 +43,17 @@ def grid_main(*args) -> int:
 
 def test_tiny_grid_is_a_job_per_method_and_corruption_with_the_configs_of_test_time(tmp_path):
     grid = grids.load_grid(write_grid(tmp_path), ["SAVE_DIR", str(tmp_path / "out")])
-    assert [(j.method, j.domains) for j in grid.jobs] == [(m, (d,)) for m in ("source", "tent") for d in DOMAINS]
+    assert [(j.config_name, j.domains) for j in grid.jobs] == [(m, (d,)) for m in ("source", "tent") for d in DOMAINS]
     for job in grid.jobs:
         # the config test_time.py would run with the same overrides: same hash, same run folder
         opts = ["CORRUPTION.TYPE", str(DOMAINS), "CORRUPTION.NUM_EX", "16", "TEST.BATCH_SIZE", "8",
                 "TEST.NUM_WORKERS", "0", "DEVICE", "cpu", "SAVE_DIR", str(tmp_path / "out"), "RNG_SEED", "1",
                 "SETTING", "reset_each_shift"]
-        cfg = load_cfg(f"conf/shapes_c/{job.method}.yaml", opts)
+        cfg = load_cfg(f"conf/shapes_c/{job.config_name}.yaml", opts)
         assert job.config_hash == config_hash(cfg) and job.config_hash in job.id and job.domains[0] in job.id
         tasks = build_tasks(cfg)
         assert [tasks[i].segments[0].domain for i in job.tasks] == list(job.domains)
-        assert job.config().RUN_DOMAINS == list(job.domains)
+        assert job.config().cfg.RUN_DOMAINS == list(job.domains)
     assert grid.folder == tmp_path / "out" / "grids" / "tiny_test"
 
 
@@ -66,7 +67,7 @@ def test_job_identity_is_stable_and_moves_only_with_what_changes_results(tmp_pat
     other = write_grid(tmp_path / "b", extra="cells:\n  - where: {method: tent}\n    overrides: {OPTIM.LR: 0.5}\n")
     changed = grids.load_grid(other)
     assert [j.id for j in changed.jobs][:2] == first[:2] and not set([j.id for j in changed.jobs][2:]) & set(first)
-    assert all(j.config().OPTIM.LR == 0.5 for j in changed.jobs if j.method == "tent")
+    assert all(j.config().cfg.OPTIM.LR == 0.5 for j in changed.jobs if j.config_name == "tent")
 
 
 @pytest.mark.parametrize("setting,severities,jobs_per_cell", [
@@ -95,16 +96,19 @@ def test_the_paper_grids_cover_every_row_of_the_papers_tables():
     expected = 0
     for dataset in ("cifar10_c", "cifar100_c", "imagenet_c"):
         cells = [c for c in main.cells if c.dataset == dataset]
-        assert {c.method for c in cells} == set(paper.paper_methods(dataset)), dataset
+        assert {c.config_name for c in cells} == set(paper.paper_methods(dataset)), dataset
         expected += len(paper.paper_methods(dataset)) * _conf_domains(dataset)
         assert all(len(c.jobs) == _conf_domains(dataset) for c in cells)
         # each cell runs its shipped config's own setting (StatA's stream is label-correlated)
         for cell in cells:
-            assert cell.setting == load_cfg(f"conf/{dataset}/{cell.method}.yaml").SETTING
+            assert cell.setting == load_cfg(f"conf/{dataset}/{cell.config_name}.yaml").SETTING
     assert len(main.jobs) == expected == 450
+    # a cell's config name is the grid's label for it; its method is the registered one it runs
+    gamma = next(c for c in main.cells if c.config_name == "stata_gamma_m1")
+    assert gamma.method == "stata" and grids.cell_payload(gamma)["method"] == "stata"
     dg = grids.load_grid(ROOT / "grids" / "paper_dg.yaml")
     for dataset in ("pacs", "vlcs", "office_home", "terra_incognita"):
-        shipped = {c.method for c in dg.cells if c.dataset == dataset}
+        shipped = {c.config_name for c in dg.cells if c.dataset == dataset}
         assert shipped == set(paper.paper_methods(dataset)) - {"watt_p", "watt_s"}, dataset
     assert len(dg.jobs) == sum(3 * _conf_domains(d) for d in ("pacs", "vlcs", "office_home", "terra_incognita"))
     tiny = grids.load_grid(ROOT / "grids" / "tiny.yaml")
@@ -160,15 +164,20 @@ def test_more_refusals(tmp_path):
         grids.load_grid(bad)
 
 
-def test_a_job_refuses_a_config_file_edited_since_the_expansion(tmp_path):
+def test_a_job_runs_the_config_it_was_expanded_with_and_refuses_one_that_hashes_otherwise(tmp_path):
     tent_file = tmp_path / "my_tent.yaml"
     tent_file.write_text(load_cfg("conf/shapes_c/tent.yaml").dump())
     path = write_grid(tmp_path)
     path.write_text(path.read_text().replace("[source, tent]", f"[{tent_file}]"))
     job = grids.load_grid(path).jobs[0]
     tent_file.write_text(tent_file.read_text().replace("LR: 0.001", "LR: 0.002"))
-    with pytest.raises(grids.GridError, match="was edited"):
-        job.config()
+    # the job carries its expanded config: an edit to the file since does not reach it
+    assert job.config().cfg.OPTIM.LR == 0.001 and config_hash(job.config().cfg) == job.config_hash
+    # a config that no longer hashes as at the expansion (the suite's defaults changed, say) is refused in a line
+    moved = dataclasses.replace(job, config_text=job.config_text.replace("LR: 0.001", "LR: 0.002"))
+    with pytest.raises(grids.GridError) as refused:
+        moved.config()
+    assert "when the grid was expanded" in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_the_command_line_refuses_in_one_line(tmp_path, capsys):
@@ -197,7 +206,7 @@ def shapes(tmp_path_factory):
 
 
 def statuses(grid):
-    return {s.job.id: s for s in launch.job_statuses(grid)}
+    return {s.job.id: s for s in grids.job_statuses(grid, launch.scheduler_states(grid))}
 
 
 def test_debug_run_finishes_every_job_and_reports_the_tables_a_rerun_submits_nothing(tmp_path, shapes, capsys):
@@ -217,7 +226,7 @@ def test_debug_run_finishes_every_job_and_reports_the_tables_a_rerun_submits_not
     # the grid's records are those of test_time.py's runs of the same configs, one process per config
     from harness.run import evaluate
     for method in ("source", "tent"):
-        job = next(j for j in grid.jobs if j.method == method)
+        job = next(j for j in grid.jobs if j.config_name == method)
         cfg = load_cfg(job.config_file, list(job.opts) + ["SAVE_DIR", str(tmp_path / "direct")])
         direct = evaluate(cfg, progress=False)
         stored = json.loads((Path(job.run_dir) / "results.json").read_text())
@@ -233,7 +242,7 @@ def test_debug_run_finishes_every_job_and_reports_the_tables_a_rerun_submits_not
     assert "0 of 4 jobs to submit (4 done, 0 running)" in capsys.readouterr().out
     assert mtimes == {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("tasks/task_*.json")}
     # a record removed: that job only is pending again, and a rerun computes it alone
-    victim = next(j for j in grid.jobs if j.method == "tent" and j.domains == ("fog",))
+    victim = next(j for j in grid.jobs if j.config_name == "tent" and j.domains == ("fog",))
     Path(victim.run_dir, "tasks", f"task_{victim.tasks[0]:04d}.json").unlink()
     assert [s.state for s in statuses(grid).values()].count("pending") == 1
     assert statuses(grid)[victim.id].state == "pending"
@@ -245,7 +254,7 @@ def test_split_cell_runs_a_cell_as_one_job_into_the_same_run_folders(tmp_path, s
     opts = ["DATA_DIR", shapes, "SAVE_DIR", tmp_path / "out"]
     whole = write_grid(tmp_path / "whole", extra="split: cell\n")
     grid = grids.load_grid(whole, opts)
-    assert [(j.method, j.domains, j.tasks) for j in grid.jobs] == [("source", (), (0, 1)), ("tent", (), (0, 1))]
+    assert [(j.config_name, j.domains, j.tasks) for j in grid.jobs] == [("source", (), (0, 1)), ("tent", (), (0, 1))]
     assert grid_main("run", whole, "--launcher", "debug", *opts) == 0
     assert "2 of 2 jobs to submit" in capsys.readouterr().out
     # the per-domain grid of the same cells finds every one of its jobs done in those run folders
@@ -266,7 +275,7 @@ def test_a_failing_job_blocks_nothing_and_retry_failed_reruns_only_it(tmp_path, 
     grid = grids.load_grid(path, opts)
     states = statuses(grid)
     failed = [s for s in states.values() if s.state == "failed"]
-    assert sorted(s.job.method for s in failed) == ["tent", "tent"]
+    assert sorted(s.job.config_name for s in failed) == ["tent", "tent"]
     assert [s.state for s in states.values()].count("done") == 2
     for s in failed:
         assert str(empty) in s.detail and "\n" not in s.detail and "log.txt" in s.log
@@ -300,15 +309,19 @@ def test_statuses_tell_running_killed_and_queued_jobs(tmp_path):
     other = grid.jobs[1]
     submission[other.id] = {"launcher": "slurm", "scheduler_id": "12_1", "folder": "x"}
     words = {"12_0": "RUNNING", "12_1": "PENDING"}
-    found = {s.job.id: s for s in grids.job_statuses(grid, submission, {j: words[s["scheduler_id"]]
-                                                                         for j, s in submission.items()})}
+    found = {s.job.id: s for s in grids.job_statuses(grid, {j: launch.slurm_state(s, words[s["scheduler_id"]])
+                                                             for j, s in submission.items()})}
     assert found[job.id].state == "running" and found[other.id].state == "pending"
     assert "queued as slurm job 12_1" in found[other.id].detail
     words = {"12_0": "TIMEOUT", "12_1": "CANCELLED"}
-    found = {s.job.id: s for s in grids.job_statuses(grid, submission, {j: words[s["scheduler_id"]]
-                                                                         for j, s in submission.items()})}
+    found = {s.job.id: s for s in grids.job_statuses(grid, {j: launch.slurm_state(s, words[s["scheduler_id"]])
+                                                             for j, s in submission.items()})}
     assert found[job.id].state == "failed" and "slurm job 12_0 ended (TIMEOUT)" in found[job.id].detail
     assert found[other.id].state == "failed" and "(CANCELLED) before it started" in found[other.id].detail
+    # SLURM's words are the launcher's: the grid sees active / queued / ended, and nothing where sacct knows no job
+    assert [launch.slurm_state(submission[job.id], w).state for w in ("COMPLETING", "REQUEUE_HOLD", "FAILED")] == [
+        grids.QueueState.ACTIVE, grids.QueueState.QUEUED, grids.QueueState.ENDED]
+    assert launch.slurm_state(submission[job.id], "UNKNOWN") is None
 
 
 # ------------------------------------------------------------------------------------------------ real processes

@@ -83,7 +83,7 @@ def shapes(tmp_path_factory):
 
 
 def _statuses(grid):
-    return {s.job.id: s for s in launch.job_statuses(grid)}
+    return {s.job.id: s for s in grids.job_statuses(grid, launch.scheduler_states(grid))}
 
 
 def _slurm_id(grid, job) -> str:

@@ -1,0 +1,86 @@
+"""A grid's comparison tables (one per data set, the paper's rows beside) and the compute its jobs used."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from harness import report
+from harness.grid.spec import Cell, Grid
+from harness.grid.status import JobStatus
+from harness.identity import config_hash, identity_keys
+from harness.report.runs import SEED_KEY
+
+
+def _placeholder(cell: Cell) -> dict:
+    """The payload of a cell with no results yet: its expected cells, none measured (shown as missing). Its
+    ``method`` is the registered one, as in a run's results.json (the paper's row is looked up by it)."""
+    import datasets
+    dataset = datasets.get_dataset(cell.dataset)
+    return {"method": cell.method, "dataset": cell.dataset, "setting": cell.setting,
+            "domain_label": dataset.domain_label, "complete": False, "records": [],
+            "expected": [[s.domain, s.severity] for task in cell.tasks for s in task.segments],
+            "provenance": {"config": cell.cfg.dump(), "config_hash": config_hash(cell.cfg)},
+            "_path": f"{cell.jobs[0].run_dir} (not run yet)"}
+
+
+def cell_payload(cell: Cell) -> dict:
+    path = Path(cell.jobs[0].run_dir) / "results.json"
+    if not path.is_file():
+        return _placeholder(cell)
+    return report.load_results([path])[0]
+
+
+def grid_tables(grid: Grid, metric: str = "accuracy", with_paper: bool = True) -> list:
+    """One comparison table per data set: a row per config name (and setting, and other overrides) with its seeds
+    pooled, the paper's rows beside; cells a job has not finished are empty and their row has no mean."""
+    tables = []
+    for dataset in dict.fromkeys(cell.dataset for cell in grid.cells):
+        groups: dict[str, list] = {}
+        labels: dict[str, str] = {}
+        several_settings = len({c.setting for c in grid.cells if c.dataset == dataset}) > 1
+        for cell in (c for c in grid.cells if c.dataset == dataset):
+            identity = sorted(identity_keys(cell.cfg, (SEED_KEY,)).items())
+            key = json.dumps(identity, default=str)
+            groups.setdefault(key, []).append(cell_payload(cell))
+            labels[key] = cell.config_name + (f" [{cell.setting}]" if several_settings else "")
+        named = list(labels.values())
+        rows = []
+        for key, payloads in groups.items():
+            label = labels[key]
+            if named.count(label) > 1:     # one config with several override sets: tell them apart
+                label += f" [{hashlib.sha1(key.encode()).hexdigest()[:6]}]"
+            # runs with results first: the paper's row is matched on the first run's records
+            rows.append((label, sorted(payloads, key=lambda p: not p["records"])))
+        tables.append(report.build_table(rows, metric, with_paper))
+    return tables
+
+
+def compute_summary(statuses: list[JobStatus]) -> str:
+    """Compute used by the finished jobs (their wall time where they ran, model loading included), and the rest
+    estimated from the mean time of finished jobs of the same config (its config name) and data set."""
+    finished = [s for s in statuses if s.state == "done" and s.seconds]
+    per_kind: dict[tuple, list[float]] = {}
+    for s in finished:
+        per_kind.setdefault((s.job.dataset, s.job.config_name), []).append(s.seconds)
+    rest = [s for s in statuses if s.state != "done"]
+    estimate, unknown = 0.0, 0
+    for s in rest:
+        times = per_kind.get((s.job.dataset, s.job.config_name))
+        if times:
+            estimate += sum(times) / len(times)
+        else:
+            unknown += 1
+    if not finished:
+        return "compute: no job finished yet, nothing to estimate the others from"
+    line = f"compute: {_duration(sum(s.seconds for s in finished))} in {len(finished)} finished jobs"
+    if rest:
+        line += (f"; the other {len(rest)}: about {_duration(estimate)} (the mean of finished jobs of the same "
+                 f"config and data set)")
+        if unknown:
+            line += f", {unknown} of them without a finished job to go by"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} job-hours" if seconds >= 3600 else f"{seconds:.0f} job-seconds"
