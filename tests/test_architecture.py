@@ -116,3 +116,27 @@ def test_the_checker_sees_a_method_module_imported(tmp_path):
     assert method_modules_imported(source) == {"methods.tent", "methods.tpt", "methods.rpl"}
     assert {"methods.tent", "methods.tpt", "methods.rpl", "methods.tda"} <= METHOD_MODULES
     assert not {"methods.base", "methods.frames", "methods.losses", "methods.caches"} & METHOD_MODULES
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(path: Path) -> list[str]:
+    """'name (N lines)' of every function in ``path`` longer than MAX_FUNCTION_LINES (decorators not counted)."""
+    tree = ast.parse(path.read_text())
+    return [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)" for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+
+
+def test_no_function_over_sixty_lines_outside_scripts_and_tests():
+    """A function a reader takes in at once; entry-point scripts and tests are left out."""
+    found = {str(path.relative_to(ROOT)): long_functions(path) for path in ROOT.rglob("*.py")
+             if not {".venv", "scripts", "tests", ".git"} & set(path.relative_to(ROOT).parts)}
+    assert {path: names for path, names in found.items() if names} == {}
+
+
+def test_the_length_check_counts_a_long_function(tmp_path):
+    body = "\n".join(f"    x{k} = {k}" for k in range(MAX_FUNCTION_LINES))
+    (tmp_path / "long.py").write_text(f"def long():\n{body}\n")
+    assert long_functions(tmp_path / "long.py") == [f"long ({MAX_FUNCTION_LINES + 1} lines)"]
