@@ -6,6 +6,8 @@ plain value is a default that accepts any value of its type; ``Option(default, .
     Option(0.8, within="(0, 1]")                      # an interval; "inf" for no bound, ( ) open, [ ] closed
     Option("present", choices=("present", "all"))     # one of these
     Option(-1, valid=lambda n: n == -1 or n >= 1, expected="-1 (all) or a count >= 1")
+    Option("", reads_file=True)                       # a file the run reads ("" none): it must exist, and its
+                                                      # content enters the run's identity (harness/build.py)
 
 The run plan (harness/build.py) checks every option of the suite and of the chosen method before anything
 loads, so a method never writes ``if not 0 < q <= 1: raise ...`` itself."""
@@ -15,6 +17,7 @@ import difflib
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from conf.errors import ConfigError
@@ -29,6 +32,7 @@ class Option:
     within: str | None = None
     valid: Callable[[Any], bool] | None = None
     expected: str = ""
+    reads_file: bool = False
 
     def __post_init__(self):
         if self.within is not None and not _INTERVAL.match(self.within):
@@ -51,6 +55,9 @@ class Option:
         return self.valid is None or bool(self.valid(value))
 
     def check(self, key: str, value) -> None:
+        if self.reads_file and value and not Path(str(value)).expanduser().is_file():
+            what = "a folder, not a file" if Path(str(value)).expanduser().is_dir() else "no such file"
+            raise ConfigError(f"{key} = {value!r}: {what}")
         if self.accepts(value):
             return
         hint = ""

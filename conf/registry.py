@@ -94,6 +94,10 @@ def import_plugins(modules: Iterable[str]) -> None:
                 raise ConfigError(f"{PLUGIN_KEY}: file {path} does not exist")
             name = plugin_module_name(entry)
             if name in sys.modules:
+                loaded = getattr(sys.modules[name], "__file__", None)
+                if loaded and Path(loaded).resolve() != path and Path(loaded).read_bytes() != path.read_bytes():
+                    raise ConfigError(f"{PLUGIN_KEY}: {path} and {loaded} both import as module '{name}' in this "
+                                      f"process (a plug-in is named after its file) but differ; rename one of them")
                 continue
             spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)

@@ -24,6 +24,10 @@ class ImageDataset:
     def __getitem__(self, i: int):
         raise NotImplementedError
 
+    def check_files(self) -> None:
+        """The cheap checks of what will be read, run when the run is planned (before the model loads): a
+        DatasetError naming the first file that cannot be an image. Decoding is left to the run."""
+
 
 class BenchmarkDataset:
     """One benchmark (CIFAR-10-C, ImageNet-C, PACS, ...): its classes, its domains, and how to read one
@@ -79,6 +83,11 @@ class BenchmarkDataset:
 
     def describe(self, cfg) -> dict:
         """Data-set facts recorded in the results (e.g. which ImageNet-C list was used)."""
+        return {}
+
+    def input_files(self, cfg) -> dict[str, str]:
+        """The files that say which images are read and with which labels (list and split files), by what names
+        them: their content enters the run's identity (the images themselves by path, size and time)."""
         return {}
 
     def config_warnings(self, cfg, keys_set: frozenset[str] | None = None) -> list[str]:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from datasets.base import BenchmarkDataset, DatasetError, ImageDataset, register_dataset, select_subset
 from datasets.class_names import IMAGENET_TEMPLATES, TDA_SELECTED_TEMPLATES
-from datasets.folders import ImageFiles, check_no_severity
+from datasets.folders import ImageFiles, check_no_severity, refuse_repeated_images
 
 CLASS_LIST_DIR = Path(__file__).resolve().parent / "coop_classes"
 COOP_LAYOUTS = "CoOp's DATASETS.md (github.com/KaiyangZhou/CoOp)"
@@ -40,6 +40,22 @@ COOP_LAYOUTS = "CoOp's DATASETS.md (github.com/KaiyangZhou/CoOp)"
 def coop_class_names(name: str) -> tuple[str, ...]:
     """CoOp's class names of one set in label order, as its split files write them (one per line)."""
     return tuple(line for line in (CLASS_LIST_DIR / f"{name}.txt").read_text(encoding="utf-8").split("\n") if line)
+
+
+class _RepeatedKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_repeated_keys(pairs: list) -> dict:
+    """json's object_pairs_hook: a key given twice in one object is an error, not the last one silently."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _RepeatedKey(key)
+        seen.add(key)
+    return dict(pairs)
 
 
 class SplitImages(ImageFiles):
@@ -105,6 +121,10 @@ class CoopDataset(BenchmarkDataset):
     def describe(self, cfg) -> dict:
         return {"test_list": str(Path(self.folder) / self.list_file)}
 
+    def input_files(self, cfg) -> dict[str, str]:
+        base = Path(cfg.DATA_DIR).expanduser() / self.folder
+        return {name: str(base / name) for name in self.layout_files if not name.endswith("/")}
+
 
 class CoopSplitDataset(CoopDataset):
     """The test list is the "test" entry of CoOp's split_zhou_<Name>.json in DATA_DIR/<folder>/."""
@@ -125,7 +145,10 @@ class CoopSplitDataset(CoopDataset):
         if not path.is_file():
             raise DatasetError(f"{self.name}: split file {path} does not exist ({expected})")
         try:
-            split = json.loads(path.read_text(encoding="utf-8"))
+            split = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_refuse_repeated_keys)
+        except _RepeatedKey as err:
+            raise DatasetError(f"{self.name}: split file {path} gives the key {err.key!r} twice (JSON keeps the last "
+                               f"one silently); {expected}") from None
         except (ValueError, UnicodeDecodeError) as err:
             raise DatasetError(f"{self.name}: split file {path} is not valid JSON ({err}); {expected}") from None
         test = split.get("test") if isinstance(split, dict) else None
@@ -146,6 +169,7 @@ class CoopSplitDataset(CoopDataset):
                 mismatch.setdefault(label, class_name)
             files.append(root / relative)
             labels.append(label)
+        refuse_repeated_images(self.name, files, labels, [f"test entry {k}" for k in range(len(files))], path)
         if mismatch:
             label = min(mismatch)
             raise DatasetError(f"{self.name}: split file {path} names label {label} '{mismatch[label]}', CoOp's split "
@@ -265,7 +289,7 @@ class FGVCAircraft(CoopDataset):
             raise DatasetError(f"{self.name}: {variants_file} names label {label} {theirs}, FGVC-Aircraft's "
                                f"variants.txt names it {ours} ({expected})")
         label_of = {name: label for label, name in enumerate(self.coop_names)}
-        files, labels = [], []
+        files, labels, places = [], [], []
         for number, line in enumerate(test_file.read_text().splitlines(), start=1):
             parts = line.strip().split(" ")
             if parts == [""]:
@@ -276,6 +300,8 @@ class FGVCAircraft(CoopDataset):
                                    f"of variants.txt ('<image id> <variant>' expected)")
             files.append(base / self.image_folder / f"{parts[0]}.jpg")
             labels.append(label_of[variant])
+            places.append(f"line {number}")
         if not files:
             raise DatasetError(f"{self.name}: {test_file} lists no images ({expected})")
+        refuse_repeated_images(self.name, files, labels, places, test_file)
         return files, labels, [variants_file, test_file]

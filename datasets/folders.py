@@ -14,6 +14,10 @@ from PIL import Image
 from datasets.base import DatasetError, ImageDataset, select_subset
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"}
+# How the image formats PIL reads here begin (a file that begins otherwise fails to decode, mid-run).
+IMAGE_SIGNATURES = {"JPEG": (b"\xff\xd8\xff",), "PNG": (b"\x89PNG\r\n\x1a\n",), "GIF": (b"GIF87a", b"GIF89a"),
+                    "BMP": (b"BM",), "TIFF": (b"II*\x00", b"MM\x00*"), "PPM/PGM": (b"P6", b"P5", b"P3", b"P2"),
+                    "WEBP": (b"RIFF",)}
 
 
 
@@ -29,6 +33,21 @@ class ImageFiles(ImageDataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def check_files(self) -> None:
+        """Every file is there, not empty, and begins as an image format does (a few bytes read per file)."""
+        for path in self.files:
+            try:
+                with open(path, "rb") as handle:
+                    head = handle.read(12)
+            except OSError as err:
+                raise DatasetError(f"Cannot read image {path}: {err.strerror or err}") from None
+            if not head:
+                raise DatasetError(f"Image {path} is empty (0 bytes): an interrupted copy? Replace it or remove it "
+                                   f"from the data set")
+            if not any(head.startswith(sig) for sigs in IMAGE_SIGNATURES.values() for sig in sigs):
+                raise DatasetError(f"{path} is not an image: it begins with {head[:8]!r}, not as "
+                                   f"{', '.join(IMAGE_SIGNATURES)} files do (a damaged or mislabelled file?)")
+
     def __getitem__(self, i: int):
         try:
             with Image.open(self.files[i]) as image:
@@ -36,6 +55,23 @@ class ImageFiles(ImageDataset):
         except Exception as err:  # noqa: BLE001
             raise DatasetError(f"Cannot read image {self.files[i]}: {err}") from err
         return image, self.labels[i]
+
+
+def refuse_repeated_images(what: str, files: Sequence[Path], labels: Sequence[int], places: Sequence[str],
+                           listed_in: Path) -> None:
+    """A test list names every image once: an image listed twice would count twice, and one listed under two
+    labels cannot be right under both. DatasetError naming the list file, the image and both places (``places``:
+    where each entry stands, e.g. "line 7")."""
+    first: dict[Path, int] = {}
+    for k, path in enumerate(files):
+        seen = first.setdefault(Path(path), k)
+        if seen == k:
+            continue
+        if labels[seen] != labels[k]:
+            raise DatasetError(f"{what}: {listed_in} lists {path} under two labels, {labels[seen]} ({places[seen]}) "
+                               f"and {labels[k]} ({places[k]}); expected each test image once")
+        raise DatasetError(f"{what}: {listed_in} lists {path} twice ({places[seen]} and {places[k]}); expected "
+                           f"each test image once")
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -53,10 +53,17 @@ def imagenet_wnids() -> tuple[str, ...]:
 def read_image_list(path: Path) -> list[str]:
     if not path.is_file():
         raise DatasetError(f"ImageNet-C image list {path} does not exist (CORRUPTION.IMAGENET_C_LIST)")
-    entries = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    numbered = [(n, line.strip()) for n, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
+    entries = [entry for _, entry in numbered]
     bad = [e for e in entries if len(Path(e).parts) != 2]
     if bad:
         raise DatasetError(f"{path}: every line must be 'wnid/file.JPEG'; bad lines such as {bad[:3]}")
+    first: dict[str, int] = {}
+    for number, entry in numbered:
+        seen = first.setdefault(entry, number)
+        if seen != number:
+            raise DatasetError(f"{path} lists {entry} twice (line {seen} and line {number}); expected each test "
+                               f"image once")
     return entries
 
 
@@ -70,6 +77,13 @@ class ImageNetC(BenchmarkDataset):
     coop_templates = COOP_IMAGENET_TEMPLATES
     tda_templates = TDA_SELECTED_TEMPLATES
     domains = CORRUPTIONS + EXTRA_CORRUPTIONS + [CLEAN]
+
+    def input_files(self, cfg) -> dict[str, str]:
+        choice = cfg.CORRUPTION.IMAGENET_C_LIST
+        if choice == "all":
+            return {}
+        path = _robustbench_file("imagenet_test_image_ids.txt") if choice == "robustbench_5000" else choice
+        return {"CORRUPTION.IMAGENET_C_LIST": str(path)}
 
     def image_list(self, cfg) -> tuple[str, list[str] | None]:
         choice = cfg.CORRUPTION.IMAGENET_C_LIST

@@ -132,6 +132,12 @@ def check_config(cfg) -> None:
             and cfg.TEST.DELTA_DIRICHLET > 0):
         raise ConfigError("TEST.CORRELATION_SAMPLER stata: StatA's sampler is not in the authors' suite, which has no "
                           "order for it; set TEST.STREAM_ORDER suite")
+    for key, values in (("CORRUPTION.TYPE", list(cfg.CORRUPTION.TYPE)), ("CORRUPTION.SEVERITY",
+                                                                         list(cfg.CORRUPTION.SEVERITY))):
+        repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+        if repeated:
+            raise ConfigError(f"{key} = {values} lists {repeated[0]} twice: each (domain, severity) is one record of "
+                              f"the run and counts once in its mean (SETTING {cfg.SETTING} makes the stream from them)")
     unknown = [d for d in cfg.RUN_DOMAINS if d not in cfg.CORRUPTION.TYPE]
     if unknown:
         raise ConfigError(f"RUN_DOMAINS / --domains {unknown} are not in CORRUPTION.TYPE {list(cfg.CORRUPTION.TYPE)}")
@@ -269,14 +275,19 @@ class RunPlan:
     # data set that does not list them); the weights file's sha256 (None for random weights or a tag to download).
     data_fingerprints: dict[int, dict | None] = field(default_factory=dict)
     weights_sha256: str | None = None
+    # The list, split and prompt files the data set and the method read, by the key or file name that names them:
+    # {"path": ..., "sha256": ...} (by content: an edited file is another run).
+    inputs: dict[str, dict] = field(default_factory=dict)
 
     @property
     def class_names(self) -> list[str]:
         return list(self.dataset.class_names)
 
     def identity_of(self, index: int) -> dict:
-        """What a task's record must match to be resumed, beyond the config: its data and the weights."""
-        return {"data": self.data_fingerprints.get(index), "weights_sha256": self.weights_sha256}
+        """What a task's record must match to be resumed, beyond the config: its data, the weights and the
+        contents of the list, split and prompt files."""
+        return {"data": self.data_fingerprints.get(index), "weights_sha256": self.weights_sha256,
+                "inputs": {name: entry["sha256"] for name, entry in self.inputs.items()}}
 
 
 def build_plan(cfg, keys_set: frozenset[str] | None = None) -> RunPlan:
@@ -303,24 +314,89 @@ def build_plan(cfg, keys_set: frozenset[str] | None = None) -> RunPlan:
     renamed = renamed_run_dir_warning(cfg, save_dir)
     if renamed:
         warnings.append(renamed)
+    data, fingerprints = task_data(cfg, dataset, tasks, tasks_to_run(tasks, set(wanted)))
+    if any(f is None for f in fingerprints.values()):
+        warnings.append(f"data set {dataset.name} does not list the files it reads (source_files): its data are not "
+                        f"part of the run's identity, so a resumed run cannot tell other data from these")
+    weights_sha256 = file_sha256(weights.path) if weights.path else None
+    plan = RunPlan(cfg, cls.method_name, cls, dataset, tasks, wanted, data, templates, spec, weights, device,
+                   save_dir, warnings, fingerprints, weights_sha256, input_files(cfg, dataset, cls))
+    if cfg.RESUME:   # records of another config, other data or other weights are refused now, before any load
+        read_tasks(save_dir, tasks, config_hash(cfg), cfg.dump(), plan.identity_of)
+    return plan
+
+
+def task_data(cfg, dataset, tasks: list[Task], indices, check_files: bool = True):
+    """(every segment of the tasks ``indices`` -> its images, checked; task index -> the fingerprint of its
+    files). ``check_files``: also the cheap checks of every file (ImageDataset.check_files)."""
     data, fingerprints = {}, {}
-    for index in tasks_to_run(tasks, set(wanted)):
+    for index in indices:
         for segment in tasks[index].segments:
             if segment not in data:
                 data[segment] = dataset.build_domain(cfg, segment.domain, segment.severity)
                 if len(data[segment]) == 0:
                     raise datasets.DatasetError(f"{cfg.CORRUPTION.DATASET}: no images for {segment.domain} at "
                                                 f"severity {segment.severity}")
+                if check_files and hasattr(data[segment], "check_files"):    # a plug-in's own reader may lack it
+                    data[segment].check_files()
         fingerprints[index] = _task_fingerprint(cfg, [data[s] for s in tasks[index].segments])
-    if any(f is None for f in fingerprints.values()):
-        warnings.append(f"data set {dataset.name} does not list the files it reads (source_files): its data are not "
-                        f"part of the run's identity, so a resumed run cannot tell other data from these")
-    weights_sha256 = file_sha256(weights.path) if weights.path else None
-    plan = RunPlan(cfg, cls.method_name, cls, dataset, tasks, wanted, data, templates, spec, weights, device,
-                   save_dir, warnings, fingerprints, weights_sha256)
-    if cfg.RESUME:   # records of another config, other data or other weights are refused now, before any load
-        read_tasks(save_dir, tasks, config_hash(cfg), cfg.dump(), plan.identity_of)
-    return plan
+    return data, fingerprints
+
+
+def records_identity(cfg, cache: dict | None = None):
+    """``identity_of(task index)`` for the records of ``cfg``'s run without a plan and without torch, as grid.py
+    status and report check finished runs (read_tasks): the data of every task (where DATA_DIR cannot be read
+    here, its path), the contents of the files the config names, and the weights' sha256 where MODEL.WEIGHTS is a
+    file or none (a tag's file is open_clip's to find: that check is left to the run's plan). ``cache``: shared
+    by the cells of a grid, which read the same data."""
+    cache = {} if cache is None else cache
+    dataset = datasets.get_dataset(cfg.CORRUPTION.DATASET)
+    tasks = build_tasks(cfg, dataset)
+    key = repr((cfg.DATA_DIR, cfg.CORRUPTION.dump(), cfg.RNG_SEED, [t.segments for t in tasks]))
+    if key not in cache:
+        try:
+            cache[key] = {"data": task_data(cfg, dataset, tasks, range(len(tasks)), check_files=False)[1]}
+        except datasets.DatasetError:
+            cache[key] = {"data_dir": str(Path(cfg.DATA_DIR).expanduser().resolve())}
+    try:
+        identity = {"inputs": {name: e["sha256"] for name, e in input_files(cfg, dataset, declared_method(cfg)).items()}}
+    except (datasets.DatasetError, ConfigError):
+        identity = {}       # a file that cannot be read here: the run's plan checks it
+    weights = Path(str(cfg.MODEL.WEIGHTS)).expanduser()
+    if weights.is_file():
+        stat = weights.stat()
+        weights_key = ("weights", str(weights.resolve()), stat.st_size, stat.st_mtime_ns)
+        if weights_key not in cache:
+            cache[weights_key] = file_sha256(weights)
+        identity["weights_sha256"] = cache[weights_key]
+    elif str(cfg.MODEL.WEIGHTS).lower() == "none":
+        identity["weights_sha256"] = None
+    known = cache[key]
+    if "data" in known:
+        return lambda index: {"data": known["data"].get(index), **identity}
+    return lambda index: {"data_dir": known["data_dir"], **identity}
+
+
+def input_files(cfg, dataset, cls) -> dict[str, dict]:
+    """{name: {"path", "sha256"}} of the files the data set reads besides images (``input_files``), the plug-in
+    files MODEL.EXTRA_MODULES names and those the suite's and the method's keys name (``Option(reads_file=True)``),
+    read for their content."""
+    named = dict(dataset.input_files(cfg))
+    for module in cfg.MODEL.EXTRA_MODULES:       # a plug-in's code is outside the suite's commit
+        if str(module).endswith(".py"):
+            named[f"MODEL.EXTRA_MODULES {Path(str(module)).name}"] = str(module)
+    values = flatten(dict(cfg))
+    for key, option in conf.declared_options(methods.own_nodes(cls)).items():
+        if option.reads_file and values[key]:
+            named[key] = values[key]
+    found = {}
+    for name, path in named.items():
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise ConfigError(f"{name} {path}: {'a folder' if file.is_dir() else 'no such file'}; expected the file "
+                              f"this run reads")
+        found[name] = {"path": str(file.resolve()), "sha256": file_sha256(file)}
+    return found
 
 
 def _task_fingerprint(cfg, parts) -> dict | None:

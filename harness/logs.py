@@ -7,6 +7,9 @@ residue on the lines of the log records."""
 from __future__ import annotations
 
 import logging
+import sys
+
+from conf.files import WriteError
 
 NOISY_LIBRARIES = ("open_clip", "submitit")
 
@@ -38,8 +41,19 @@ def console_logging(level: int = logging.INFO) -> logging.Handler:
     return handler
 
 
+class RunLogHandler(logging.FileHandler):
+    """A run's log file. A record it cannot write (a full disk, a folder gone) stops the run with one line, as
+    every other write of a run does, instead of logging's traceback on stderr and a run without its log."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError):
+            raise WriteError(f"cannot write the run's log {self.baseFilename}: {err.strerror or err}") from None
+        super().handleError(record)
+
+
 def file_logging(path) -> logging.Handler:
-    handler = logging.FileHandler(path, mode="a")
+    handler = RunLogHandler(path, mode="a")
     handler.addFilter(LibraryNoiseFilter())
     handler.setFormatter(logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s"))
     root = logging.getLogger()

@@ -130,6 +130,7 @@ def run_provenance(plan: RunPlan, method, model_info: dict, device_name: str) ->
                  "image_shapes": [list(s) for s in sorted({tuple(p.image_shape) for p in plan.data.values()
                                                           if hasattr(p, "image_shape")})]},
         "weights_sha256": plan.weights_sha256,
+        "inputs": dict(plan.inputs),
         "save_dir": str(plan.save_dir),
         "config_warnings": list(plan.warnings),
         "host": socket.gethostname(),

@@ -75,10 +75,31 @@ def read_tasks(save_dir: Path, tasks: list, cfg_hash: str, config_dump: str, ide
 
 
 def _check_identity(path: Path, stored: dict, now: dict | None) -> None:
+    """``now``: what the run reads now (RunPlan.identity_of, or build.records_identity where no plan is built);
+    a key it leaves out is not checked (a tag's weights file, data that cannot be read here but by its path)."""
     if now is None:
         return
-    remedy = "run with --restart (RESUME False) to compute it again, or give another SAVE_DIR or RUN_NAME"
-    data, stored_data = now.get("data"), stored.get("data")
+    remedy = ("compute it again (test_time.py --restart; for a grid, delete the run folder), or give another "
+              "SAVE_DIR or RUN_NAME")
+    _check_data(path, stored.get("data"), now, remedy)
+    for name, sha256 in (now.get("inputs") or {}).items():
+        then = (stored.get("inputs") or {}).get(name)
+        if then != sha256:
+            was = f"sha256 {then[:12]} then" if then else "no record of its content then"
+            raise ResumeError(f"{path} was computed with another {name} ({was}, {sha256[:12]} now: the file was "
+                              f"edited or replaced); {remedy}")
+    if "weights_sha256" in now and stored.get("weights_sha256") != now["weights_sha256"]:
+        raise ResumeError(f"{path} was computed with other weights (sha256 {str(stored.get('weights_sha256'))[:12]} "
+                          f"then, {str(now.get('weights_sha256'))[:12]} now); {remedy}")
+
+
+def _check_data(path: Path, stored_data: dict | None, now: dict, remedy: str) -> None:
+    data = now.get("data")
+    if data is None and "data_dir" in now:      # the data cannot be read here: their folder, at least
+        if stored_data and stored_data.get("data_dir") != now["data_dir"]:
+            raise ResumeError(f"{path} was computed on other data (DATA_DIR {stored_data.get('data_dir')} then, "
+                              f"{now['data_dir']} now); {remedy}")
+        return
     if data is not None and (stored_data or {}).get("exact_sha1") != data["exact_sha1"]:
         if not stored_data:
             raise ResumeError(f"{path} records no fingerprint of the data it read, so it cannot be told from other "
@@ -88,9 +109,6 @@ def _check_identity(path: Path, stored: dict, now: dict | None) -> None:
                 f"{stored_data.get('files')} files / {stored_data.get('bytes')} bytes then, {data['files']} / "
                 f"{data['bytes']} now, or their modification times differ")
         raise ResumeError(f"{path} was computed on other data ({what}); {remedy}")
-    if stored.get("weights_sha256") != now.get("weights_sha256"):
-        raise ResumeError(f"{path} was computed with other weights (sha256 {str(stored.get('weights_sha256'))[:12]} "
-                          f"then, {str(now.get('weights_sha256'))[:12]} now); {remedy}")
 
 
 @contextlib.contextmanager

@@ -100,7 +100,8 @@ def read_cupl(path: str, class_names) -> dict:
     """The CuPL JSON ({class name: [descriptions]}), checked to describe every class."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise ConfigError(f"DPE.CUPL_PROMPTS = '{path}': no such file (the reference's "
+        what = "a folder, not a file" if file.is_dir() else "no such file"
+        raise ConfigError(f"DPE.CUPL_PROMPTS = '{path}': {what} (expected the reference's "
                           f"gpt3_prompts/CuPL_prompts_<dataset>.json; '' for the templates only)")
     try:
         descriptions = json.loads(file.read_text())
@@ -185,7 +186,7 @@ class DPE(ViewsMethod):
         # The reference's CuPL JSON ({class name: [descriptions]}) for the data set: gpt3_prompts/
         # CuPL_prompts_<set>.json of zhangce01/DPE-CLIP (not shipped here); read with TEXT_PROTOTYPES
         # templates_and_cupl only.
-        "CUPL_PROMPTS": "",
+        "CUPL_PROMPTS": Option("", reads_file=True),
         # The reference runs under CUDA fp16 autocast with fp16 residuals and no gradient scaler; ignored on CPU.
         "MIXED_PRECISION": True,
     }}

@@ -58,6 +58,9 @@ def parse_args(argv):
             args.seeds = [int(s) for s in args.seeds]
         except ValueError:
             parser.error(f"--seeds takes integers, got {args.seeds}")
+        if len(set(args.seeds)) != len(args.seeds):
+            parser.error(f"--seeds {' '.join(map(str, args.seeds))} gives a seed twice: its two runs would be "
+                         f"pooled as two seeds")
     if args.methods is None and not (args.results or args.merge):
         parser.error("--methods needs at least one method name or config file")
     return args
@@ -81,8 +84,14 @@ def main(argv=None) -> int:
     console_logging()
     with_paper = not args.no_paper
     if args.results:
-        payloads = report.load_results(args.results)
-        _print_and_write(report.tables_from_results(payloads, args.metric, with_paper), args.out, args.figure)
+        left_out: list[str] = []
+        payloads = report.load_results(args.results, left_out)
+        tables = report.tables_from_results(payloads, args.metric, with_paper)
+        for line in left_out:          # said on the terminal and under every table written
+            print(f"warning: left out {line}", file=sys.stderr)
+            for table in tables:
+                table.notes.append(f"left out {line}")
+        _print_and_write(tables, args.out, args.figure)
     elif args.merge:
         merged = report.merge(report.load_results(args.merge))
         out = Path(args.out) if args.out else Path(merged["provenance"]["save_dir"])

@@ -28,7 +28,8 @@ import time
 from methods.registry import register_method
 from methods.tent import Tent
 
-PAUSE, PAUSED = {pause!r}, {paused!r}
+# Beside this file: the same code in every test's folder (one process may import it from several folders).
+PAUSE, PAUSED = (os.path.join(os.path.dirname(os.path.abspath(__file__)), name) for name in ("PAUSE", "PAUSED"))
 
 
 @register_method("pausable_tent")
@@ -61,7 +62,7 @@ def write_grid(folder: Path, name: str = "tiny_test", pausable: bool = False, ex
     methods = "[source, tent]"
     if pausable:
         plugin = folder / "pausable_tent.py"
-        plugin.write_text(PAUSABLE_TENT.format(pause=str(folder / "PAUSE"), paused=str(folder / "PAUSED")))
+        plugin.write_text(PAUSABLE_TENT)
         # TENT's composed keys only (a dump of a loaded config would also hold the nodes of methods other tests
         # registered in this process, unknown to the grid's own processes)
         keys: dict = {}

@@ -115,7 +115,8 @@ def test_flags_anywhere_and_yaml_style_lists(tmp_path, capsys):
 def test_error_during_a_run_is_one_line_and_goes_into_the_log(tmp_path, capsys):
     from tests.test_domainbed import write_pacs
     root = write_pacs(tmp_path / "data", per_class=1, domains=["photo"])
-    (root / "photo" / "dog" / "img_000.png").write_bytes(b"not a png")     # found only when read
+    # begins as a PNG (the plan's check of every file's first bytes passes it), fails when decoded
+    (root / "photo" / "dog" / "img_000.png").write_bytes(b"\x89PNG\r\n\x1a\n but no image")
     for workers in ("0", "1"):                       # in-process, and inside a DataLoader worker
         argv = ["--cfg", "conf/pacs/source.yaml", "--no-progress", *TINY, "TEST.NUM_WORKERS", workers,
                 "DATA_DIR", str(tmp_path / "data"), "SAVE_DIR", str(tmp_path / f"out{workers}"),

@@ -263,6 +263,35 @@ def test_each_refusal_is_one_line_at_plan_time(tmp_path, name, no_model_loading)
     assert len(datasets.get_dataset(name).build_domain(cfg_for(tmp_path, name), LAYOUT[name][4], 0)) == len(HAND[name])
 
 
+@pytest.mark.parametrize("name", COOP_SETS)
+def test_an_image_listed_twice_or_a_key_given_twice_is_refused(tmp_path, name, no_model_loading):
+    """Each test image once: a repeated entry would count twice, one under two labels is wrong under one of them;
+    a JSON split with a key given twice would keep the last one silently."""
+    folder, image_folder, split_file, _, _ = LAYOUT[name]
+    base = write_hand(tmp_path, name)
+    list_file = base / (split_file or "images_variant_test.txt")
+    entries = [list(e) for e in HAND[name]]
+    if split_file is None:
+        lines = [f"{i} {v}" for i, _, v in HAND[name]]
+        list_file.write_text("\n".join(lines + [lines[1]]) + "\n")
+        repeated = base / "images" / f"{HAND[name][1][0]}.jpg"
+        assert f"{list_file} lists {repeated} twice (line 2 and line 5)" in _refusal(tmp_path, name)
+        list_file.write_text("\n".join(lines + ["", f"{HAND[name][1][0]} {HAND[name][0][2]}"]) + "\n")
+        assert (f"{list_file} lists {repeated} under two labels, {HAND[name][1][1]} (line 2) and "
+                f"{HAND[name][0][1]} (line 6)") in _refusal(tmp_path, name)
+    else:
+        repeated = base / image_folder / entries[1][0]
+        list_file.write_text(json.dumps({"test": entries + [entries[1]]}))
+        assert f"{list_file} lists {repeated} twice (test entry 1 and test entry {len(entries)})" in \
+            _refusal(tmp_path, name)
+        other = [entries[1][0], entries[0][1], entries[0][2]]
+        list_file.write_text(json.dumps({"test": entries + [other]}))
+        assert (f"{list_file} lists {repeated} under two labels, {entries[1][1]} (test entry 1) and "
+                f"{entries[0][1]} (test entry {len(entries)})") in _refusal(tmp_path, name)
+        list_file.write_text('{"test": %s, "test": %s}' % (json.dumps(entries[:1]), json.dumps(entries)))
+        assert f"split file {list_file} gives the key 'test' twice" in _refusal(tmp_path, name)
+
+
 def test_severity_and_domain_are_checked(tmp_path):
     write_hand(tmp_path, "dtd")
     dtd = datasets.get_dataset("dtd")

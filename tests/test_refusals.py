@@ -4,6 +4,7 @@ import csv
 import errno
 import json
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -275,3 +276,95 @@ def test_prompt_modes_give_each_data_sets_own_templates():
     with pytest.raises(datasets.DatasetError, match=r"CLIP.PROMPT_MODE tda: cifar10_c has no tda templates.*"
                                                      r"\['custom', 'ensemble'\]"):
         datasets.get_dataset("cifar10_c").prompt_templates(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- round two (issue 26)
+@pytest.mark.parametrize("damage, needle", [
+    (lambda path: path.write_bytes(b""), "is empty (0 bytes)"),
+    (lambda path: path.write_bytes(b"<html>404 Not Found</html>"), "is not an image: it begins with b'<html>40'"),
+])
+def test_an_empty_or_damaged_image_is_refused_before_the_model_loads(tmp_path, no_model_loading, damage, needle):
+    from tests.test_domainbed import PACS_CLASSES
+    for domain in ("art_painting", "cartoon"):
+        write_image_folders(tmp_path / "PACS" / domain, PACS_CLASSES, per_class=1)
+    broken = tmp_path / "PACS" / "cartoon" / "dog" / "img_000.png"
+    damage(broken)
+    cfg = tiny_cfg("conf/pacs/source.yaml", DATA_DIR=str(tmp_path), SAVE_DIR=str(tmp_path / "out"),
+                   CORRUPTION__TYPE=["art_painting", "cartoon"])
+    with pytest.raises(DatasetError, match=re.escape(str(broken)) + ".*" + re.escape(needle)):
+        evaluate(cfg, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch, capsys):
+    import harness.logs
+    write_cifar_c(tmp_path / "data", DOMAINS, per_severity=4)
+
+    def full(self, record):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(harness.logs.RunLogHandler, "format", full)     # inside emit: as a write that fails
+    argv = ["--cfg", "conf/cifar10_c/source.yaml", "--no-progress", *TINY_OPTS, "DATA_DIR", str(tmp_path / "data"),
+            "SAVE_DIR", str(tmp_path / "out"), "CORRUPTION.TYPE", str(DOMAINS)]
+    assert test_time.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Logging error" not in err
+    assert err.strip().splitlines()[-1].startswith("error: cannot write the run's log ")
+    assert err.strip().endswith("log.txt: No space left on device")
+
+
+PLUGIN = '''
+from methods.registry import register_method
+from methods.source import Source
+
+
+@register_method("{name}")
+class Plugin(Source):
+    pass  # {note}
+'''
+
+
+def test_two_plugin_files_of_one_name_are_refused_not_mixed_up(tmp_path):
+    from conf import import_plugins
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "same_name_plugin.py").write_text(PLUGIN.format(name=f"plugin_{folder}", note=""))
+    import_plugins([str(tmp_path / "a" / "same_name_plugin.py")])
+    import_plugins([str(tmp_path / "a" / "same_name_plugin.py")])        # the same file again: nothing to do
+    with pytest.raises(ConfigError, match=r"b/same_name_plugin.py and .*a/same_name_plugin.py both import as "
+                                          r"module 'extra_same_name_plugin' in this process .* but differ"):
+        import_plugins([str(tmp_path / "b" / "same_name_plugin.py")])
+    (tmp_path / "c").mkdir()          # a copy of the same code elsewhere is the same plug-in
+    (tmp_path / "c" / "same_name_plugin.py").write_text((tmp_path / "a" / "same_name_plugin.py").read_text())
+    import_plugins([str(tmp_path / "c" / "same_name_plugin.py")])
+
+
+def test_a_plugin_file_edited_in_place_is_another_run(tmp_path):
+    from harness.build import build_plan
+    plugin = tmp_path / "edited_plugin.py"
+    plugin.write_text(PLUGIN.format(name="edited_plugin", note="first"))
+    write_cifar_c(tmp_path / "data", DOMAINS, per_severity=4)
+
+    def cfg():
+        return cfg_on(tmp_path / "data", tmp_path / "out", MODEL__EXTRA_MODULES=[str(plugin)],
+                      MODEL__ADAPTATION="edited_plugin")
+    payload = evaluate(cfg(), progress=False)
+    assert payload["provenance"]["inputs"]["MODEL.EXTRA_MODULES edited_plugin.py"]["path"] == str(plugin)
+    plugin.write_text(PLUGIN.format(name="edited_plugin", note="second"))
+    with pytest.raises(ResumeError, match="computed with another MODEL.EXTRA_MODULES edited_plugin.py"):
+        build_plan(cfg())
+
+
+def test_a_domain_or_severity_listed_twice_is_refused_before_the_model_loads(tmp_path, no_model_loading):
+    write_cifar_c(tmp_path, DOMAINS, per_severity=4)
+    with pytest.raises(ConfigError, match=r"CORRUPTION.TYPE = \['fog', 'snow', 'fog'\] lists fog twice"):
+        evaluate(cfg_on(tmp_path, tmp_path / "out", CORRUPTION__TYPE=["fog", "snow", "fog"]), progress=False)
+    with pytest.raises(ConfigError, match=r"CORRUPTION.SEVERITY = \[5, 3, 5\] lists 5 twice"):
+        evaluate(cfg_on(tmp_path, tmp_path / "out", CORRUPTION__SEVERITY=[5, 3, 5]), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_compare_refuses_a_seed_given_twice(capsys):
+    from tests.test_compare import _cli
+    with pytest.raises(SystemExit):
+        _cli(["--cfg", "conf/cifar10_c/source.yaml", "--methods", "source", "--seeds", "1", "2", "1"], capsys)
+    assert "--seeds 1 2 1 gives a seed twice" in capsys.readouterr().err

@@ -14,31 +14,106 @@ import yaml
 from harness.identity import describe_differences, differing_keys, identity_keys
 from harness.report.model import CompareError, Column, Row, expected_columns, payload_cells, record_columns
 from harness.results import summarise
+from harness.task_records import TASKS_DIR, task_path
 
 SEED_KEY = "RNG_SEED"
 
 
-def load_results(paths) -> list[dict]:
-    """Payloads from results.json files or from directories searched recursively for them (sorted by path)."""
+def load_results(paths, left_out: list[str] | None = None) -> list[dict]:
+    """Payloads from results.json files or from directories searched recursively for them (sorted by path), each
+    checked against its own counts and against the run's task records (``check_results``). ``left_out``, where
+    given, receives a line for every run folder below a directory that has task records but no results.json."""
     payloads = []
     for given in paths:
         path = Path(given)
         files = sorted(path.rglob("results.json")) if path.is_dir() else [path]
+        if path.is_dir() and left_out is not None:
+            left_out += [f"{folder}: task records but no results.json (a run stopped before writing it; run its "
+                         f"config again to resume and write it)" for folder in _runs_without_results(path)]
         if path.is_dir() and not files:
             raise CompareError(f"{path}: no results.json below this directory")
         for file in files:
-            if not file.is_file():
-                raise CompareError(f"{file}: no such results file")
-            try:
-                payload = json.loads(file.read_text())
-            except (OSError, ValueError) as err:
-                raise CompareError(f"{file}: not a readable results.json ({err})") from err
-            for key in ("method", "dataset", "records"):
-                if key not in payload:
-                    raise CompareError(f"{file}: results.json without '{key}'")
-            payload["_path"] = str(file)
-            payloads.append(payload)
+            payloads.append(read_results(file))
     return payloads
+
+
+def read_results(file: Path) -> dict:
+    """One results.json, checked (``check_results``), with its path under "_path"."""
+    if not file.is_file():
+        raise CompareError(f"{file}: no such results file")
+    try:
+        payload = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise CompareError(f"{file}: not a readable results.json ({err})") from err
+    if not isinstance(payload, dict):
+        raise CompareError(f"{file}: not a results.json (expected a JSON object)")
+    for key in ("method", "dataset", "records"):
+        if key not in payload:
+            raise CompareError(f"{file}: results.json without '{key}'")
+    check_results(payload, file)
+    payload["_path"] = str(file)
+    return payload
+
+
+def _runs_without_results(folder: Path) -> list[Path]:
+    return sorted(tasks.parent for tasks in folder.rglob(TASKS_DIR)
+                  if tasks.is_dir() and any(tasks.glob("task_*.json")) and not (tasks.parent / "results.json").exists())
+
+
+def check_results(payload: dict, file: Path) -> None:
+    """A results file is tabled only as its counts say: every record's accuracy and error are its correct / n, the
+    summary's mean is the records' mean, and where the run folder keeps its task records (the truth: resuming
+    reads them), every task it lists as done is there, of its config, with the same counts."""
+    records = payload["records"]
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise CompareError(f"{file}: 'records' is not a list of records")
+    for k, r in enumerate(records):
+        n, correct = r.get("n"), r.get("correct")
+        where = f"{file}: record {k} ({r.get('domain')}@{r.get('severity')})"
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, correct)) or not 0 <= correct <= n:
+            raise CompareError(f"{where}: n {n!r} and correct {correct!r} are not counts with 0 <= correct <= n")
+        accuracy = correct / n if n else None
+        if n and not (_close(r.get("accuracy"), accuracy) and _close(r.get("error"), 1 - accuracy)):
+            raise CompareError(f"{where}: accuracy {r.get('accuracy')!r} / error {r.get('error')!r} are not its "
+                               f"correct / n = {correct}/{n} = {accuracy:.6f}; the file was edited or is damaged")
+    mean = (payload.get("summary") or {}).get("mean_accuracy")
+    if records and mean is not None and not _close(mean, summarise(records)["mean_accuracy"]):
+        raise CompareError(f"{file}: summary.mean_accuracy {mean!r} is not the mean of its records "
+                           f"({summarise(records)['mean_accuracy']:.6f}); the file was edited or is damaged")
+    _check_against_tasks(payload, file)
+
+
+def _close(value, expected: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value - expected) <= 1e-9
+
+
+def _check_against_tasks(payload: dict, file: Path) -> None:
+    provenance = payload.get("provenance") or {}
+    done = provenance.get("tasks_done")
+    if not (file.parent / TASKS_DIR).is_dir() or not isinstance(done, list):
+        return        # a results file copied without its run folder: nothing to check it against
+    counts = {(r["domain"], int(r["severity"])): (r["n"], r["correct"]) for r in payload["records"]}
+    from_tasks = {}
+    for index in done:
+        path = task_path(file.parent, int(index))
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise CompareError(f"{file} lists task {index} as done, but its record {path} cannot be read "
+                               f"({getattr(err, 'strerror', None) or err}); run the config again to resume") from None
+        if stored.get("config_hash") != provenance.get("config_hash"):
+            raise CompareError(f"{file} (config {provenance.get('config_hash')}) sits beside {path} of config "
+                               f"{stored.get('config_hash')}: not this run's record")
+        for r in stored.get("records") or []:
+            from_tasks[(r.get("domain"), int(r.get("severity", 0)))] = (r.get("n"), r.get("correct"))
+    differ = sorted(k for k in from_tasks if counts.get(k) != from_tasks[k])
+    extra = [] if provenance.get("merged_from") else sorted(set(counts) - set(from_tasks))
+    if differ or extra:
+        key = (differ or extra)[0]
+        raise CompareError(f"{file} disagrees with the run's task records at {key[0]}@{key[1]}: "
+                           f"{counts.get(key)} (n, correct) here, {from_tasks.get(key)} in {file.parent / TASKS_DIR}/ "
+                           f"({len(differ) + len(extra)} records differ); the task records are the run's results: "
+                           f"run its config again to rewrite results.json from them")
 
 
 def run_config(payload) -> dict:
@@ -64,7 +139,8 @@ def _std(values) -> float | None:
 
 
 def check_same_experiment(payloads: list[dict], ignore=(SEED_KEY,)) -> None:
-    """Refuse payloads whose configs differ in a result-relevant key other than ``ignore`` (names the keys)."""
+    """Refuse payloads whose configs differ in a result-relevant key other than ``ignore`` (names the keys), or
+    that read other data or weights (``same_inputs``)."""
     if len(payloads) < 2:
         return
     configs = [run_config(p) for p in payloads]
@@ -73,6 +149,35 @@ def check_same_experiment(payloads: list[dict], ignore=(SEED_KEY,)) -> None:
         labels = [run_label(p) for p in payloads]
         raise CompareError(f"these results come from configs that differ in {diff} (not only in the seed); "
                            f"refusing to combine them:\n{describe_differences(configs, labels, tuple(ignore))}")
+    for p in payloads[1:]:
+        why = inputs_differ(payloads[0], p)
+        if why:
+            raise CompareError(f"{run_label(payloads[0])} and {run_label(p)} {why}; refusing to combine them")
+
+
+def inputs_differ(a: dict, b: dict) -> str | None:
+    """Why two runs did not read the same inputs beyond their configs (None: they did, as far as both recorded):
+    other weights (sha256), or another content of a task both ran (the files' paths below DATA_DIR and sizes,
+    provenance.data.fingerprints). A run from before these were recorded is compared on what it has."""
+    pa, pb = a.get("provenance") or {}, b.get("provenance") or {}
+    if "weights_sha256" in pa and "weights_sha256" in pb and pa["weights_sha256"] != pb["weights_sha256"]:
+        return (f"ran with other weights (sha256 {str(pa['weights_sha256'])[:12]} and "
+                f"{str(pb['weights_sha256'])[:12]})")
+    ia, ib = pa.get("inputs") or {}, pb.get("inputs") or {}
+    for name in sorted(set(ia) & set(ib)):
+        if (ia[name] or {}).get("sha256") != (ib[name] or {}).get("sha256"):
+            return (f"read another {name} ({(ia[name] or {}).get('path')} and {(ib[name] or {}).get('path')} differ "
+                    f"in content)")
+    fa = (pa.get("data") or {}).get("fingerprints") or {}
+    fb = (pb.get("data") or {}).get("fingerprints") or {}
+    for task in sorted(set(fa) & set(fb), key=str):
+        ca, cb = (fa[task] or {}).get("content_sha1"), (fb[task] or {}).get("content_sha1")
+        if ca != cb:
+            return (f"read other data for task {task} ({(fa[task] or {}).get('files')} files / "
+                    f"{(fa[task] or {}).get('bytes')} bytes under {(fa[task] or {}).get('data_dir')}, "
+                    f"{(fb[task] or {}).get('files')} / {(fb[task] or {}).get('bytes')} under "
+                    f"{(fb[task] or {}).get('data_dir')})")
+    return None
 
 
 def aggregate(payloads: list[dict], label: str | None = None, metric: str = "accuracy") -> Row:
@@ -139,20 +244,43 @@ def merge(payloads: list[dict]) -> dict:
 
 
 def group_runs(payloads: list[dict]) -> list[tuple[str, list[dict]]]:
-    """Runs of the same config but for the seed form one group (one row); rows labelled by method, with a short
-    config id where one method has several configs."""
-    groups: dict[str, list[dict]] = {}
+    """Runs of the same config but for the seed, on the same data and weights, form one group (one row); rows
+    labelled by method, with a short config id where one method has several configs and a data id where one config
+    ran on several data (``inputs_differ``). Two runs of one seed in one group are refused: pooled, they would
+    count as two seeds."""
+    groups: dict[str, list[list[dict]]] = {}
     for p in payloads:
         key = json.dumps([p["dataset"], sorted(identity_keys(run_config(p), (SEED_KEY,)).items())], default=str)
-        groups.setdefault(key, []).append(p)
-    methods = [runs[0]["method"] for runs in groups.values()]
+        subgroups = groups.setdefault(key, [])
+        same = next((runs for runs in subgroups if not any(inputs_differ(r, p) for r in runs)), None)
+        if same is None:
+            subgroups.append([p])
+            continue
+        twin = next((r for r in same if run_config(r).get(SEED_KEY) == run_config(p).get(SEED_KEY)), None)
+        if twin is not None:
+            raise CompareError(f"{run_label(twin)} and {run_label(p)} are runs of one config, seed and data; pooled "
+                               f"they would count as two seeds: give one of them")
+        same.append(p)
+    methods = [subgroups[0][0]["method"] for subgroups in groups.values()]
     labelled = []
-    for key, runs in groups.items():
-        label = runs[0]["method"]
-        if methods.count(label) > 1:
-            label += f" [{_identity_id(runs[0])}]"
-        labelled.append((label, runs))
+    for subgroups in groups.values():
+        for k, runs in enumerate(subgroups):
+            label = runs[0]["method"]
+            if methods.count(label) > 1:
+                label += f" [{_identity_id(runs[0])}]"
+            if len(subgroups) > 1:
+                label += f" [data {k + 1}: {_data_id(runs[0])}]"
+            labelled.append((label, runs))
     return labelled
+
+
+def _data_id(payload) -> str:
+    """A short id of what a run read beyond its config (weights and data contents), for row labels."""
+    provenance = payload.get("provenance") or {}
+    fingerprints = (provenance.get("data") or {}).get("fingerprints") or {}
+    content = sorted((str(k), (v or {}).get("content_sha1")) for k, v in fingerprints.items())
+    inputs = sorted((k, (v or {}).get("sha256")) for k, v in (provenance.get("inputs") or {}).items())
+    return hashlib.sha1(repr((provenance.get("weights_sha256"), content, inputs)).encode()).hexdigest()[:6]
 
 
 def _identity_id(payload) -> str:
