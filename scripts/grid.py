@@ -107,6 +107,7 @@ def print_status(grid, statuses) -> dict:
 
 
 def write_tables(grid, args) -> None:
+    grids.claim_folder(grid)
     out = grid.folder / "tables"
     for table in grids.grid_tables(grid, args.metric, not args.no_paper):
         print(report.to_markdown(table))
@@ -118,6 +119,10 @@ def run(grid, args) -> int:
     options = args.options
     launch.check_launcher(options)
     statuses = current_statuses(grid)
+    blocked = [s for s in statuses if s.records_error]
+    if blocked:       # each would fail on it where it runs: say it once, here, before anything is submitted
+        raise grids.GridError(f"{grid.path}: {len(blocked)} job(s) cannot resume the records in their run folders, "
+                              f"e.g. {blocked[0].job.id}: {blocked[0].records_error}")
     wanted = {"failed"} if args.retry_failed else {"failed", "pending"}
     to_run = [s.job for s in statuses if s.state in wanted]
     skipped = {state: sum(s.state == state for s in statuses) for state in ("done", "running")}
@@ -129,6 +134,7 @@ def run(grid, args) -> int:
         return 0
     if to_run:
         grids.check_inputs(grid, to_run)
+        grids.claim_folder(grid)
         handles = launch.submit(grid, to_run, options)
         print(f"submitted {len(to_run)} jobs with --launcher {options.launcher}; the launcher's output in "
               f"{grid.folder / 'submitit'}")
@@ -145,11 +151,13 @@ def run(grid, args) -> int:
         launch.wait(handles, count, len(to_run), label=grid.name)
     counts = print_status(grid, current_statuses(grid))
     write_tables(grid, args)
+    again = f"python scripts/grid.py run {args.grid} {' '.join(args.opts)}".rstrip()
     if counts["failed"]:
-        print(f"{counts['failed']} job(s) failed; see their lines above, then: python scripts/grid.py run {args.grid} "
-              f"--retry-failed ...", file=sys.stderr)
-        return 1
-    return 0
+        print(f"{counts['failed']} job(s) failed; see their lines above, then: {again} --retry-failed", file=sys.stderr)
+    if counts["pending"]:     # none runs them now: left alone by --retry-failed, or their worker was killed
+        print(f"{counts['pending']} job(s) still pending, and no worker runs them (--retry-failed leaves pending jobs "
+              f"alone; a killed worker leaves its jobs pending): run them with {again}", file=sys.stderr)
+    return 1 if counts["failed"] or counts["pending"] else 0
 
 
 @entry_point

@@ -105,7 +105,7 @@ def test_the_paper_grids_cover_every_row_of_the_papers_tables():
     assert len(main.jobs) == expected == 450
     # a cell's config name is the grid's label for it; its method is the registered one it runs
     gamma = next(c for c in main.cells if c.config_name == "stata_gamma_m1")
-    assert gamma.method == "stata" and grids.cell_payload(gamma)["method"] == "stata"
+    assert gamma.method == "stata" and grids.cell_payload(main, gamma)["method"] == "stata"
     dg = grids.load_grid(ROOT / "grids" / "paper_dg.yaml")
     for dataset in ("pacs", "vlcs", "office_home", "terra_incognita"):
         shipped = {c.config_name for c in dg.cells if c.dataset == dataset}
@@ -388,3 +388,75 @@ def test_a_preempted_local_worker_is_requeued_by_submitit_and_resumes(tmp_path, 
     # the first attempt's unfinished task was not written; nothing is counted twice
     results = json.loads((Path(paused.job.run_dir) / "results.json").read_text())
     assert sum(r["n"] for r in results["records"]) == 2 * 16 and len(results["records"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ nothing silent (26)
+
+def test_another_data_dir_is_neither_done_nor_tabled_nor_run_over(tmp_path, shapes, capsys):
+    """The records of a grid's run folders are checked as a run checks them before it resumes (their data, input
+    files, weights): another DATA_DIR (here an identical copy elsewhere) is not "done" and its numbers not tabled."""
+    import shutil
+    opts = ["SAVE_DIR", tmp_path / "out"]
+    path = write_grid(tmp_path)
+    assert grid_main("run", path, "--launcher", "debug", "DATA_DIR", shapes, *opts) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(shapes, copy)
+    capsys.readouterr()
+    assert grid_main("status", path, "DATA_DIR", copy, *opts) == 1
+    out = capsys.readouterr().out
+    assert out.count("failed ") == 4 and f"computed on other data (DATA_DIR {Path(shapes).resolve()} then, " \
+                                        f"{copy.resolve()} now)" in out
+    assert grid_main("report", path, "DATA_DIR", copy, *opts) == 2
+    assert "computed on other data" in capsys.readouterr().err
+    assert grid_main("run", path, "--launcher", "debug", "DATA_DIR", copy, *opts) == 2
+    err = capsys.readouterr().err
+    assert "4 job(s) cannot resume the records in their run folders" in err and "submitted" not in err
+    # a file that cannot be read here is compared by its folder: still refused
+    grid = grids.load_grid(path, ["DATA_DIR", tmp_path / "nowhere", *opts])
+    assert all("computed on other data" in s.detail for s in grids.job_statuses(grid))
+
+
+def test_a_cut_results_file_is_named_and_a_pending_job_is_said_with_its_command(tmp_path, shapes, capsys):
+    opts = ["DATA_DIR", shapes, "SAVE_DIR", tmp_path / "out"]
+    path = write_grid(tmp_path)
+    # --retry-failed submits nothing here (every job is pending): the command says so and how to run them
+    assert grid_main("run", path, "--launcher", "debug", "--retry-failed", *opts) == 1
+    err = capsys.readouterr().err
+    assert "4 job(s) still pending, and no worker runs them" in err and f"run them with python scripts/grid.py " \
+                                                                        f"run {path}" in err
+    assert grid_main("run", path, "--launcher", "debug", *opts) == 0
+    grid = grids.load_grid(path, opts)
+    results = Path(grid.cells[0].jobs[0].run_dir) / "results.json"
+    results.write_text(results.read_text()[:40])
+    capsys.readouterr()
+    assert grid_main("status", path, *opts) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"{results} cannot be read (cut short?); running the job again rewrites it") == 2
+    assert grid_main("run", path, "--launcher", "debug", *opts) == 0
+    assert json.loads(results.read_text())["complete"]
+
+
+def test_a_second_grid_of_the_same_name_is_refused_and_an_edited_one_is_not(tmp_path, shapes, capsys):
+    opts = ["DATA_DIR", shapes, "SAVE_DIR", tmp_path / "out"]
+    first = write_grid(tmp_path / "first")
+    assert grid_main("report", first, *opts) == 0
+    other = write_grid(tmp_path / "other", extra="exclude: [{method: tent}]\n")
+    with pytest.raises(grids.GridError, match=f"grid name 'tiny_test' is taken in .* by the grid file {first}"):
+        grids.load_grid(other, opts)
+    # the same file edited, or an identical copy elsewhere, is the same grid
+    copy = tmp_path / "copy" / "tiny_test.yaml"
+    copy.parent.mkdir()
+    copy.write_text(first.read_text())
+    grids.load_grid(copy, opts)
+    first.write_text(first.read_text() + "exclude: [{method: tent}]\n")
+    assert [c.config_name for c in grids.load_grid(first, opts).cells] == ["source"]
+
+
+def test_a_method_alias_and_a_shipped_config_path_from_any_folder(tmp_path, monkeypatch):
+    path = write_grid(tmp_path)
+    path.write_text(path.read_text().replace("methods: [source, tent]", "methods: [zs, conf/shapes_c/tent.yaml]"))
+    monkeypatch.chdir(tmp_path)
+    grid = grids.load_grid(path, ["SAVE_DIR", tmp_path / "out"])
+    assert [(c.config_name, c.method) for c in grid.cells] == [("zs", "source"), ("tent", "tent")]
+    reference = grids.load_grid(write_grid(tmp_path / "ref"), ["SAVE_DIR", tmp_path / "out"])
+    assert [j.config_hash for j in grid.jobs] == [j.config_hash for j in reference.jobs]

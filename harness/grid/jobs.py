@@ -88,21 +88,22 @@ def lock_held(folder: Path, job: GridJob) -> bool:
 
 # ------------------------------------------------------------------------------------------------ what is finished
 
-def finished_tasks(run_dir, tasks, cfg) -> tuple[set[int], set[int], str | None]:
-    """(tasks with a record, tasks results.json lists, the error reading the records) of a run folder."""
+def finished_tasks(run_dir, tasks, cfg, identity_of=None) -> tuple[set[int], set[int] | None, str | None]:
+    """(tasks with a record, tasks results.json lists (None: it cannot be read), the error reading the records)
+    of a run folder. ``identity_of``: what the records must match beyond the config (harness.build.records_identity:
+    their data, input files and weights), as a run checks them before it resumes; a mismatch is the error."""
     folder = Path(run_dir)
     try:
-        records = set(read_tasks(folder, tasks, config_hash(cfg), cfg.dump()))
+        records = set(read_tasks(folder, tasks, config_hash(cfg), cfg.dump(), identity_of))
     except ResumeError as err:
         return set(), set(), err.one_line()
-    listed: set[int] = set()
     results = folder / "results.json"
-    if results.is_file():
-        try:
-            listed = set((json.loads(results.read_text()).get("provenance") or {}).get("tasks_done") or [])
-        except (OSError, ValueError):
-            listed = set()
-    return records, listed, None
+    if not results.is_file():
+        return records, set(), None
+    try:
+        return records, set((json.loads(results.read_text()).get("provenance") or {}).get("tasks_done") or []), None
+    except (OSError, ValueError, AttributeError):
+        return records, None, None
 
 
 # ------------------------------------------------------------------------------------------------ running one job
@@ -170,4 +171,4 @@ def _already_finished(cfg, job: GridJob) -> bool:
     """Whether the job's tasks are finished, asked before its plan is built: a local worker asks it of every job
     another worker finished, and a plan lists each domain's files and hashes the weights."""
     records, listed, error = finished_tasks(job.run_dir, build_tasks(cfg), cfg)
-    return error is None and set(job.tasks) <= records & listed    # an error: evaluate says why, in its words
+    return error is None and set(job.tasks) <= records & (listed or set())    # an error: evaluate says why, in its words

@@ -28,6 +28,8 @@ test_time.py uses for that config, shared by the jobs of its domains. A job carr
 as YAML, so where it runs it runs what was expanded and checked here."""
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +37,11 @@ import yaml
 
 import methods
 from conf import config_names
+from conf.compose import composed_name
 from conf.errors import UserError
-from harness.build import LoadedConfig, check_config, config_from_text, read_config, run_dir
+from conf.files import atomic_write_text
+from harness.build import (LoadedConfig, check_config, config_from_text, read_config, records_identity,
+                           run_dir)
 from harness.identity import config_hash, unread_default_nodes
 from harness.settings import build_tasks
 
@@ -108,10 +113,20 @@ class Grid:
     folder: Path                     # SAVE_DIR/grids/<name>
     cells: list[Cell]
     cli_opts: list[str]
+    # What the cells' records must match beyond their configs (harness.build.records_identity), computed once per
+    # command: the cells share their data, and a waiting `run` asks for the statuses every few seconds.
+    identity_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def jobs(self) -> list[GridJob]:
         return [job for cell in self.cells for job in cell.jobs]
+
+    def identity_of(self, cell: Cell):
+        """``identity_of(task index)`` for the records of ``cell`` (as a run checks them before resuming)."""
+        key = ("cell", cell.jobs[0].config_hash, cell.jobs[0].run_dir)
+        if key not in self.identity_cache:
+            self.identity_cache[key] = records_identity(cell.cfg, self.identity_cache)
+        return self.identity_cache[key]
 
 
 @dataclass
@@ -273,7 +288,40 @@ def load_grid(path, cli_opts=()) -> Grid:
     for i, hit in enumerate(spec.excluded_any):
         if not hit:
             raise GridError(f"{spec.path}: exclude[{i}] matches no cell of the grid: {spec.excludes[i]}")
-    return Grid(spec.name, spec.path, _shared_save_dir(spec.path, cells) / "grids" / spec.name, cells, spec.cli_opts)
+    grid = Grid(spec.name, spec.path, _shared_save_dir(spec.path, cells) / "grids" / spec.name, cells, spec.cli_opts)
+    _check_folder_owner(grid)
+    return grid
+
+
+OWNER_FILE = "grid.json"
+
+
+def _grid_identity(grid: Grid) -> dict:
+    return {"grid_file": str(Path(grid.path).resolve()),
+            "sha256": hashlib.sha256(Path(grid.path).read_bytes()).hexdigest(),
+            "cells": sorted(cell.jobs[0].config_hash for cell in grid.cells)}
+
+
+def _check_folder_owner(grid: Grid) -> None:
+    """SAVE_DIR/grids/<name> belongs to the grid that first ran or reported there (grid.json): the same file,
+    edited or not, a copy of it, or a grid of the same cells (split otherwise). Another grid of the same name would
+    mix its job states and overwrite its tables: refused."""
+    record = grid.folder / OWNER_FILE
+    if not record.is_file():
+        return
+    try:
+        owner = json.loads(record.read_text())
+    except (OSError, ValueError) as err:
+        raise GridError(f"{record}: unreadable ({err}); delete it if {grid.folder} is this grid's") from None
+    mine = _grid_identity(grid)
+    if all(owner.get(key) != mine[key] for key in mine):
+        raise GridError(f"{grid.path}: grid name '{grid.name}' is taken in {grid.folder.parent} by the grid file "
+                        f"{owner.get('grid_file')}; give this grid another 'name:' (or delete {grid.folder})")
+
+
+def claim_folder(grid: Grid) -> None:
+    """Record this grid file as the owner of its folder (before its jobs are submitted or its tables written)."""
+    atomic_write_text(grid.folder / OWNER_FILE, json.dumps(_grid_identity(grid), indent=1) + "\n")
 
 
 def _shared_save_dir(path: Path, cells: list[Cell]) -> Path:
@@ -302,11 +350,15 @@ def _is_file(config: str) -> bool:
 
 
 def _config_file(config: str, dataset: str, path: Path) -> str:
-    """The file of a grid's config: itself, or the shipped config of that name for ``dataset``."""
+    """The file of a grid's config: itself (a file, or a shipped composition named as test_time.py reads it, from
+    any folder), or the shipped config of that name, or of the method that name is an alias of, for ``dataset``."""
     if _is_file(config):
-        if not Path(config).is_file():
+        if not Path(config).is_file() and composed_name(Path(config)) is None:
             raise GridError(f"{path}: method config file {config} does not exist")
         return config
+    declared = methods.method_declarations()
+    if f"{dataset}/{config}" not in config_names() and config in declared:
+        config = declared.canonical(config)         # an alias of a method: its shipped config ("zs": source)
     if f"{dataset}/{config}" not in config_names():
         shipped = sorted(n.split("/")[1] for n in config_names() if n.startswith(f"{dataset}/"))
         raise GridError(f"{path}: no shipped config for method '{config}' on {dataset} (shipped there: {shipped}); "

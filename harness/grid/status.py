@@ -37,6 +37,7 @@ class JobStatus:
     log: str = ""              # where to look: the run's log and the launcher's output
     seconds: float | None = None
     images: int | None = None
+    records_error: str = ""    # its run folder's records cannot be resumed (other data, config, ...): run refuses
 
 
 def job_statuses(grid: Grid, scheduler: Mapping[str, SchedulerState] | None = None) -> list[JobStatus]:
@@ -48,7 +49,7 @@ def job_statuses(grid: Grid, scheduler: Mapping[str, SchedulerState] | None = No
     scheduler = scheduler or {}
     statuses = []
     for cell in grid.cells:
-        records, listed, error = finished_tasks(cell.jobs[0].run_dir, cell.tasks, cell.cfg)
+        records, listed, error = finished_tasks(cell.jobs[0].run_dir, cell.tasks, cell.cfg, grid.identity_of(cell))
         for job in cell.jobs:
             statuses.append(_job_status(grid, job, records, listed, error, scheduler.get(job.id)))
     return statuses
@@ -59,8 +60,11 @@ def _job_status(grid: Grid, job: GridJob, records, listed, error, scheduled: Sch
     logs = [str(Path(job.run_dir) / "log.txt")] + ([state["output"]] if state.get("output") else [])
     status = JobStatus(job, "pending", log=" ; ".join(logs))
     if error:
-        status.state, status.detail = "failed", error
-    elif set(job.tasks) <= records and set(job.tasks) <= listed:
+        status.state, status.detail, status.records_error = "failed", error, error
+    elif listed is None and set(job.tasks) <= records:      # the records are the truth: it is done but for this
+        status.detail = (f"{Path(job.run_dir) / 'results.json'} cannot be read (cut short?); running the job again "
+                         f"rewrites it from its task records")
+    elif set(job.tasks) <= records and set(job.tasks) <= (listed or set()):
         status.state = "done"
         status.seconds, status.images = state.get("seconds"), state.get("images")
     elif lock_held(grid.folder, job):

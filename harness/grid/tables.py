@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from harness import report
-from harness.grid.spec import Cell, Grid
+from harness.grid.spec import Cell, Grid, GridError
+from harness.task_records import ResumeError, read_tasks
 from harness.grid.status import JobStatus
 from harness.identity import config_hash, identity_keys
 from harness.report.runs import SEED_KEY
@@ -24,10 +25,17 @@ def _placeholder(cell: Cell) -> dict:
             "_path": f"{cell.jobs[0].run_dir} (not run yet)"}
 
 
-def cell_payload(cell: Cell) -> dict:
+def cell_payload(grid: Grid, cell: Cell) -> dict:
+    """The cell's results, once its records are checked as a run checks them before resuming (their config, data,
+    input files and weights): results of other data are refused, not tabled."""
     path = Path(cell.jobs[0].run_dir) / "results.json"
     if not path.is_file():
         return _placeholder(cell)
+    try:
+        read_tasks(path.parent, cell.tasks, config_hash(cell.cfg), cell.cfg.dump(), grid.identity_of(cell))
+    except ResumeError as err:
+        raise GridError(f"{grid.path}: cell ({cell.config_name}, {cell.dataset}, seed {cell.seed}): "
+                        f"{err.one_line()}") from None
     return report.load_results([path])[0]
 
 
@@ -42,7 +50,7 @@ def grid_tables(grid: Grid, metric: str = "accuracy", with_paper: bool = True) -
         for cell in (c for c in grid.cells if c.dataset == dataset):
             identity = sorted(identity_keys(cell.cfg, (SEED_KEY,)).items())
             key = json.dumps(identity, default=str)
-            groups.setdefault(key, []).append(cell_payload(cell))
+            groups.setdefault(key, []).append(cell_payload(grid, cell))
             labels[key] = cell.config_name + (f" [{cell.setting}]" if several_settings else "")
         named = list(labels.values())
         rows = []
