@@ -110,3 +110,21 @@ def test_a_run_folder_without_results_is_named_as_left_out(runs, tmp_path, capsy
     assert f"left out {stopped.parent}" in (tmp_path / "table" / "comparison.md").read_text()
     rows = [line for line in out.out.splitlines() if line.startswith("| source")]
     assert len(rows) == 1
+
+
+def test_a_record_the_run_never_streams_is_refused(runs, tmp_path):
+    good = json.loads(runs["a1"].read_text())
+    edited = json.loads(json.dumps(good))
+    edited["records"].append(dict(edited["records"][0], domain="snow"))
+    edited["summary"] = report.runs.summarise(edited["records"])
+    file = tmp_path / "copied" / "results.json"         # copied without its task records
+    file.parent.mkdir()
+    file.write_text(json.dumps(edited))
+    with pytest.raises(CompareError, match=r"record 1 \(snow@5\) is not one of the run's expected records"):
+        report.load_results([file])
+    edited["records"] = good["records"] * 2
+    edited["summary"] = report.runs.summarise(edited["records"])
+    file.write_text(json.dumps(edited))
+    with pytest.raises(CompareError, match=r"record 1 \(fog@5\) is not one of the run's expected records .* or is "
+                                           r"there twice"):
+        report.load_results([file])

@@ -76,6 +76,16 @@ def check_results(payload: dict, file: Path) -> None:
         if n and not (_close(r.get("accuracy"), accuracy) and _close(r.get("error"), 1 - accuracy)):
             raise CompareError(f"{where}: accuracy {r.get('accuracy')!r} / error {r.get('error')!r} are not its "
                                f"correct / n = {correct}/{n} = {accuracy:.6f}; the file was edited or is damaged")
+    expected = payload.get("expected")
+    if isinstance(expected, list):        # what the run's setting streams: a record outside it was added by hand
+        left = [tuple(e) for e in expected if isinstance(e, list)]
+        for k, r in enumerate(records):
+            column = (r.get("domain"), r.get("severity"))
+            if column not in left:
+                raise CompareError(f"{file}: record {k} ({column[0]}@{column[1]}) is not one of the run's expected "
+                                   f"records (its 'expected' list), or is there twice; the file was edited or is "
+                                   f"damaged")
+            left.remove(column)
     mean = (payload.get("summary") or {}).get("mean_accuracy")
     if records and mean is not None and not _close(mean, summarise(records)["mean_accuracy"]):
         raise CompareError(f"{file}: summary.mean_accuracy {mean!r} is not the mean of its records "
