@@ -460,3 +460,19 @@ def test_a_method_alias_and_a_shipped_config_path_from_any_folder(tmp_path, monk
     assert [(c.config_name, c.method) for c in grid.cells] == [("zs", "source"), ("tent", "tent")]
     reference = grids.load_grid(write_grid(tmp_path / "ref"), ["SAVE_DIR", tmp_path / "out"])
     assert [j.config_hash for j in grid.jobs] == [j.config_hash for j in reference.jobs]
+
+
+def test_a_plugin_file_edited_after_the_run_is_not_done_for_the_grid(tmp_path, shapes, capsys):
+    """The content of the files a cell reads (here its plug-in) is part of what status checks, as a run does."""
+    path = write_grid(tmp_path, pausable=True)
+    opts = ["DATA_DIR", shapes, "SAVE_DIR", tmp_path / "out"]
+    assert grid_main("run", path, "--launcher", "debug", *opts) == 0
+    plugin = tmp_path / "pausable_tent.py"
+    plugin.write_text(plugin.read_text() + "# edited\n")
+    # in a process of its own: this one has imported the plug-in as it was (another content of one plug-in name
+    # in one process is refused)
+    status = grid_command("status", path, *opts)
+    assert status.returncode == 1, status.stderr
+    out = status.stdout
+    assert out.count("computed with another MODEL.EXTRA_MODULES pausable_tent.py") == 2     # TENT's two jobs
+    assert out.count("done     ") == 2                                                       # source's
