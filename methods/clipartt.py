@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from conf.errors import ConfigError
 from conf.options import Option
 from methods.base import ADAPT_THEN_PREDICT, TTAMethod
+from methods.caches import REFERENCE_LOGIT_SCALE
 from methods.frames import configure_image_layernorms
 from methods.losses import clipartt_loss
 from methods.registry import register_method
@@ -60,6 +61,11 @@ class CLIPArTT(TTAMethod):
             # What the pseudo-labels come from: "image_text" (the method; reference --target-method 1), or the
             # reference's ablations (the paper's Table 4) "image" (2), "text" (3), "identity" (4).
             "TARGET_SIMILARITY": Option("image_text", choices=TARGET_SIMILARITIES),
+            # Scale s of the loss's logits s t_j . v_i: "model", CLIP's own logit_scale (the official code's
+            # ``logit_scale.exp()``: 100 for OpenAI's weights), or "fixed_100" (MarcLafon/cliptta's copy).
+            "LOGIT_SCALE": Option("model", choices=("model", "fixed_100")),
+            # eps of its Adam: 1e-8, torch's default, which the official code keeps; 1e-6 in MarcLafon/cliptta.
+            "ADAM_EPS": Option(1e-8, within="(0, inf)"),
         }
     }
 
@@ -82,6 +88,8 @@ class CLIPArTT(TTAMethod):
         self.target_normalization = o.TARGET_NORMALIZATION
         self.detach_targets = bool(o.DETACH_TARGETS)
         self.target_similarity = o.TARGET_SIMILARITY
+        self.fixed_logit_scale = o.LOGIT_SCALE == "fixed_100"
+        self.adam_eps = float(o.ADAM_EPS)          # read by setup_optimizer
 
     def cost_info(self) -> dict:
         """Per test batch: OPTIM.STEPS forward + backward passes of the image tower and one more forward to
@@ -116,7 +124,8 @@ class CLIPArTT(TTAMethod):
         class_features, _ = self.model.text_features()
         # Top-K under the current weights (the reference's separate no-grad forward gives the same values).
         top_classes = (image_features.detach() @ class_features.t()).topk(self.top_k, dim=1).indices
-        loss = clipartt_loss(image_features, self.prompt_features(top_classes), self.model.logit_scale,
+        scale = REFERENCE_LOGIT_SCALE if self.fixed_logit_scale else self.model.logit_scale
+        loss = clipartt_loss(image_features, self.prompt_features(top_classes), scale,
                              self.temperature, self.target_normalization, self.detach_targets,
                              self.target_similarity)
         self.optimizer_step(loss)

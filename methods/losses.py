@@ -5,6 +5,8 @@ A method's own composite loss stays beside its class (``batclip_loss`` in method
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -14,12 +16,14 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def marginal_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the average of softmax(logits) over dim 0 (TPT's ``avg_entropy``), computed in log space:
-    log mean_i p_i = logsumexp_i log_softmax_i - log N."""
-    log_probs = logits.log_softmax(dim=-1)
-    log_mean = torch.logsumexp(log_probs, dim=0) - torch.log(torch.tensor(float(logits.shape[0])))
-    log_mean = log_mean.clamp(min=torch.finfo(log_mean.dtype).min)   # as the reference: avoids 0 * -inf
-    return -(log_mean.exp() * log_mean).sum(dim=-1)
+    """Entropy of the average of softmax(logits) over dim 0, as TPT's ``avg_entropy`` computes it (TDA's and DPE's
+    code carry the same function): log-probabilities written ``x - logsumexp(x)`` (not ``log_softmax``: the same
+    value, but another rounding of its gradient, which decides the update where the softmax is nearly one-hot),
+    log mean_i p_i = logsumexp_i log p_i - log N, clamped as the reference does to avoid 0 * -inf."""
+    log_probs = logits - logits.logsumexp(dim=-1, keepdim=True)
+    log_mean = log_probs.logsumexp(dim=0) - math.log(logits.shape[0])
+    log_mean = log_mean.clamp(min=torch.finfo(log_mean.dtype).min)
+    return -(log_mean * torch.exp(log_mean)).sum(dim=-1)
 
 
 def mean_prediction_entropy(logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -154,7 +154,8 @@ def test_detached_targets_change_only_the_gradient():
 
 
 # ---------------------------------------------------------------------------------------------------- the steps
-def reference_batch(model, x, steps, k=3, normalization="column", detach=False, target_method=1):
+def reference_batch(model, x, steps, k=3, normalization="column", detach=False, target_method=1, loss_scale=None,
+                    eps=1e-8):
     """The official code's per-batch procedure, statement by statement, on a deep copy: Adam on the image tower's
     LayerNorm affine parameters; every step re-computes the top-K with the current weights, builds the prompts as
     strings and encodes them with open_clip's own encode_text; then the batch is predicted after the steps."""
@@ -163,9 +164,10 @@ def reference_batch(model, x, steps, k=3, normalization="column", detach=False, 
     params = visual_ln_params(m)
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=LR, betas=(0.9, 0.999), weight_decay=0.0)
+    optimizer = torch.optim.Adam(params, lr=LR, betas=(0.9, 0.999), weight_decay=0.0, eps=eps)
     tokenizer = open_clip.get_tokenizer("tiny-clip-test")
     scale = m.clip.logit_scale.exp().item()
+    loss_scale = scale if loss_scale is None else loss_scale
     with torch.no_grad():
         class_text = F.normalize(m.clip.encode_text(tokenizer([m.templates[0].format(c) for c in CIFAR10])), dim=-1)
     history = []
@@ -183,7 +185,7 @@ def reference_batch(model, x, steps, k=3, normalization="column", detach=False, 
         with torch.no_grad():
             text = F.normalize(m.clip.encode_text(tokenizer(prompts)), dim=-1)
         v = F.normalize(m.encode_image(x), dim=-1)
-        logits = scale * torch.einsum("jd,id->ji", text, v)                   # [prompt, image], as the reference
+        logits = loss_scale * torch.einsum("jd,id->ji", text, v)              # [prompt, image], as the reference
         affinity = (torch.einsum("ad,bd->ab", v, v) + torch.einsum("ad,bd->ab", text, text)) / 2
         targets = F.softmax(affinity / 0.01, dim=-1)
         if target_method == 2:     # the reference's --target-method ablations
@@ -218,6 +220,30 @@ def test_one_step_matches_the_reference(tiny_clip, normalization, detach):
     assert_states_close(ln_state(method.model), state)
     torch.testing.assert_close(logits, prediction, atol=1e-4, rtol=1e-4)
     assert any(not torch.equal(a, b) for a, b in zip(ln_state(method.model).values(), ln_state(source).values()))
+
+
+def test_cliptta_copys_logit_scale_and_adam_eps_are_keys(tiny_clip):
+    """MarcLafon/cliptta's copy fixes the loss's scale at 100 and Adam's eps at 1e-6; the official code (the
+    defaults) uses CLIP's own scale and torch's 1e-8. On the tiny CLIP (logit scale far from 100) both matter."""
+    source = copy.deepcopy(tiny_clip)
+    x = images()
+    assert float(tiny_clip.logit_scale) < 50
+    cliptta = make_clipartt(copy.deepcopy(source), steps=2, CLIPARTT__LOGIT_SCALE="fixed_100",
+                            CLIPARTT__ADAM_EPS=1e-6)
+    logits = cliptta(x)
+    state, prediction, _ = reference_batch(source, x, 2, loss_scale=100.0, eps=1e-6)
+    assert_states_close(ln_state(cliptta.model), state)
+    torch.testing.assert_close(logits, prediction, atol=1e-4, rtol=1e-4)
+    assert cliptta.optimizer.param_groups[0]["eps"] == 1e-6
+    official = make_clipartt(copy.deepcopy(source), steps=2)
+    official(x)
+    assert official.optimizer.param_groups[0]["eps"] == 1e-8
+    moved = max(float((a - b).abs().max()) for a, b in zip(ln_state(official.model).values(), state.values()))
+    assert moved > 1e-4          # the two regimes are different runs, not rounding
+    eps_only = make_clipartt(copy.deepcopy(source), steps=2, CLIPARTT__ADAM_EPS=1e-6)
+    eps_only(x)
+    state_eps, _, _ = reference_batch(source, x, 2, eps=1e-6)
+    assert_states_close(ln_state(eps_only.model), state_eps)
 
 
 @pytest.mark.parametrize("similarity,target_method", [("image", 2), ("text", 3), ("identity", 4)])

@@ -1,4 +1,5 @@
 import copy
+import sys
 import json
 import math
 
@@ -365,3 +366,23 @@ def test_cuda_mixed_precision_follows_the_cpu_run(tiny_clip):
     gpu = gpu_method(images.cuda()).cpu()
     assert (gpu.argmax(1) == cpu.argmax(1)).float().mean() >= 0.75
     torch.testing.assert_close(gpu, cpu, atol=0.1, rtol=0.05)
+
+
+def test_at_alpha_15_on_one_view_the_update_follows_the_references_entropy(tiny_clip, monkeypatch):
+    """DPE's caltech101 regime (ALPHA 15, the fixed 100 scale; one view, the image itself): the final logits are
+    nearly one-hot and the fp32 gradient of their entropy is mostly rounding (tests/test_tpt.py measures it against
+    fp64). The method's update is the reference's, whose entropy is TPT's avg_entropy (x - logsumexp(x)): the plain
+    loop with that formula agrees; with the same entropy written p log p (the same value) it does not."""
+    from tests.test_tpt import reference_avg_entropy
+    images = _images()
+    case = dict(DPE__ALPHA=15.0, DPE__LOGIT_SCALE="fixed_100", TEST__N_AUGMENTATIONS=1, DPE__SELECTION_P=1.0)
+    method = methods.build_method(_cfg(RNG_SEED=1, **case), copy.deepcopy(tiny_clip), 10)
+    out = torch.cat([method(batch) for batch in images.split(3)])
+    found = {}
+    for name, entropy in (("p log p", _entropy), ("reference", lambda final: reference_avg_entropy(final[None]))):
+        monkeypatch.setattr(sys.modules[__name__], "_entropy", entropy)
+        found[name] = _reference_dpe(copy.deepcopy(tiny_clip), images, n_views=1, k=1, alpha=15.0, scale=100.0)
+    reference, state = found["reference"]
+    torch.testing.assert_close(out, reference, atol=1e-3, rtol=0)
+    torch.testing.assert_close(method.text_prototypes, state["text"], atol=1e-5, rtol=0)
+    assert float((out - found["p log p"][0]).abs().max()) > 5e-3      # the regime: the formula decides the update
