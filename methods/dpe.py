@@ -100,7 +100,7 @@ def read_cupl(path: str, class_names) -> dict:
     """The CuPL JSON ({class name: [descriptions]}), checked to describe every class."""
     file = Path(path).expanduser()
     if not file.is_file():
-        what = "a folder, not a file" if file.is_dir() else "no such file"
+        what = "a folder, not a file" if path and file.is_dir() else "no such file"
         raise ConfigError(f"DPE.CUPL_PROMPTS = '{path}': {what} (expected the reference's "
                           f"gpt3_prompts/CuPL_prompts_<dataset>.json; '' for the templates only)")
     try:
