@@ -21,14 +21,16 @@ class ClassQueues(nn.Module):
     features here with python-float scores (``score_dtype`` float64, compared as the reference compares floats)."""
 
     def __init__(self, num_classes: int, capacity: int, dim: int, extra_dim: int = 0,
-                 score_dtype: torch.dtype = torch.float32, device=None):
+                 score_dtype: torch.dtype = torch.float32, device=None, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.capacity = capacity
-        self.register_buffer("keys", torch.zeros(num_classes, capacity, dim, device=device))
+        # ``dtype`` of keys and extras: fp32, as the references' caches; fp64 for a model run in fp64 (the
+        # numerical-fragility test's reference run).
+        self.register_buffer("keys", torch.zeros(num_classes, capacity, dim, dtype=dtype, device=device))
         self.register_buffer("scores", torch.full((num_classes, capacity), math.inf, dtype=score_dtype,
                                                   device=device))
         self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.long, device=device))
-        self.register_buffer("extras", torch.zeros(num_classes, capacity, extra_dim, device=device))
+        self.register_buffer("extras", torch.zeros(num_classes, capacity, extra_dim, dtype=dtype, device=device))
 
     @torch.no_grad()
     def insert(self, label: int, key: torch.Tensor, score, extra: torch.Tensor | None = None) -> None:
@@ -48,3 +50,8 @@ class ClassQueues(nn.Module):
         order = self.scores[label, :filled].argsort(stable=True)
         for buffer in (self.keys, self.scores, self.extras):
             buffer[label, :filled] = buffer[label, order]
+
+
+def cache_dtype(features: torch.Tensor) -> torch.dtype:
+    """What a cache keeps features in: fp32 (also for fp16 features, as the references), fp64 for fp64 ones."""
+    return torch.promote_types(features.dtype, torch.float32)

@@ -38,7 +38,7 @@ from conf.errors import ConfigError
 from conf.options import Option, default_of
 from methods.augmentations import VIEW_AUGMENTATIONS
 from methods.base import ADAPT_THEN_PREDICT
-from methods.caches import REFERENCE_LOGIT_SCALE, ClassQueues
+from methods.caches import REFERENCE_LOGIT_SCALE, ClassQueues, cache_dtype
 from methods.frames import ViewsMethod, lowest_entropy_views
 from methods.losses import marginal_entropy
 from methods.registry import register_method
@@ -52,8 +52,8 @@ class PrototypeCache(ClassQueues):
     python-float scores, compared in float64 as the reference compares its floats), and the class prototypes
     they give."""
 
-    def __init__(self, num_classes: int, capacity: int, dim: int, device=None):
-        super().__init__(num_classes, capacity, dim, score_dtype=torch.float64, device=device)
+    def __init__(self, num_classes: int, capacity: int, dim: int, device=None, dtype: torch.dtype = torch.float32):
+        super().__init__(num_classes, capacity, dim, score_dtype=torch.float64, device=device, dtype=dtype)
 
     def prototypes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(classes (K,) ascending, prototypes (K, D)): the mean queued feature of every class with a queue."""
@@ -250,12 +250,13 @@ class DPE(ViewsMethod):
         else:
             text = self.model.text_features()[0]
         # The global textual prototypes (C, D): normalised at the start, cumulative averages afterwards.
-        self.register_buffer("text_prototypes", text.detach().float().clone())
+        self.register_buffer("text_prototypes", text.detach().to(cache_dtype(text)).clone())
         self.register_buffer("text_updates", torch.zeros((), dtype=torch.long, device=text.device))
-        self.cache = PrototypeCache(self.num_classes, self.options.SHOT_CAPACITY, text.shape[1], text.device)
+        self.cache = PrototypeCache(self.num_classes, self.options.SHOT_CAPACITY, text.shape[1], text.device,
+                                    cache_dtype(text))
 
     def residual_dtype(self) -> torch.dtype:
-        return torch.float16 if self.uses_mixed_precision() else torch.float32
+        return torch.float16 if self.uses_mixed_precision() else self.text_prototypes.dtype
 
     def reset_episode(self) -> None:
         """MODEL.EPISODIC: forget the queues and the evolved textual prototypes before every image (the view

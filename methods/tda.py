@@ -35,7 +35,7 @@ from conf.errors import ConfigError
 from conf.options import Option
 from methods.augmentations import VIEW_AUGMENTATIONS
 from methods.base import TRAINING_FREE
-from methods.caches import REFERENCE_LOGIT_SCALE, ClassQueues
+from methods.caches import REFERENCE_LOGIT_SCALE, ClassQueues, cache_dtype
 from methods.frames import ViewsMethod, lowest_entropy_views
 from methods.losses import marginal_entropy
 from methods.registry import register_method
@@ -123,10 +123,10 @@ class TDA(ViewsMethod):
     def setup_state(self) -> None:
         """The two caches, empty: per class a queue of up to SHOT_CAPACITY (key, entropy[, probability map])
         entries, sorted by entropy (``ClassQueues``: buffers, so reset() empties them)."""
-        dim = self.model.text_features()[0].shape[1]
-        c, device = self.num_classes, self.device
-        self.positive_cache = ClassQueues(c, self.positive["capacity"], dim, device=device)
-        self.negative_cache = ClassQueues(c, self.negative["capacity"], dim, extra_dim=c, device=device)
+        text = self.model.text_features()[0]
+        c, device, dim, dtype = self.num_classes, self.device, text.shape[1], cache_dtype(text)
+        self.positive_cache = ClassQueues(c, self.positive["capacity"], dim, device=device, dtype=dtype)
+        self.negative_cache = ClassQueues(c, self.negative["capacity"], dim, extra_dim=c, device=device, dtype=dtype)
 
     def logit_scale(self) -> float:
         if self.cfg.TDA.LOGIT_SCALE == "fixed_100":
