@@ -359,7 +359,8 @@ def records_identity(cfg, cache: dict | None = None):
         except datasets.DatasetError:
             cache[key] = {"data_dir": str(Path(cfg.DATA_DIR).expanduser().resolve())}
     try:
-        identity = {"inputs": {name: e["sha256"] for name, e in input_files(cfg, dataset, declared_method(cfg)).items()}}
+        inputs = input_files(cfg, dataset, declared_method(cfg))
+        identity = {"inputs": {name: entry["sha256"] for name, entry in inputs.items()}}
     except (datasets.DatasetError, ConfigError):
         identity = {}       # a file that cannot be read here: the run's plan checks it
     weights = Path(str(cfg.MODEL.WEIGHTS)).expanduser()

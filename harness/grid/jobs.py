@@ -171,4 +171,5 @@ def _already_finished(cfg, job: GridJob) -> bool:
     """Whether the job's tasks are finished, asked before its plan is built: a local worker asks it of every job
     another worker finished, and a plan lists each domain's files and hashes the weights."""
     records, listed, error = finished_tasks(job.run_dir, build_tasks(cfg), cfg)
-    return error is None and set(job.tasks) <= records & (listed or set())    # an error: evaluate says why, in its words
+    # an error (or a results.json that cannot be read): evaluate says why, or rewrites it
+    return error is None and set(job.tasks) <= records & (listed or set())
