@@ -31,9 +31,10 @@ from methods.registry import METHODS, nodes_declared_by
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Modules of this package that hold shared code, not a method: the base class, the frames and parameter helpers,
-# the loss kernels, the caches, the test-time views, the registry and this reader. A method module imports these,
-# never another method module (tests/test_architecture.py).
-INFRASTRUCTURE = {"base", "frames", "losses", "caches", "augmentations", "registry", "declarations"}
+# the loss kernels, the caches, the test-time views, the learnable prompts (TPT's and C-TPT's), the registry and
+# this reader. A method module imports these, never another method module (tests/test_architecture.py).
+INFRASTRUCTURE = {"base", "frames", "losses", "caches", "augmentations", "prompts", "registry",
+                  "declarations"}
 
 
 class UnreadableDeclaration(Exception):

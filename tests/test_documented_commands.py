@@ -369,6 +369,13 @@ COMMANDS = {
     "python test_time.py --cfg conf/office_home/batclip.yaml DATA_DIR /data CORRUPTION.TYPE \"['Real World']\"":
         Refused(PAPER_DATA),
     "python test_time.py --cfg conf/imagenet_a/batclip.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    # docs/ctpt.md
+    "python test_time.py --cfg conf/imagenet_a/ctpt.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_c/ctpt.yaml DATA_DIR /data CORRUPTION.TYPE \"['none']\"":
+        Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar10_c/ctpt.yaml": Refused(DEFAULT_DATA),
+    ".venv/bin/python -m pytest -q tests/test_ctpt.py": RunElsewhere(
+        "a part of the whole suite, which .ci/run runs", (CI_TESTS, ("tests/test_ctpt.py", TESTS_IN))),
     # docs/dpe.md
     "python test_time.py --cfg conf/imagenet_a/dpe.yaml DATA_DIR /data DPE.CUPL_PROMPTS "
     "/path/CuPL_prompts_imagenet.json": Refused(NO_CUPL_FILE),
@@ -414,6 +421,11 @@ COMMANDS = {
         Refused(PAPER_DATA),
     "python test_time.py --cfg conf/cifar10_c/zero.yaml DATA_DIR /data": Refused(PAPER_DATA),
     "python test_time.py --cfg conf/oxford_pets/zero.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    # docs/mta.md
+    "python test_time.py --cfg conf/imagenet_a/mta.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_c/mta.yaml DATA_DIR /data CORRUPTION.TYPE \"['none']\"":
+        Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/oxford_pets/mta.yaml DATA_DIR /data": Refused(PAPER_DATA),
     # the docstrings of test_time.py, scripts/compare.py, scripts/grid.py
     "python test_time.py --cfg conf/cifar10_c/source.yaml DATA_DIR /data MODEL.WEIGHTS openai": Refused(PAPER_DATA),
     "python scripts/compare.py --merge host1/results.json host2/results.json --out merged/":
