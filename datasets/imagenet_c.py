@@ -21,7 +21,7 @@ from datasets.base import CLEAN, BenchmarkDataset, DatasetError, ImageDataset, r
 from datasets.class_names import (COOP_IMAGENET_TEMPLATES, IMAGENET_CLASSES, IMAGENET_TEMPLATES,
                                   TDA_SELECTED_TEMPLATES)
 from datasets.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS
-from datasets.folders import IMAGE_SUFFIXES, ImageFiles
+from datasets.folders import IMAGE_SUFFIXES, ImageFiles, refuse_repeated_images
 
 _HELPER = "robustbench/helper_files/"
 
@@ -58,12 +58,9 @@ def read_image_list(path: Path) -> list[str]:
     bad = [e for e in entries if len(Path(e).parts) != 2]
     if bad:
         raise DatasetError(f"{path}: every line must be 'wnid/file.JPEG'; bad lines such as {bad[:3]}")
-    first: dict[str, int] = {}
-    for number, entry in numbered:
-        seen = first.setdefault(entry, number)
-        if seen != number:
-            raise DatasetError(f"{path} lists {entry} twice (line {seen} and line {number}); expected each test "
-                               f"image once")
+    # the label is the entry's class folder: a repeated line is the same image under the same label
+    refuse_repeated_images("ImageNet-C", entries, [Path(e).parts[0] for e in entries],
+                           [f"line {n}" for n, _ in numbered], path)
     return entries
 
 

@@ -3,7 +3,6 @@ tpt_classification.py ``test_time_tuning`` with ``run_type tpt_ctpt``, clip/cust
 import copy
 import math
 
-import numpy as np
 import open_clip
 import pytest
 import torch
@@ -15,6 +14,7 @@ from harness.build import check_method
 from methods.augmentations import AugmentedViews
 from methods.ctpt import text_feature_dispersion
 from tests.synthetic import tiny_cfg
+from tests.test_tpt import adamw_step, reference_avg_entropy, reference_text_features
 
 CFG_FILE = "conf/cifar10_c/ctpt.yaml"
 N_VIEWS, SELECTION_P = 8, 0.25          # keeps 2 views; the YAMLs' 64 / 0.1 keep 6
@@ -22,27 +22,6 @@ N_VIEWS, SELECTION_P = 8, 0.25          # keeps 2 views; the YAMLs' 64 / 0.1 kee
 
 def _cfg(**overrides):
     return tiny_cfg(CFG_FILE, **{"TEST__N_AUGMENTATIONS": N_VIEWS, "CTPT__SELECTION_P": SELECTION_P, **overrides})
-
-
-def _text_features(clip, ctx):
-    """The reference's get_text_features: CLIP's text tower on the full 77 tokens of "a photo of a <name>.",
-    positions 1..n replaced by ctx, each feature divided by its norm."""
-    tokenizer = open_clip.get_tokenizer("tiny-clip-test")
-    from datasets.class_names import CIFAR10_CLASSES
-    tokens = tokenizer([f"a photo of a {c}." for c in CIFAR10_CLASSES])
-    x = clip.token_embedding(tokens)
-    x = torch.cat([x[:, :1], ctx.unsqueeze(0).expand(len(tokens), -1, -1), x[:, 1 + ctx.shape[0]:]], dim=1)
-    x = clip.transformer(x + clip.positional_embedding, attn_mask=clip.attn_mask)
-    x = clip.ln_final(x)[torch.arange(len(tokens)), tokens.argmax(-1)] @ clip.text_projection
-    return x / x.norm(dim=-1, keepdim=True)
-
-
-def _avg_entropy(outputs):
-    """tpt_classification.py avg_entropy, line by line."""
-    logits = outputs - outputs.logsumexp(dim=-1, keepdim=True)
-    avg_logits = logits.logsumexp(dim=0) - np.log(logits.shape[0])
-    avg_logits = torch.clamp(avg_logits, min=torch.finfo(avg_logits.dtype).min)
-    return -(avg_logits * torch.exp(avg_logits)).sum(dim=-1)
 
 
 def _l2_norm_mean(text_features):
@@ -74,21 +53,18 @@ def _reference_ctpt(model, images, seed, steps, episodic, lambda_, augmentation=
         selected = None
         for _ in range(steps):
             ctx_var = ctx.clone().requires_grad_(True)
-            text = _text_features(clip, ctx_var)
+            text = reference_text_features(clip, ctx_var)
             logits = scale * feats @ text.t()
             if selected is None:
                 ent = [-(p * p.log()).sum().item() for p in logits.detach().softmax(-1)]
                 selected = sorted(range(N_VIEWS), key=lambda i: ent[i])[:k]
-            loss = _avg_entropy(logits[selected])
+            loss = reference_avg_entropy(logits[selected])
             loss = loss + sign * lambda_ * _l2_norm_mean(text)
             (grad,) = torch.autograd.grad(loss, ctx_var)
             t += 1
-            ctx = ctx * (1 - lr * wd)
-            m = 0.9 * m + 0.1 * grad
-            v = 0.999 * v + 0.001 * grad ** 2
-            ctx = ctx - lr * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
+            ctx, m, v = adamw_step(ctx, grad, m, v, t, lr, wd)
         with torch.no_grad():
-            outputs.append(scale * feats[:1] @ _text_features(clip, ctx).t())
+            outputs.append(scale * feats[:1] @ reference_text_features(clip, ctx).t())
     return torch.cat(outputs), ctx
 
 

@@ -22,7 +22,7 @@ def _cfg(**overrides):
     return tiny_cfg(CFG_FILE, **{"TEST__N_AUGMENTATIONS": N_VIEWS, "TPT__SELECTION_P": SELECTION_P, **overrides})
 
 
-def _reference_text_features(clip, ctx):
+def reference_text_features(clip, ctx):
     """CLIP's text tower written out on the full, untruncated 77 tokens, with positions 1..n of
     "a photo of a <name>." replaced by ctx."""
     tokenizer = open_clip.get_tokenizer("tiny-clip-test")
@@ -33,6 +33,15 @@ def _reference_text_features(clip, ctx):
     x = clip.transformer(x + clip.positional_embedding, attn_mask=clip.attn_mask)
     x = clip.ln_final(x)[torch.arange(len(tokens)), tokens.argmax(-1)] @ clip.text_projection
     return F.normalize(x, dim=-1)
+
+
+def adamw_step(ctx, grad, m, v, t, lr, wd):
+    """One AdamW step written out (betas 0.9 / 0.999, eps 1e-8; decoupled weight decay first), as torch's AdamW
+    computes it: (ctx, m, v) after step number t."""
+    ctx = ctx * (1 - lr * wd)
+    m = 0.9 * m + 0.1 * grad
+    v = 0.999 * v + 0.001 * grad ** 2
+    return ctx - lr * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8), m, v
 
 
 def _reference_tpt(model, images, seed, steps, episodic, augmentation="crop_flip", lr=5e-3, wd=0.01, k=2):
@@ -52,7 +61,7 @@ def _reference_tpt(model, images, seed, steps, episodic, augmentation="crop_flip
         selected = None
         for _ in range(steps):
             ctx_var = ctx.clone().requires_grad_(True)
-            logits = scale * feats @ _reference_text_features(clip, ctx_var).t()
+            logits = scale * feats @ reference_text_features(clip, ctx_var).t()
             if selected is None:
                 ent = [-(p * p.log()).sum().item() for p in logits.detach().softmax(-1)]
                 selected = sorted(range(N_VIEWS), key=lambda i: ent[i])[:k]
@@ -60,12 +69,9 @@ def _reference_tpt(model, images, seed, steps, episodic, augmentation="crop_flip
             loss = -(mean_p * mean_p.log()).sum()
             (grad,) = torch.autograd.grad(loss, ctx_var)
             t += 1
-            ctx = ctx * (1 - lr * wd)
-            m = 0.9 * m + 0.1 * grad
-            v = 0.999 * v + 0.001 * grad ** 2
-            ctx = ctx - lr * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
+            ctx, m, v = adamw_step(ctx, grad, m, v, t, lr, wd)
         with torch.no_grad():
-            outputs.append(scale * feats[:1] @ _reference_text_features(clip, ctx).t())
+            outputs.append(scale * feats[:1] @ reference_text_features(clip, ctx).t())
     return torch.cat(outputs), ctx
 
 
@@ -123,7 +129,7 @@ def test_initial_prompt_gives_the_zero_shot_text_features(tiny_clip):
     zero_shot = tiny_clip.text_features()[0]
     torch.testing.assert_close(method.text_features(), zero_shot, atol=1e-6, rtol=0)
     ctx0 = method.prompt_learner.ctx.detach()
-    torch.testing.assert_close(_reference_text_features(tiny_clip.clip, ctx0), zero_shot, atol=1e-6, rtol=0)
+    torch.testing.assert_close(reference_text_features(tiny_clip.clip, ctx0), zero_shot, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("episodic,steps,augmentation",
