@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import torch
 
     from models import ModelSpec
+    from models.build import AuxiliaryModel
     from models.weights import WeightsSource
 
 
@@ -278,6 +279,8 @@ class RunPlan:
     # The list, split and prompt files the data set and the method read, by the key or file name that names them:
     # {"path": ..., "sha256": ...} (by content: an edited file is another run).
     inputs: dict[str, dict] = field(default_factory=dict)
+    # The further CLIPs the method needs (TTAMethod.auxiliary_models), by constructor keyword, checked.
+    auxiliary: dict[str, AuxiliaryModel] = field(default_factory=dict)
 
     @property
     def class_names(self) -> list[str]:
@@ -295,7 +298,7 @@ def build_plan(cfg, keys_set: frozenset[str] | None = None) -> RunPlan:
     reading images or writing; cfg is frozen. ``keys_set``: what its file and command line set
     (LoadedConfig.keys_set), for ``config_warnings``."""
     from models import model_spec, resolve_model_weights
-    from models.build import check_precision
+    from models.build import check_precision, resolve_auxiliary_weights
     check_config(cfg)
     cfg.freeze()
     cls = method_class(cfg)
@@ -308,6 +311,7 @@ def build_plan(cfg, keys_set: frozenset[str] | None = None) -> RunPlan:
     spec = model_spec(cfg.MODEL.ARCH)
     check_method(cfg, spec, dataset.class_names, cls)
     weights = resolve_model_weights(cfg)
+    auxiliary = {keyword: resolve_auxiliary_weights(cfg, *keys) for keyword, keys in cls.auxiliary_models.items()}
     save_dir = run_dir(cfg, cls.method_name)
     check_writable_folder(save_dir, "SAVE_DIR")
     warnings = config_warnings(cfg, keys_set, cls)
@@ -320,7 +324,7 @@ def build_plan(cfg, keys_set: frozenset[str] | None = None) -> RunPlan:
                         f"part of the run's identity, so a resumed run cannot tell other data from these")
     weights_sha256 = file_sha256(weights.path) if weights.path else None
     plan = RunPlan(cfg, cls.method_name, cls, dataset, tasks, wanted, data, templates, spec, weights, device,
-                   save_dir, warnings, fingerprints, weights_sha256, input_files(cfg, dataset, cls))
+                   save_dir, warnings, fingerprints, weights_sha256, input_files(cfg, dataset, cls), auxiliary)
     if cfg.RESUME:   # records of another config, other data or other weights are refused now, before any load
         read_tasks(save_dir, tasks, config_hash(cfg), cfg.dump(), plan.identity_of)
     return plan
@@ -390,6 +394,11 @@ def input_files(cfg, dataset, cls) -> dict[str, dict]:
     for key, option in conf.declared_options(methods.own_nodes(cls)).items():
         if option.reads_file and values[key]:
             named[key] = values[key]
+    for _, weights_key in getattr(cls, "auxiliary_models", {}).values():
+        # An auxiliary CLIP's checkpoint file, by content (a tag's file is open_clip's to find: as MODEL.WEIGHTS'
+        # tag, its hash is recorded in the provenance, not the identity).
+        if values[weights_key] and Path(str(values[weights_key])).expanduser().is_file():
+            named[weights_key] = values[weights_key]
     found = {}
     for name, path in named.items():
         file = Path(path).expanduser()

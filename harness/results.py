@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from conf.files import atomic_write_text
-from harness.identity import config_hash
+from harness.identity import config_hash, file_sha256
 
 if TYPE_CHECKING:
     from harness.build import RunPlan
@@ -104,10 +104,11 @@ def command_line() -> str:
     return " ".join(sys.argv)
 
 
-def run_provenance(plan: RunPlan, method, model_info: dict, device_name: str) -> dict:
+def run_provenance(plan: RunPlan, method, model_info: dict, device_name: str,
+                   auxiliary_info: dict | None = None) -> dict:
     """What produced a run, recorded in its results: config and its hash, seed, command, commit, package versions,
-    model (as built and as planned), the method's adapted parameters, precision and cost, device, data (folder,
-    description, fingerprints), weights' hash, warnings, host and start time."""
+    model (as built and as planned) and the method's further models, the method's adapted parameters, precision and
+    cost, device, data (folder, description, fingerprints), weights' hashes, warnings, host and start time."""
     import torch
     cfg = plan.cfg
     provenance = {
@@ -136,6 +137,12 @@ def run_provenance(plan: RunPlan, method, model_info: dict, device_name: str) ->
         "host": socket.gethostname(),
         "started_at": utc_now(),
     }
+    if plan.auxiliary:
+        provenance["auxiliary_models"] = {
+            keyword: {**(auxiliary_info or {}).get(keyword, {}), "arch_key": checked.arch_key,
+                      "weights_key": checked.weights_key,
+                      "weights_sha256": file_sha256(checked.weights.path) if checked.weights.path else None}
+            for keyword, checked in plan.auxiliary.items()}
     cost = method.cost_info()
     if cost is not None:
         provenance["method_cost"] = dict(cost)

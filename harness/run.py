@@ -28,7 +28,7 @@ from harness.logs import file_logging
 from harness.progress import Progress
 from harness.task_records import TASKS_DIR, clear_tasks, read_tasks, results_lock, task_locks, write_task
 from harness.settings import tasks_to_run
-from models import build_zero_shot_clip
+from models import build_auxiliary_clip, build_zero_shot_clip
 
 logger = logging.getLogger("tta")
 
@@ -118,13 +118,17 @@ def prepare(plan: RunPlan) -> RunState:
         logger.info("Resuming: %d of %d tasks already finished in %s", len(resumed), len(plan.tasks), plan.save_dir)
 
     model, model_info = build_zero_shot_clip(cfg, plan.class_names, plan.templates, plan.device, plan.weights)
-    method = plan.method_class(cfg, model, len(plan.class_names)).setup().to(plan.device)
+    auxiliary, auxiliary_info = {}, {}
+    for keyword, checked in plan.auxiliary.items():
+        auxiliary[keyword], auxiliary_info[keyword] = build_auxiliary_clip(cfg, checked, plan.class_names,
+                                                                           plan.templates, plan.device)
+    method = plan.method_class(cfg, model, len(plan.class_names), **auxiliary).setup().to(plan.device)
     logger.info("Method %s on %s (%s) with %s, %d/%d parameters adapted; results in %s", plan.method_name,
                 cfg.CORRUPTION.DATASET, cfg.SETTING, model_info["arch"], method.num_trainable_params(),
                 model_info["num_parameters"], plan.save_dir)
     device = plan.device
     device_name = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-    provenance = run_provenance(plan, method, model_info, device_name)
+    provenance = run_provenance(plan, method, model_info, device_name, auxiliary_info)
     transform = clip_image_transform(model.image_size, model_info["interpolation"])
     return RunState(method, transform, provenance, done, run_now, resumed, device_name, model_info)
 

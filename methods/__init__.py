@@ -18,11 +18,12 @@ from methods.registry import own_nodes, register_method
 _LOADED = {"METHODS": ("methods.registry", "METHODS"), "TTAMethod": ("methods.base", "TTAMethod")}
 
 
-def build_method(cfg, model, num_classes: int):
-    """The method of MODEL.ADAPTATION around ``model``: constructed, then set up."""
+def build_method(cfg, model, num_classes: int, **auxiliary_models):
+    """The method of MODEL.ADAPTATION around ``model``: constructed, then set up. ``auxiliary_models``: the further
+    CLIPs its class declares (``TTAMethod.auxiliary_models``), by keyword."""
     load_builtin_methods()
     from methods.registry import METHODS
-    return METHODS.get(cfg.MODEL.ADAPTATION)(cfg, model, num_classes).setup()
+    return METHODS.get(cfg.MODEL.ADAPTATION)(cfg, model, num_classes, **auxiliary_models).setup()
 
 
 def __getattr__(name: str):

@@ -53,6 +53,11 @@ class TTAMethod(nn.Module):
     # What one episode is, for MODEL.EPISODIC and the OPTIM.STEPS loop: "batch", or "image" (every test image on
     # its own, from the units ``split_images`` makes of a batch; TPT).
     episode = "batch"
+    # Further CLIPs the method needs beside the one it adapts (RLCF's reward model): {constructor keyword: (the key
+    # of its MODEL.ARCH, the key of its MODEL.WEIGHTS)}. The run plan checks their weights before any model loads;
+    # harness.run builds each with the one model builder, for the run's class names and templates, and passes it
+    # to the constructor by that keyword; the provenance and the run's identity record it.
+    auxiliary_models: dict[str, tuple[str, str]] = {}
 
     def __init__(self, cfg, model: nn.Module, num_classes: int):
         super().__init__()

@@ -8,11 +8,11 @@ The built-in methods' declarations are read from their source files with ``ast``
 - ``@register_method("name", aliases=(...))`` on a class: its name and aliases (literals);
 - the class's bases, by the names its module defines or imports from another module of this package (bases from
   outside, such as torch's ``nn.Module``, declare no node and are left out);
-- ``config_defaults = {...}`` in the class body: evaluated with what the module imports from ``conf`` (``Option``,
+- ``config_defaults = {...}`` (and ``auxiliary_models = {...}``) in the class body: evaluated with what the module imports from ``conf`` (``Option``,
   ...) and its own constants (``VOTES = ("eps_softmax", "one_hot")``), as Python evaluates it when the module runs.
 
-Each class becomes a stand-in class of the same name, module, bases and ``config_defaults``, which is all that
-``own_nodes`` and ``nodes_declared_by`` read. Once a built-in method module runs (a run imports them), or where a
+Each class becomes a stand-in class of the same name, module, bases, ``config_defaults`` and ``auxiliary_models``,
+which is all that ``own_nodes``, ``nodes_declared_by`` and ``harness.build.input_files`` read. Once a built-in method module runs (a run imports them), or where a
 built-in declaration cannot be read this way (a ``config_defaults`` computed by something the module does not take
 from ``conf`` or its constants), the registered classes themselves are used: the built-in methods are imported.
 tests/test_startup.py checks that both give the same declarations for every built-in method, and a grid the same
@@ -35,6 +35,11 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # this reader. A method module imports these, never another method module (tests/test_architecture.py).
 INFRASTRUCTURE = {"base", "frames", "losses", "caches", "augmentations", "prompts", "registry",
                   "declarations"}
+
+
+# What a stand-in holds of its class's body: the config nodes it declares, and the further CLIPs it needs (their
+# keys are part of what a run reads: harness.build.input_files).
+DECLARED_ATTRIBUTES = ("config_defaults", "auxiliary_models")
 
 
 class UnreadableDeclaration(Exception):
@@ -156,8 +161,9 @@ def _stand_in(statement: ast.ClassDef, module: str, namespace: dict, path: Path)
     for item in statement.body:
         targets = item.targets if isinstance(item, ast.Assign) else [item.target] if isinstance(item, ast.AnnAssign) \
             else []
-        if any(isinstance(t, ast.Name) and t.id == "config_defaults" for t in targets) and item.value is not None:
-            body["config_defaults"] = _evaluate(item.value, namespace, path)
+        declared = [t.id for t in targets if isinstance(t, ast.Name) and t.id in DECLARED_ATTRIBUTES]
+        if declared and item.value is not None:
+            body[declared[0]] = _evaluate(item.value, namespace, path)
     try:
         return type(statement.name, tuple(bases) or (object,), body)
     except TypeError as err:     # an order of bases Python refuses without the bases left out

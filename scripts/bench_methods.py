@@ -36,7 +36,8 @@ from harness.build import check_method, load_cfg  # noqa: E402
 from harness.cli import entry_point  # noqa: E402
 from harness.results import package_versions  # noqa: E402
 from harness.stream import SegmentStream, make_loader  # noqa: E402
-from models import build_zero_shot_clip  # noqa: E402
+from models import build_auxiliary_clip, build_zero_shot_clip  # noqa: E402
+from models.build import resolve_auxiliary_weights  # noqa: E402
 
 SHAPES = {"cifar10": ("cifar10_c", 200), "cifar100": ("cifar100_c", 200), "imagenet": ("imagenet_c", 64)}
 MIB = 2 ** 20
@@ -74,14 +75,22 @@ def method_rows(shape: str, args, device) -> list[dict]:
     for config in [n for n in names if args.methods == ["all"] or n in args.methods]:
         # DPE's CuPL descriptions (files not shipped) change only the text features computed once at start-up
         cupl = ["DPE.TEXT_PROTOTYPES", "templates"] if config == "dpe" else []
-        cfg = load_cfg(f"conf/{dataset_name}/{config}.yaml", ["MODEL.ARCH", args.arch, "MODEL.WEIGHTS", "none",
-                                                               "DEVICE", str(device), *cupl])
+        opts = ["MODEL.ARCH", args.arch, "MODEL.WEIGHTS", "none", "DEVICE", str(device), *cupl]
+        cfg = load_cfg(f"conf/{dataset_name}/{config}.yaml", opts)
+        # A further CLIP the method needs (RLCF's reward model): the benchmarked architecture, random weights too
+        auxiliary_keys = methods.METHODS.get(cfg.MODEL.ADAPTATION).auxiliary_models
+        if auxiliary_keys:
+            opts += [v for keys in auxiliary_keys.values() for v in (keys[0], args.arch, keys[1], "none")]
+            cfg = load_cfg(f"conf/{dataset_name}/{config}.yaml", opts)
         check_method(cfg)
         batch = args.batch or (cfg.TEST.BATCH_SIZE if cfg.TEST.BATCH_SIZE == 1 else paper_batch)
         templates = dataset.prompt_templates(cfg)
         torch.manual_seed(0)
         model, _ = build_zero_shot_clip(cfg, dataset.class_names, templates, device)
-        method = methods.build_method(cfg, model, len(dataset.class_names))
+        auxiliary = {keyword: build_auxiliary_clip(cfg, resolve_auxiliary_weights(cfg, *keys), dataset.class_names,
+                                                   templates, device)[0]
+                     for keyword, keys in auxiliary_keys.items()}
+        method = methods.build_method(cfg, model, len(dataset.class_names), **auxiliary)
         x = torch.rand(batch, 3, model.image_size, model.image_size, generator=torch.Generator().manual_seed(1))
         x = x.to(device)
         seconds, peak = timed(method, x, device, args.warmup, args.steps)

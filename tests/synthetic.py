@@ -268,6 +268,21 @@ def small_run_overrides(dataset: str, config: str, data_dir: Path | None = None)
     return overrides
 
 
+def tiny_auxiliary_models(cfg, model, seed: int = 1) -> dict:
+    """The further CLIPs ``cfg``'s method declares (TTAMethod.auxiliary_models), built as a run builds them, for
+    ``model``'s classes and templates; random weights drawn from ``seed`` (not the adapted model's)."""
+    import torch
+
+    import methods
+    from models.build import build_auxiliary_clip, resolve_auxiliary_weights
+    built = {}
+    for keyword, keys in methods.METHODS.get(cfg.MODEL.ADAPTATION).auxiliary_models.items():
+        torch.manual_seed(seed)
+        built[keyword] = build_auxiliary_clip(cfg, resolve_auxiliary_weights(cfg, *keys), model.class_names,
+                                              model.templates, "cpu")[0]
+    return built
+
+
 class Transformed:
     """A domain's (PIL image, label) items with ``transform`` applied to the image, as the harness's stream does."""
 

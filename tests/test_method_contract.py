@@ -17,7 +17,7 @@ from conf import config_names, import_plugins
 from harness.build import check_method, load_cfg
 from methods.base import PREDICT_THEN_ADAPT, PROTOCOLS
 from models import build_zero_shot_clip
-from tests.synthetic import small_run_overrides, tiny_cfg
+from tests.synthetic import small_run_overrides, tiny_auxiliary_models, tiny_cfg
 
 BATCH = 4
 
@@ -68,8 +68,9 @@ def test_method_keeps_the_contract(name, models_by_dataset):
     model = models_by_dataset(cfg)
     with torch.no_grad():
         unadapted = copy.deepcopy(model)(images(1))
+    auxiliary = tiny_auxiliary_models(cfg, model)
     torch.manual_seed(cfg.RNG_SEED)
-    method = methods.build_method(cfg, model, model.num_classes)
+    method = methods.build_method(cfg, model, model.num_classes, **auxiliary)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     state_before = {k: v.clone() for k, v in method.state_dict().items()}
     optimizer_before = copy.deepcopy(method.optimizer.state_dict()) if method.optimizer else None
