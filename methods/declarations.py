@@ -8,13 +8,15 @@ The built-in methods' declarations are read from their source files with ``ast``
 - ``@register_method("name", aliases=(...))`` on a class: its name and aliases (literals);
 - the class's bases, by the names its module defines or imports from another module of this package (bases from
   outside, such as torch's ``nn.Module``, declare no node and are left out);
-- ``config_defaults = {...}`` (and ``auxiliary_models = {...}``) in the class body: evaluated with what the module imports from ``conf`` (``Option``,
-  ...) and its own constants (``VOTES = ("eps_softmax", "one_hot")``), as Python evaluates it when the module runs.
+- ``config_defaults = {...}`` (and ``auxiliary_models = {...}``) in the class body: evaluated with what the module
+  imports from ``conf`` (``Option``, ...) and its own constants (``VOTES = ("eps_softmax", "one_hot")``), as Python
+  evaluates it when the module runs.
 
 Each class becomes a stand-in class of the same name, module, bases, ``config_defaults`` and ``auxiliary_models``,
-which is all that ``own_nodes``, ``nodes_declared_by`` and ``harness.build.input_files`` read. Once a built-in method module runs (a run imports them), or where a
-built-in declaration cannot be read this way (a ``config_defaults`` computed by something the module does not take
-from ``conf`` or its constants), the registered classes themselves are used: the built-in methods are imported.
+which is all that ``own_nodes``, ``nodes_declared_by`` and ``harness.build.input_files`` read. Once a built-in method
+module runs (a run imports them), or where a built-in declaration cannot be read this way (a ``config_defaults``
+computed by something the module does not take from ``conf`` or its constants), the registered classes themselves
+are used: the built-in methods are imported.
 tests/test_startup.py checks that both give the same declarations for every built-in method, and a grid the same
 jobs."""
 from __future__ import annotations

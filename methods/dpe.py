@@ -25,16 +25,15 @@ update count are registered buffers, restored exactly by ``reset()``.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from conf.defaults import SUITE_OPTIONS
 from conf.errors import ConfigError
+from conf.files import read_class_texts
 from conf.options import Option, default_of
 from methods.augmentations import VIEW_AUGMENTATIONS
 from methods.base import ADAPT_THEN_PREDICT
@@ -98,23 +97,8 @@ def cupl_text_prototypes(model, path: str, autocast) -> torch.Tensor:
 
 def read_cupl(path: str, class_names) -> dict:
     """The CuPL JSON ({class name: [descriptions]}), checked to describe every class."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        what = "a folder, not a file" if path and file.is_dir() else "no such file"
-        raise ConfigError(f"DPE.CUPL_PROMPTS = '{path}': {what} (expected the reference's "
-                          f"gpt3_prompts/CuPL_prompts_<dataset>.json; '' for the templates only)")
-    try:
-        descriptions = json.loads(file.read_text())
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"DPE.CUPL_PROMPTS = '{path}': not a JSON file ({error})") from None
-    if not isinstance(descriptions, dict):
-        raise ConfigError(f"DPE.CUPL_PROMPTS = '{path}': expected a JSON object {{class name: [descriptions]}}")
-    for name in class_names:
-        entry = descriptions.get(name.replace("_", " "))
-        if not isinstance(entry, list) or not all(isinstance(d, str) for d in entry):
-            raise ConfigError(f"DPE.CUPL_PROMPTS = '{path}' has no list of descriptions for class "
-                              f"'{name.replace('_', ' ')}'")
-    return descriptions
+    return read_class_texts(path, class_names, "DPE.CUPL_PROMPTS", "expected the reference's "
+                            "gpt3_prompts/CuPL_prompts_<dataset>.json; '' for the templates only", "descriptions")
 
 
 @dataclass

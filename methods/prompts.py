@@ -89,8 +89,9 @@ class PromptContext(nn.Module):
 
 @dataclass
 class ImageViews:
-    """One test image's episode: the normalised features (V, D) of its views (view 0 = the image itself) and the
-    confident views, chosen at the first step and kept (as the reference)."""
+    """One test image's episode: the normalised features (V, D) of its views (view 0 = the image itself) and its
+    confident views (the prompt-tuning references choose them at the first step and keep them; TPS's authors
+    choose them again at every step)."""
     features: torch.Tensor
     selected: torch.Tensor | None = None
 

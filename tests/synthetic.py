@@ -248,9 +248,10 @@ IMAGENET_C_SMALL_LIST = "imagenet_c_small_list.txt"
 def small_run_overrides(dataset: str, config: str, data_dir: Path | None = None) -> dict:
     """What a shipped config needs besides the tiny model and the ALL_LAYOUT_DOMAINS data (in ``data_dir``) to
     run in a test: the domains written, 8 images per domain in batches of 4, ImageNet-C's images as listed, DPE's
-    textual prototypes from the templates alone (no CuPL file), and three cost cuts on the tiny model (SAR's 3
-    excluded blocks exceed its 2; WATT-P's 50 repeats and the 80 x 1000
-    ensemble prompts of ImageNet-C VTE and ImageNet-Sketch TDA and DPE would cost a minute each)."""
+    textual prototypes from the templates alone (no CuPL file), and cuts for the tiny model (SAR's 3 excluded blocks
+    and TTL's blocks 9-11 exceed its 2; RLCF's ViT-L/14 reward model is a second tiny CLIP; WATT-P's 50 repeats and
+    the 80 x 1000 ensemble prompts of ImageNet-C VTE, ImageNet-Sketch TDA and DPE, and ImageNet, -V2 and -Sketch TPS
+    would cost a minute each)."""
     # The first 8 images (whatever the folders hold) in the suite's own stream order: what the golden runs recorded
     # (the authors' order needs their seeded subset; tests/test_stream_order.py checks it).
     overrides = {"CORRUPTION__TYPE": ALL_LAYOUT_DOMAINS[dataset], "CORRUPTION__NUM_EX": 8, "TEST__BATCH_SIZE": 4,
@@ -259,12 +260,17 @@ def small_run_overrides(dataset: str, config: str, data_dir: Path | None = None)
         overrides["CORRUPTION__IMAGENET_C_LIST"] = str(Path(data_dir) / IMAGENET_C_SMALL_LIST)
     if config == "sar":
         overrides["SAR__EXCLUDED_DEEPEST_BLOCKS"] = 1
+    if config == "ttl":          # the reference's blocks 9-11 exceed the tiny tower's 2
+        overrides["TTL__LAYERS"] = [0, 1]
     if config == "watt_p":
         overrides["WATT__REPEATS"] = 2
     if config == "dpe":          # the reference's CuPL files are not shipped: the templates alone
         overrides["DPE__TEXT_PROTOTYPES"] = "templates"
-    if (dataset, config) in (("imagenet_c", "vte"), ("imagenet_sketch", "tda"), ("imagenet_sketch", "dpe")):
+    if (dataset, config) in (("imagenet_c", "vte"), ("imagenet_sketch", "tda"), ("imagenet_sketch", "dpe"),
+                             ("imagenet_c", "tps"), ("imagenet_v2", "tps"), ("imagenet_sketch", "tps")):
         overrides["CLIP__PROMPT_MODE"] = "custom"
+    if config == "rlcf":         # the authors' ViT-L/14 reward model is not here: a second tiny CLIP
+        overrides["RLCF__REWARD_ARCH"], overrides["RLCF__REWARD_WEIGHTS"] = "tiny-clip-test", "none"
     return overrides
 
 

@@ -14,7 +14,8 @@ from harness.build import check_method
 from methods.augmentations import AugmentedViews
 from methods.ctpt import text_feature_dispersion
 from tests.synthetic import tiny_cfg
-from tests.test_tpt import adamw_step, reference_avg_entropy, reference_text_features
+from tests.test_tpt import (adamw_step, assert_reset_restores_the_prompt, reference_avg_entropy,
+                             reference_text_features)
 
 CFG_FILE = "conf/cifar10_c/ctpt.yaml"
 N_VIEWS, SELECTION_P = 8, 0.25          # keeps 2 views; the YAMLs' 64 / 0.1 keep 6
@@ -168,17 +169,7 @@ def test_reset_restores_all_state_exactly(tiny_clip):
     cfg = _cfg()
     fresh = methods.build_method(cfg, copy.deepcopy(tiny_clip), 10)
     method = methods.build_method(cfg, tiny_clip, 10)
-    images = torch.rand(2, 3, 32, 32)
-    expected = fresh(images)
-    method(torch.rand(3, 3, 32, 32))
-    method(torch.rand(1, 3, 32, 32))
-    assert method.optimizer.state_dict()["state"]
-    method.reset()
-    assert torch.equal(method.prompt_learner.ctx, fresh.prompt_learner.ctx_init)
-    assert method.optimizer.state_dict()["state"] == {}
-    assert torch.equal(method.views.rng_state(), AugmentedViews(N_VIEWS, seed=cfg.RNG_SEED).rng_state())
-    assert method.performed_updates == 0
-    assert torch.equal(method(images), expected)
+    assert_reset_restores_the_prompt(fresh, method, N_VIEWS, cfg.RNG_SEED)
 
 
 def test_bad_ctpt_config_is_refused():

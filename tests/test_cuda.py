@@ -17,7 +17,7 @@ from conf import config_names
 from datasets.shapes import SHAPE_CLASSES, clean_split
 from harness.build import check_method
 from models import build_zero_shot_clip
-from tests.synthetic import small_run_overrides, tiny_cfg
+from tests.synthetic import small_run_overrides, tiny_auxiliary_models, tiny_cfg
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(),
@@ -25,8 +25,10 @@ pytestmark = [pytest.mark.cuda,
 
 # One config per registered method (CIFAR-10-C's), in fp32 everywhere for the CPU comparison.
 PER_METHOD = sorted(n for n in config_names() if n.startswith("cifar10_c/"))
-FP32 = {"BATCLIP__AUTOCAST": False, "TPT__MIXED_PRECISION": False, "ZERO__MIXED_PRECISION": False,
-        "MIXED_PRECISION": False}
+# fp32 everywhere: the suite's MIXED_PRECISION, BATCLIP's AUTOCAST and every method's own MIXED_PRECISION key.
+FP32 = {"BATCLIP__AUTOCAST": False, "MIXED_PRECISION": False,
+        **{f"{cls.mixed_precision_node}__MIXED_PRECISION": False for _, cls in methods.METHODS.items()
+           if cls.mixed_precision_node}}
 TOLERANCE = dict(rtol=2e-3, atol=2e-3)
 
 
@@ -49,7 +51,8 @@ def method_pair(name: str, **overrides):
         check_method(cfg)
         torch.manual_seed(0)
         model, _ = build_zero_shot_clip(cfg, [f"class {i}" for i in range(10)], list(cfg.CLIP.PROMPT_TEMPLATE), "cpu")
-        built.append(methods.build_method(cfg, copy.deepcopy(model).to(device), 10))
+        auxiliary = {k: v.to(device) for k, v in tiny_auxiliary_models(cfg, model).items()}
+        built.append(methods.build_method(cfg, copy.deepcopy(model).to(device), 10, **auxiliary))
     return built
 
 

@@ -209,6 +209,8 @@ PAPER_DATA = weights_or_data("/data")
 NO_CUPL_FILE = r"^DPE.CUPL_PROMPTS = '/path/CuPL_prompts_imagenet.json': no such file"    # the reference's file
 SHAPES_DATA = r"^shapes_c: data directory data/Shapes-C does not exist"     # before scripts/demo.py wrote it
 DEFAULT_DATA = weights_or_data(r"(\./)?data")
+# An RLCF run may also stop at its reward model's weights (RLCF.REWARD_WEIGHTS: ViT-L-14's OpenAI ones).
+RLCF_REWARD_WEIGHTS = r"|'ViT-L-14' / pretrained tag 'openai' are not in the local cache"
 GRID_INPUTS = r"grids/paper_main.yaml: cell \(cifar10_c, source, seed 1\): (CLIP weights 'ViT-B-16' / pretrained " \
               r"tag 'openai' are not in the local cache|DATA_DIR /data: no such folder)"
 NO_GPU_PARTITION = r"^--partition gpu: this cluster has no such partition; its partitions \(sinfo\): debug$"
@@ -376,6 +378,37 @@ COMMANDS = {
     "python test_time.py --cfg conf/cifar10_c/ctpt.yaml": Refused(DEFAULT_DATA),
     ".venv/bin/python -m pytest -q tests/test_ctpt.py": RunElsewhere(
         "a part of the whole suite, which .ci/run runs", (CI_TESTS, ("tests/test_ctpt.py", TESTS_IN))),
+    # docs/rlcf.md
+    "python test_time.py --cfg conf/imagenet_a/rlcf.yaml DATA_DIR /data": Refused(PAPER_DATA + RLCF_REWARD_WEIGHTS),
+    "python test_time.py --cfg conf/imagenet_c/rlcf.yaml DATA_DIR /data CORRUPTION.TYPE \"['none']\"":
+        Refused(PAPER_DATA + RLCF_REWARD_WEIGHTS),
+    "python test_time.py --cfg conf/dtd/rlcf.yaml DATA_DIR /data RLCF.REWARD_ARCH ViT-B-16": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar10_c/rlcf.yaml": Refused(DEFAULT_DATA + RLCF_REWARD_WEIGHTS),
+    ".venv/bin/python -m pytest -q tests/test_rlcf.py": RunElsewhere(
+        "a part of the whole suite, which .ci/run runs", (CI_TESTS, ("tests/test_rlcf.py", TESTS_IN))),
+    # docs/rtpt.md
+    "python test_time.py --cfg conf/imagenet_a/rtpt.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_c/rtpt.yaml DATA_DIR /data CORRUPTION.TYPE \"['none']\"":
+        Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar10_c/rtpt.yaml": Refused(DEFAULT_DATA),
+    ".venv/bin/python -m pytest -q tests/test_rtpt.py": RunElsewhere(
+        "a part of the whole suite, which .ci/run runs", (CI_TESTS, ("tests/test_rtpt.py", TESTS_IN))),
+    # docs/tps.md
+    "python test_time.py --cfg conf/imagenet_a/tps.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_c/tps.yaml DATA_DIR /data CORRUPTION.TYPE \"['none']\"":
+        Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/dtd/tps.yaml DATA_DIR /data TPS.PROTOTYPES templates_and_descriptions "
+    "TPS.DESCRIPTIONS /path/dtd-gpt4.json": Refused(r"^TPS.DESCRIPTIONS = '/path/dtd-gpt4.json': no such file"),
+    "python test_time.py --cfg conf/cifar10_c/tps.yaml": Refused(DEFAULT_DATA),
+    ".venv/bin/python -m pytest -q tests/test_tps.py": RunElsewhere(
+        "a part of the whole suite, which .ci/run runs", (CI_TESTS, ("tests/test_tps.py", TESTS_IN))),
+    # docs/ttl.md
+    "python test_time.py --cfg conf/imagenet_a/ttl.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_c/ttl.yaml DATA_DIR /data CORRUPTION.TYPE \"['none']\"":
+        Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar10_c/ttl.yaml": Refused(DEFAULT_DATA),
+    ".venv/bin/python -m pytest -q tests/test_ttl.py": RunElsewhere(
+        "a part of the whole suite, which .ci/run runs", (CI_TESTS, ("tests/test_ttl.py", TESTS_IN))),
     # docs/dpe.md
     "python test_time.py --cfg conf/imagenet_a/dpe.yaml DATA_DIR /data DPE.CUPL_PROMPTS "
     "/path/CuPL_prompts_imagenet.json": Refused(NO_CUPL_FILE),

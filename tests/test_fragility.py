@@ -19,7 +19,7 @@ import torch
 import methods
 from conf import config_names
 from harness.build import load_cfg
-from tests.synthetic import TINY_OPTS, small_run_overrides, tiny_cfg
+from tests.synthetic import TINY_OPTS, small_run_overrides, tiny_auxiliary_models, tiny_cfg
 
 # fp32 against fp64, relative to the largest fp64 logit, over the batches below: 100x the fp32 rounding of a
 # logit, well above what a stable computation shows (measured: 4e-7 to 6.4e-6 for every other config, 1.0e-5 for
@@ -69,7 +69,8 @@ def _float64():
 def _logits(cfg, model, images, dtype) -> torch.Tensor:
     torch.manual_seed(0)
     with _float64() if dtype == torch.float64 else contextlib.nullcontext():
-        method = methods.build_method(cfg, copy.deepcopy(model).to(dtype), 10)
+        auxiliary = {k: v.to(dtype) for k, v in tiny_auxiliary_models(cfg, model).items()}
+        method = methods.build_method(cfg, copy.deepcopy(model).to(dtype), 10, **auxiliary)
         return torch.cat([method(batch.to(dtype)).detach().to(torch.float64) for batch in images.split(BATCH_SIZE)])
 
 

@@ -75,6 +75,23 @@ def _reference_tpt(model, images, seed, steps, episodic, augmentation="crop_flip
     return torch.cat(outputs), ctx
 
 
+def assert_reset_restores_the_prompt(fresh, method, n_views: int, seed: int) -> None:
+    """After two batches, ``reset()`` of a prompt-tuning ``method`` gives back the initial context, an empty
+    optimizer state, the view stream's start and no update count: it then predicts what ``fresh`` (the same method
+    built anew) predicts."""
+    images = torch.rand(2, 3, 32, 32)
+    expected = fresh(images)
+    method(torch.rand(3, 3, 32, 32))
+    method(torch.rand(1, 3, 32, 32))
+    assert method.optimizer.state_dict()["state"]                      # something to restore
+    method.reset()
+    assert torch.equal(method.prompt_learner.ctx, fresh.prompt_learner.ctx_init)
+    assert method.optimizer.state_dict()["state"] == {}
+    assert torch.equal(method.views.rng_state(), AugmentedViews(n_views, seed=seed).rng_state())
+    assert method.performed_updates == 0
+    assert torch.equal(method(images), expected)
+
+
 def reference_avg_entropy(outputs):
     """TPT's ``avg_entropy`` as its code (and TDA's and DPE's copies) writes it, line by line."""
     logits = outputs - outputs.logsumexp(dim=-1, keepdim=True)
