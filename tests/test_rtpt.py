@@ -187,8 +187,10 @@ def test_the_comparison_fails_when_one_line_of_the_transcription_changes(tiny_cl
               "image_only": dict(change="image_only", rule="threshold"), "rule": dict(rule="diagonal"),
               "top_k": dict(top_k=19, rule="threshold")}[change]
     ref_out, ref_ctx, _ = _reference_rtpt(reference_model, images, seed=3, steps=2, episodic=True, **kwargs)
-    # measured: the logits move by 3e-3 or more (the loss also moves the context by 1.3e-4), 100 times the tolerance
-    assert (out - ref_out).abs().max() > 100 * 3e-5
+    # measured: the logits move by 3e-3 (AMD, AVX-512) and 2.5e-3 (CI's CPU: "threshold" keeps or drops a rounded
+    # self-similarity per CPU, so one neighbour fewer moves them by a CPU-dependent amount); 10 times the
+    # tolerance is a decisive miss on both (the loss also moves the context by 1.3e-4)
+    assert (out - ref_out).abs().max() > 10 * 3e-5
     if change == "marginal_entropy":
         assert (ctx - ref_ctx).abs().max() > 100 * 1e-6
 
