@@ -150,12 +150,24 @@ def run_tasks(plan: RunPlan, state: RunState, progress: bool, label: str | None 
                 # Every reset task starts from the same RNG state, so a task's result does not depend on which
                 # tasks ran before it in this process (exact resuming and sharding).
                 seed_everything(cfg)
+            if task.reset or index == state.run_now[0]:
+                state.method.begin_stream(images_until_reset(plan, state.run_now, index))
             records, seconds, images = run_task(plan, state, index, bar)
             write_task(plan.save_dir, index, task, records, seconds, images, cfg_hash, config_dump,
                        state.device_name, plan.identity_of(index))
             state.done[index] = {"records": records, "wall_time_s": seconds, "images": images}
             _write_payload(plan, state)
         bar.set_postfix_str("")         # the last line names the domain only where the run stopped
+
+
+def images_until_reset(plan: RunPlan, run_now: list[int], index: int) -> int:
+    """The images the method is given from task ``index`` on, up to the next task that resets it."""
+    total = 0
+    for later in run_now[run_now.index(index):]:
+        if later != index and plan.tasks[later].reset:
+            break
+        total += sum(len(plan.data[s]) for s in plan.tasks[later].segments)
+    return total
 
 
 def run_task(plan: RunPlan, state: RunState, index: int,

@@ -35,7 +35,7 @@ class TTAMethod(nn.Module):
       ``setup_state``;
     - per batch: ``forward_and_adapt`` (default: one step on ``loss``), ``loss``, ``split_images``,
       ``episode_logits``, ``autocast``;
-    - state: ``reset_episode``, ``reset_extra_state``, ``_mutable_state``;
+    - state: ``reset_episode``, ``reset_extra_state``, ``_mutable_state``, ``begin_stream`` (after every reset);
     - reporting: ``cost_info``, ``num_trainable_params``.
 
     A frame adds the hooks of its own kind (methods/frames.py: ``NormAffineTTA.adapted_norm_layers``)."""
@@ -77,6 +77,11 @@ class TTAMethod(nn.Module):
     @classmethod
     def check_setup(cls, cfg, model_spec, class_names) -> None:
         """Refuse a config this method cannot run, before any model loads: raise conf.ConfigError with one line."""
+
+    def begin_stream(self, num_images: int) -> None:
+        """Called by the harness after every reset, before the first batch, with the number of images the method
+        will be given until the next reset (OnZeta's schedule divides by it, as its reference divides by the test
+        set's size). Default: nothing."""
 
     @classmethod
     def config_warnings(cls, cfg) -> list[str]:

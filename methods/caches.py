@@ -1,5 +1,6 @@
 """Per-class memories the training-free cache methods share: ``ClassQueues`` (TDA's positive and negative caches,
-DPE's prototype queues) and the logit scale of those references' clip logits."""
+DPE's prototype queues), the logit scale of those references' clip logits, and TDA's cache keys and cache logits
+(TDA, BoostAdapter)."""
 from __future__ import annotations
 
 import math
@@ -7,9 +8,52 @@ import math
 import torch
 import torch.nn as nn
 
+from conf.errors import ConfigError
+from conf.options import Option
+
 # The reference's clip logits: ``100. * image_features @ clip_weights`` (OpenAI CLIP's learned scale, rounded); DPE's
 # code, built on TDA's, does the same.
 REFERENCE_LOGIT_SCALE = 100.0
+
+# TDA's positive and negative cache keys, in a node of their own for each method built on those caches (TDA,
+# BoostAdapter: {"TDA": {..., **TDA_CACHE_OPTIONS}}); read by ``tda_cache_settings``.
+TDA_CACHE_OPTIONS = {
+    "POSITIVE_ENABLED": True,
+    "POSITIVE_SHOT_CAPACITY": Option(3, within="[1, inf)"),
+    "POSITIVE_ALPHA": Option(2.0, within="[0, inf)"),
+    "POSITIVE_BETA": Option(5.0, within="[0, inf)"),
+    "NEGATIVE_ENABLED": True,
+    "NEGATIVE_SHOT_CAPACITY": Option(2, within="[1, inf)"),
+    "NEGATIVE_ALPHA": Option(0.117, within="[0, inf)"),
+    "NEGATIVE_BETA": Option(1.0, within="[0, inf)"),
+    # An image enters the negative cache only if ENTROPY_LOWER < its normalised entropy < ENTROPY_UPPER.
+    "NEGATIVE_ENTROPY_LOWER": 0.2,
+    "NEGATIVE_ENTROPY_UPPER": 0.5,
+    # An entry's negative pseudo-label marks the classes whose probability is within (MASK_LOWER, MASK_UPPER).
+    "NEGATIVE_MASK_LOWER": 0.03,
+    "NEGATIVE_MASK_UPPER": 1.0,
+}
+
+
+def check_tda_cache_intervals(node, name: str) -> None:
+    """Refuse a node of TDA_CACHE_OPTIONS whose negative-cache bounds are not an open interval."""
+    for low, high in (("NEGATIVE_ENTROPY_LOWER", "NEGATIVE_ENTROPY_UPPER"),
+                      ("NEGATIVE_MASK_LOWER", "NEGATIVE_MASK_UPPER")):
+        if not node[low] < node[high]:
+            raise ConfigError(f"{name}.{low} = {node[low]} must be below {name}.{high} = {node[high]} "
+                              f"(an open interval)")
+
+
+def tda_cache_settings(node) -> tuple[dict, dict]:
+    """(positive, negative) cache settings of a node of TDA_CACHE_OPTIONS."""
+    positive = dict(enabled=bool(node.POSITIVE_ENABLED), capacity=int(node.POSITIVE_SHOT_CAPACITY),
+                    alpha=float(node.POSITIVE_ALPHA), beta=float(node.POSITIVE_BETA))
+    negative = dict(enabled=bool(node.NEGATIVE_ENABLED), capacity=int(node.NEGATIVE_SHOT_CAPACITY),
+                    alpha=float(node.NEGATIVE_ALPHA), beta=float(node.NEGATIVE_BETA),
+                    entropy_lower=float(node.NEGATIVE_ENTROPY_LOWER),
+                    entropy_upper=float(node.NEGATIVE_ENTROPY_UPPER),
+                    mask_lower=float(node.NEGATIVE_MASK_LOWER), mask_upper=float(node.NEGATIVE_MASK_UPPER))
+    return positive, negative
 
 
 class ClassQueues(nn.Module):
@@ -55,3 +99,24 @@ class ClassQueues(nn.Module):
 def cache_dtype(features: torch.Tensor) -> torch.dtype:
     """What a cache keeps features in: fp32 (also for fp16 features, as the references), fp64 for fp64 ones."""
     return torch.promote_types(features.dtype, torch.float32)
+
+
+def cache_weights(query: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, beta: float) -> torch.Tensor:
+    """exp(-beta (1 - q.k)) for every filled entry of a cache (C, S, D) with ``counts`` (C,) entries per class;
+    0 for the empty slots. Written as the reference writes it, ``(-1) * (beta - beta * affinity)``."""
+    affinity = keys @ query                                               # (C, S)
+    filled = torch.arange(keys.shape[1], device=keys.device) < counts.unsqueeze(1)
+    return torch.exp(-(beta - beta * affinity)) * filled
+
+
+def positive_cache_logits(query, keys, counts, alpha: float, beta: float) -> torch.Tensor:
+    """alpha * weights @ one_hot(class of each entry): the weights of each class's entries summed, (C,)."""
+    return alpha * cache_weights(query, keys, counts, beta).sum(dim=1)
+
+
+def negative_cache_logits(query, keys, counts, probs, alpha: float, beta: float, mask_lower: float,
+                          mask_upper: float) -> torch.Tensor:
+    """alpha * weights @ mask, the mask of an entry being 1 where its probability map lies strictly within
+    (mask_lower, mask_upper); probs (C, S, C) are the entries' probability maps. (C,)"""
+    mask = ((probs > mask_lower) & (probs < mask_upper)).to(keys.dtype)
+    return alpha * torch.einsum("cs,csk->k", cache_weights(query, keys, counts, beta), mask)

@@ -75,3 +75,17 @@ def clipartt_loss(image_features: torch.Tensor, text_features: torch.Tensor, log
     weights = targets.t() if target_normalization == "column" else targets
     # Row i of logits.t(): image i against every prompt j.
     return -(weights * logits.t().log_softmax(dim=-1)).sum(dim=1).mean()
+
+
+def log_probabilities(probabilities: torch.Tensor) -> torch.Tensor:
+    """log of probabilities (B, C), or of positive scores, as logits whose argmax is exactly theirs (the reference's
+    prediction; OnZeta, DMN): a probability of 0 (an underflowed softmax) is floored at the smallest normal float (logits stay
+    finite); where rounding makes a lower-index class's log equal to the predicted class's, the predicted one is
+    raised by one ulp."""
+    prediction = probabilities.argmax(dim=1, keepdim=True)
+    logits = probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log()
+    chosen = logits.gather(1, prediction)
+    index = torch.arange(logits.shape[1], device=logits.device)
+    tied = ((logits == chosen) & (index < prediction)).any(dim=1, keepdim=True)
+    raised = torch.where(tied, torch.nextafter(chosen, torch.full_like(chosen, math.inf)), chosen)
+    return logits.scatter(1, prediction, raised)

@@ -31,35 +31,15 @@ import math
 
 import torch
 
-from conf.errors import ConfigError
 from conf.options import Option
 from methods.augmentations import VIEW_AUGMENTATIONS
 from methods.base import TRAINING_FREE
-from methods.caches import REFERENCE_LOGIT_SCALE, ClassQueues, cache_dtype
+from methods.caches import (REFERENCE_LOGIT_SCALE, TDA_CACHE_OPTIONS, ClassQueues, cache_dtype,
+                            check_tda_cache_intervals, negative_cache_logits, positive_cache_logits,
+                            tda_cache_settings)
 from methods.frames import ViewsMethod, lowest_entropy_views
 from methods.losses import marginal_entropy
 from methods.registry import register_method
-
-
-def cache_weights(query: torch.Tensor, keys: torch.Tensor, counts: torch.Tensor, beta: float) -> torch.Tensor:
-    """exp(-beta (1 - q.k)) for every filled entry of a cache (C, S, D) with ``counts`` (C,) entries per class;
-    0 for the empty slots. Written as the reference writes it, ``(-1) * (beta - beta * affinity)``."""
-    affinity = keys @ query                                               # (C, S)
-    filled = torch.arange(keys.shape[1], device=keys.device) < counts.unsqueeze(1)
-    return torch.exp(-(beta - beta * affinity)) * filled
-
-
-def positive_cache_logits(query, keys, counts, alpha: float, beta: float) -> torch.Tensor:
-    """alpha * weights @ one_hot(class of each entry): the weights of each class's entries summed, (C,)."""
-    return alpha * cache_weights(query, keys, counts, beta).sum(dim=1)
-
-
-def negative_cache_logits(query, keys, counts, probs, alpha: float, beta: float, mask_lower: float,
-                          mask_upper: float) -> torch.Tensor:
-    """alpha * weights @ mask, the mask of an entry being 1 where its probability map lies strictly within
-    (mask_lower, mask_upper); probs (C, S, C) are the entries' probability maps. (C,)"""
-    mask = ((probs > mask_lower) & (probs < mask_upper)).to(keys.dtype)
-    return alpha * torch.einsum("cs,csk->k", cache_weights(query, keys, counts, beta), mask)
 
 
 @register_method("tda")
@@ -79,41 +59,18 @@ class TDA(ViewsMethod):
         # Normalised entropy, compared with the negative cache's entropy bounds: "log2" as the code (natural-log
         # entropy divided by log2(num classes), so at most ln 2), or "ln" (divided by ln(num classes), in [0, 1]).
         "ENTROPY_NORMALISATION": Option("log2", choices=("log2", "ln")),
-        "POSITIVE_ENABLED": True,
-        "POSITIVE_SHOT_CAPACITY": Option(3, within="[1, inf)"),
-        "POSITIVE_ALPHA": Option(2.0, within="[0, inf)"),
-        "POSITIVE_BETA": Option(5.0, within="[0, inf)"),
-        "NEGATIVE_ENABLED": True,
-        "NEGATIVE_SHOT_CAPACITY": Option(2, within="[1, inf)"),
-        "NEGATIVE_ALPHA": Option(0.117, within="[0, inf)"),
-        "NEGATIVE_BETA": Option(1.0, within="[0, inf)"),
-        # An image enters the negative cache only if ENTROPY_LOWER < normalised entropy < ENTROPY_UPPER.
-        "NEGATIVE_ENTROPY_LOWER": 0.2,
-        "NEGATIVE_ENTROPY_UPPER": 0.5,
-        # An entry's negative pseudo-label marks the classes whose probability is within (MASK_LOWER, MASK_UPPER).
-        "NEGATIVE_MASK_LOWER": 0.03,
-        "NEGATIVE_MASK_UPPER": 1.0,
+        **TDA_CACHE_OPTIONS,
     }}
 
     @classmethod
     def check_setup(cls, cfg, model_spec, class_names) -> None:
         super().check_setup(cfg, model_spec, class_names)
-        t = cfg.TDA
-        for low, high in (("NEGATIVE_ENTROPY_LOWER", "NEGATIVE_ENTROPY_UPPER"),
-                          ("NEGATIVE_MASK_LOWER", "NEGATIVE_MASK_UPPER")):
-            if not t[low] < t[high]:
-                raise ConfigError(f"TDA.{low} = {t[low]} must be below TDA.{high} = {t[high]} (an open interval)")
+        check_tda_cache_intervals(cfg.TDA, "TDA")
 
     def __init__(self, cfg, model, num_classes):
         super().__init__(cfg, model, num_classes)
         t = cfg.TDA
-        self.positive = dict(enabled=bool(t.POSITIVE_ENABLED), capacity=int(t.POSITIVE_SHOT_CAPACITY),
-                             alpha=float(t.POSITIVE_ALPHA), beta=float(t.POSITIVE_BETA))
-        self.negative = dict(enabled=bool(t.NEGATIVE_ENABLED), capacity=int(t.NEGATIVE_SHOT_CAPACITY),
-                             alpha=float(t.NEGATIVE_ALPHA), beta=float(t.NEGATIVE_BETA),
-                             entropy_lower=float(t.NEGATIVE_ENTROPY_LOWER),
-                             entropy_upper=float(t.NEGATIVE_ENTROPY_UPPER),
-                             mask_lower=float(t.NEGATIVE_MASK_LOWER), mask_upper=float(t.NEGATIVE_MASK_UPPER))
+        self.positive, self.negative = tda_cache_settings(t)
         self.max_entropy = (math.log2(num_classes) if t.ENTROPY_NORMALISATION == "log2" else math.log(num_classes))
 
     def setup_scaler(self):

@@ -91,6 +91,7 @@ def method_rows(shape: str, args, device) -> list[dict]:
                                                    templates, device)[0]
                      for keyword, keys in auxiliary_keys.items()}
         method = methods.build_method(cfg, model, len(dataset.class_names), **auxiliary)
+        method.begin_stream((args.warmup + args.steps) * batch)
         x = torch.rand(batch, 3, model.image_size, model.image_size, generator=torch.Generator().manual_seed(1))
         x = x.to(device)
         seconds, peak = timed(method, x, device, args.warmup, args.steps)

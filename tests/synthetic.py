@@ -250,7 +250,8 @@ def small_run_overrides(dataset: str, config: str, data_dir: Path | None = None)
     run in a test: the domains written, 8 images per domain in batches of 4, ImageNet-C's images as listed, DPE's
     textual prototypes from the templates alone (no CuPL file), and cuts for the tiny model (SAR's 3 excluded blocks
     and TTL's blocks 9-11 exceed its 2; RLCF's ViT-L/14 reward model is a second tiny CLIP; WATT-P's 50 repeats and
-    the 80 x 1000 ensemble prompts of ImageNet-C VTE, ImageNet-Sketch TDA and DPE, and ImageNet, -V2 and -Sketch TPS
+    the 80 x 1000 ensemble prompts of ImageNet-C VTE, ImageNet-Sketch TDA, DPE and BoostAdapter, and ImageNet, -V2 and
+    -Sketch TPS
     would cost a minute each)."""
     # The first 8 images (whatever the folders hold) in the suite's own stream order: what the golden runs recorded
     # (the authors' order needs their seeded subset; tests/test_stream_order.py checks it).
@@ -267,6 +268,7 @@ def small_run_overrides(dataset: str, config: str, data_dir: Path | None = None)
     if config == "dpe":          # the reference's CuPL files are not shipped: the templates alone
         overrides["DPE__TEXT_PROTOTYPES"] = "templates"
     if (dataset, config) in (("imagenet_c", "vte"), ("imagenet_sketch", "tda"), ("imagenet_sketch", "dpe"),
+                             ("imagenet_sketch", "boostadapter"),
                              ("imagenet_c", "tps"), ("imagenet_v2", "tps"), ("imagenet_sketch", "tps")):
         overrides["CLIP__PROMPT_MODE"] = "custom"
     if config == "rlcf":         # the authors' ViT-L/14 reward model is not here: a second tiny CLIP
@@ -301,3 +303,30 @@ class Transformed:
     def __getitem__(self, i: int):
         image, label = self.part[i]
         return self.transform(image), label
+
+
+def varied_stream(n: int, seed: int = 0):
+    """``n`` 32-px images: noise, flat colours, blocky patterns and dark noise in turn. The tiny CLIP predicts
+    several classes on these, with normalised entropies on both sides of TDA's negative-cache bounds, so the
+    online methods' caches and memories fill, replace and reject."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    images = []
+    for k in range(n):
+        kind = k % 4
+        if kind == 0:
+            x = torch.rand(3, 32, 32, generator=g)
+        elif kind == 1:
+            x = torch.rand(3, 1, 1, generator=g).expand(3, 32, 32).clone()
+        elif kind == 2:
+            x = (torch.rand(3, 4, 4, generator=g) > 0.5).float().repeat_interleave(8, 1).repeat_interleave(8, 2)
+        else:
+            x = torch.rand(3, 32, 32, generator=g) ** 4
+        images.append(x)
+    return torch.stack(images)
+
+
+def run_in_batches(method, images, batch_size):
+    """The method over ``images`` in batches of ``batch_size``, its outputs concatenated."""
+    import torch
+    return torch.cat([method(batch) for batch in images.split(batch_size)])

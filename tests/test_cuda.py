@@ -53,6 +53,7 @@ def method_pair(name: str, **overrides):
         model, _ = build_zero_shot_clip(cfg, [f"class {i}" for i in range(10)], list(cfg.CLIP.PROMPT_TEMPLATE), "cpu")
         auxiliary = {k: v.to(device) for k, v in tiny_auxiliary_models(cfg, model).items()}
         built.append(methods.build_method(cfg, copy.deepcopy(model).to(device), 10, **auxiliary))
+        built[-1].begin_stream(3 * 8)                # the stream of test_cuda_fp32_agrees_with_the_cpu
     return built
 
 

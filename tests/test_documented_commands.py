@@ -378,6 +378,14 @@ COMMANDS = {
     "python test_time.py --cfg conf/cifar10_c/ctpt.yaml": Refused(DEFAULT_DATA),
     ".venv/bin/python -m pytest -q tests/test_ctpt.py": RunElsewhere(
         "a part of the whole suite, which .ci/run runs", (CI_TESTS, ("tests/test_ctpt.py", TESTS_IN))),
+    # docs/onzeta.md
+    "python test_time.py --cfg conf/caltech101/onzeta.yaml DATA_DIR /data ONZETA.BETA 0.4 ONZETA.ALPHA 0.0":
+        Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_c/onzeta.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_a/onzeta.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar10_c/onzeta.yaml": Refused(DEFAULT_DATA),
+    ".venv/bin/python -m pytest -q tests/test_onzeta.py": RunElsewhere(
+        "a part of the whole suite, which .ci/run runs", (CI_TESTS, ("tests/test_onzeta.py", TESTS_IN))),
     # docs/rlcf.md
     "python test_time.py --cfg conf/imagenet_a/rlcf.yaml DATA_DIR /data": Refused(PAPER_DATA + RLCF_REWARD_WEIGHTS),
     "python test_time.py --cfg conf/imagenet_c/rlcf.yaml DATA_DIR /data CORRUPTION.TYPE \"['none']\"":
@@ -454,6 +462,30 @@ COMMANDS = {
         Refused(PAPER_DATA),
     "python test_time.py --cfg conf/cifar10_c/zero.yaml DATA_DIR /data": Refused(PAPER_DATA),
     "python test_time.py --cfg conf/oxford_pets/zero.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    # docs/boostadapter.md
+    "python test_time.py --cfg conf/imagenet_a/boostadapter.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_c/boostadapter.yaml DATA_DIR /data CORRUPTION.TYPE \"['none']\"":
+        Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/dtd/boostadapter.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/dtd/boostadapter.yaml DATA_DIR /data BOOSTADAPTER.VIEW_AUGMENTATION augmix "
+    "BOOSTADAPTER.LOGIT_SCALE model BOOSTADAPTER.ENTROPY epsilon": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar10_c/boostadapter.yaml": Refused(DEFAULT_DATA),
+    ".venv/bin/python -m pytest -q tests/test_boostadapter.py": RunElsewhere(
+        "a part of the whole suite, which .ci/run runs", (CI_TESTS, ("tests/test_boostadapter.py", TESTS_IN))),
+    # docs/dmn.md
+    "python test_time.py --cfg conf/imagenet_a/dmn.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_c/dmn.yaml DATA_DIR /data CORRUPTION.TYPE \"['none']\"":
+        Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/dtd/dmn.yaml DATA_DIR /data DMN.TEXT_PROMPTS templates_and_cupl "
+    "DMN.CUPL_PROMPTS /path/CuPL_prompts_dtd.json":
+        Refused(r"^DMN.CUPL_PROMPTS = '/path/CuPL_prompts_dtd.json': no such file"),
+    "python test_time.py --cfg conf/imagenet_a/dmn_weak.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar10_c/dmn.yaml": Refused(DEFAULT_DATA),
+    # docs/ecalp.md
+    "python test_time.py --cfg conf/imagenet_a/ecalp.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_c/ecalp.yaml DATA_DIR /data CORRUPTION.TYPE \"['none']\"":
+        Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar10_c/ecalp.yaml": Refused(DEFAULT_DATA),
     # docs/mta.md
     "python test_time.py --cfg conf/imagenet_a/mta.yaml DATA_DIR /data": Refused(PAPER_DATA),
     "python test_time.py --cfg conf/imagenet_c/mta.yaml DATA_DIR /data CORRUPTION.TYPE \"['none']\"":

@@ -71,6 +71,7 @@ def _logits(cfg, model, images, dtype) -> torch.Tensor:
     with _float64() if dtype == torch.float64 else contextlib.nullcontext():
         auxiliary = {k: v.to(dtype) for k, v in tiny_auxiliary_models(cfg, model).items()}
         method = methods.build_method(cfg, copy.deepcopy(model).to(dtype), 10, **auxiliary)
+        method.begin_stream(len(images))
         return torch.cat([method(batch.to(dtype)).detach().to(torch.float64) for batch in images.split(BATCH_SIZE)])
 
 

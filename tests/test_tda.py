@@ -17,7 +17,7 @@ from harness.build import check_method, load_cfg
 from methods.augmentations import AugmentedViews
 from methods.caches import ClassQueues
 from methods.tda import negative_cache_logits, positive_cache_logits
-from tests.synthetic import reproducible_run_on_cifar10c, tiny_cfg
+from tests.synthetic import reproducible_run_on_cifar10c, run_in_batches, tiny_cfg, varied_stream
 
 CFG_FILE = "conf/cifar10_c/tda.yaml"
 N_IMAGES = 40
@@ -28,26 +28,7 @@ def _cfg(**overrides):
 
 
 def stream(n=N_IMAGES, seed=0):
-    """Noise, flat colours, blocky patterns and dark noise in turn: the tiny CLIP predicts several classes on
-    these, with normalised entropies on both sides of the negative cache's bounds."""
-    g = torch.Generator().manual_seed(seed)
-    images = []
-    for k in range(n):
-        kind = k % 4
-        if kind == 0:
-            x = torch.rand(3, 32, 32, generator=g)
-        elif kind == 1:
-            x = torch.rand(3, 1, 1, generator=g).expand(3, 32, 32).clone()
-        elif kind == 2:
-            x = (torch.rand(3, 4, 4, generator=g) > 0.5).float().repeat_interleave(8, 1).repeat_interleave(8, 2)
-        else:
-            x = torch.rand(3, 32, 32, generator=g) ** 4
-        images.append(x)
-    return torch.stack(images)
-
-
-def run_in_batches(method, images, batch_size):
-    return torch.cat([method(batch) for batch in images.split(batch_size)])
+    return varied_stream(n, seed)
 
 
 # ------------------------------------------------------------------ the plain reference
