@@ -21,6 +21,7 @@ from methods.augmentations import AugmentedViews
 from methods.boostadapter import boosted_class_entries
 from methods.caches import ClassQueues
 from tests.synthetic import reproducible_run_on_cifar10c, run_in_batches, tiny_cfg, varied_stream
+from tests.test_tda import assert_reset_empties_the_caches, assert_the_seed_decides_the_views
 
 CFG_FILE = "conf/cifar10_c/boostadapter.yaml"
 N_IMAGES = 24
@@ -299,24 +300,13 @@ def test_the_choice_keys_change_the_result(tiny_clip):
 # ------------------------------------------------------------------ state, determinism, refusals, harness
 def test_reset_restores_the_empty_caches_exactly(tiny_clip):
     cfg = _cfg(TEST__N_AUGMENTATIONS=8, BOOSTADAPTER__SELECTION_P=0.5)
-    method = methods.build_method(cfg, tiny_clip, 10)
-    fresh_state = {k: v.clone() for k, v in method.state_dict().items()}
-    images = stream(12)
-    first = run_in_batches(method, images, 4)
-    assert int(method.positive_cache.counts.sum()) > 0 and int(method.negative_cache.counts.sum()) > 0
-    method.reset()
-    state = method.state_dict()
-    assert state.keys() == fresh_state.keys() and all(torch.equal(state[k], fresh_state[k]) for k in state)
-    assert torch.equal(method.views.rng_state(), AugmentedViews(8, seed=cfg.RNG_SEED).rng_state())
-    assert torch.equal(run_in_batches(method, images, 4), first)
+    assert_reset_empties_the_caches(methods.build_method(cfg, tiny_clip, 10), stream(12), 8, cfg.RNG_SEED)
 
 
 def test_same_seed_same_output_other_seed_other_views(tiny_clip):
-    images = stream(8)
-    runs = [run_in_batches(methods.build_method(_cfg(RNG_SEED=seed, TEST__N_AUGMENTATIONS=8,
-                                                     BOOSTADAPTER__SELECTION_P=0.5), copy.deepcopy(tiny_clip), 10),
-                           images, 4) for seed in (1, 1, 2)]
-    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    assert_the_seed_decides_the_views(lambda seed: methods.build_method(
+        _cfg(RNG_SEED=seed, TEST__N_AUGMENTATIONS=8, BOOSTADAPTER__SELECTION_P=0.5), copy.deepcopy(tiny_clip), 10),
+        stream(8))
 
 
 def test_bad_boostadapter_config_is_refused_before_the_model_loads():

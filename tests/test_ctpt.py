@@ -14,8 +14,8 @@ from harness.build import check_method
 from methods.augmentations import AugmentedViews
 from methods.ctpt import text_feature_dispersion
 from tests.synthetic import tiny_cfg
-from tests.test_tpt import (adamw_step, assert_reset_restores_the_prompt, reference_avg_entropy,
-                             reference_text_features)
+from tests.test_tpt import (adamw_step, assert_only_the_context_changes, assert_reset_restores_the_prompt,
+                             reference_avg_entropy, reference_text_features)
 
 CFG_FILE = "conf/cifar10_c/ctpt.yaml"
 N_VIEWS, SELECTION_P = 8, 0.25          # keeps 2 views; the YAMLs' 64 / 0.1 keep 6
@@ -154,15 +154,7 @@ def test_a_batch_of_four_gives_what_four_batches_of_one_give(tiny_clip):
 
 
 def test_only_the_context_tokens_change(tiny_clip):
-    method = methods.build_method(_cfg(), tiny_clip, 10)
-    before = {k: v.clone() for k, v in tiny_clip.state_dict().items()}
-    ctx0 = method.prompt_learner.ctx.detach().clone()
-    assert method.param_names == ["prompt_learner.ctx"] and method.num_trainable_params() == 4 * 32
-    method(torch.rand(2, 3, 32, 32))
-    after = tiny_clip.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert not torch.equal(method.prompt_learner.ctx.detach(), ctx0)
-    assert list(method._snapshot["module"]) == ["prompt_learner.ctx"]        # the per-image reset is cheap
+    assert_only_the_context_changes(methods.build_method(_cfg(), tiny_clip, 10), tiny_clip, torch.rand(2, 3, 32, 32))
 
 
 def test_reset_restores_all_state_exactly(tiny_clip):

@@ -401,6 +401,13 @@ COMMANDS = {
     "python test_time.py --cfg conf/cifar10_c/rtpt.yaml": Refused(DEFAULT_DATA),
     ".venv/bin/python -m pytest -q tests/test_rtpt.py": RunElsewhere(
         "a part of the whole suite, which .ci/run runs", (CI_TESTS, ("tests/test_rtpt.py", TESTS_IN))),
+    # docs/dynaprompt.md
+    "python test_time.py --cfg conf/imagenet_a/dynaprompt.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_c/dynaprompt.yaml DATA_DIR /data CORRUPTION.TYPE \"['none']\"":
+        Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar10_c/dynaprompt.yaml": Refused(DEFAULT_DATA),
+    ".venv/bin/python -m pytest -q tests/test_dynaprompt.py": RunElsewhere(
+        "a part of the whole suite, which .ci/run runs", (CI_TESTS, ("tests/test_dynaprompt.py", TESTS_IN))),
     # docs/tps.md
     "python test_time.py --cfg conf/imagenet_a/tps.yaml DATA_DIR /data": Refused(PAPER_DATA),
     "python test_time.py --cfg conf/imagenet_c/tps.yaml DATA_DIR /data CORRUPTION.TYPE \"['none']\"":
@@ -486,6 +493,14 @@ COMMANDS = {
     "python test_time.py --cfg conf/imagenet_c/ecalp.yaml DATA_DIR /data CORRUPTION.TYPE \"['none']\"":
         Refused(PAPER_DATA),
     "python test_time.py --cfg conf/cifar10_c/ecalp.yaml": Refused(DEFAULT_DATA),
+    # docs/oga.md
+    "python test_time.py --cfg conf/imagenet_c/oga.yaml DATA_DIR /data CORRUPTION.TYPE \"['none']\"":
+        Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/dtd/oga.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/dtd/oga.yaml DATA_DIR /data CLIP.PROMPT_TEMPLATE \"['itap of a {}.', "
+    "'a bad photo of the {}.', 'a origami {}.', 'a photo of the large {}.', 'a {} in a video game.', 'art of the {}', "
+    "'a photo of the small {}']\"": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar10_c/oga.yaml": Refused(DEFAULT_DATA),
     # docs/mta.md
     "python test_time.py --cfg conf/imagenet_a/mta.yaml DATA_DIR /data": Refused(PAPER_DATA),
     "python test_time.py --cfg conf/imagenet_c/mta.yaml DATA_DIR /data CORRUPTION.TYPE \"['none']\"":

@@ -216,26 +216,33 @@ def test_the_choice_keys_change_the_result(tiny_clip):
 
 
 # ------------------------------------------------------------------ state, determinism, refusals, harness
-def test_reset_restores_the_empty_caches_exactly(tiny_clip):
-    cfg = _cfg(TEST__N_AUGMENTATIONS=4, TDA__SELECTION_P=0.5)
-    method = methods.build_method(cfg, tiny_clip, 10)
+def assert_reset_empties_the_caches(method, images, n_views: int, seed: int) -> None:
+    """After ``images`` fill both caches of a TDA-like ``method`` (TDA, BoostAdapter), ``reset()`` gives back its
+    fresh state (every buffer, shapes included) and the view stream's start, so the run replays bit for bit."""
     fresh_state = {k: v.clone() for k, v in method.state_dict().items()}
-    images = stream(12)
     first = run_in_batches(method, images, 4)
     assert int(method.positive_cache.counts.sum()) > 0 and int(method.negative_cache.counts.sum()) > 0
     method.reset()
     state = method.state_dict()
     assert state.keys() == fresh_state.keys() and all(torch.equal(state[k], fresh_state[k]) for k in state)
-    assert torch.equal(method.views.rng_state(), AugmentedViews(4, seed=cfg.RNG_SEED).rng_state())
+    assert torch.equal(method.views.rng_state(), AugmentedViews(n_views, seed=seed).rng_state())
     assert torch.equal(run_in_batches(method, images, 4), first)
 
 
-def test_same_seed_same_output_other_seed_other_views(tiny_clip):
-    images = stream(8)
-    runs = [run_in_batches(methods.build_method(_cfg(RNG_SEED=seed, TEST__N_AUGMENTATIONS=4,
-                                                     TDA__SELECTION_P=0.5), copy.deepcopy(tiny_clip), 10), images, 4)
-            for seed in (1, 1, 2)]
+def assert_the_seed_decides_the_views(build, images) -> None:
+    """``build(seed)`` twice with one seed gives the same outputs, with another seed other views and outputs."""
+    runs = [run_in_batches(build(seed), images, 4) for seed in (1, 1, 2)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_reset_restores_the_empty_caches_exactly(tiny_clip):
+    cfg = _cfg(TEST__N_AUGMENTATIONS=4, TDA__SELECTION_P=0.5)
+    assert_reset_empties_the_caches(methods.build_method(cfg, tiny_clip, 10), stream(12), 4, cfg.RNG_SEED)
+
+
+def test_same_seed_same_output_other_seed_other_views(tiny_clip):
+    assert_the_seed_decides_the_views(lambda seed: methods.build_method(
+        _cfg(RNG_SEED=seed, TEST__N_AUGMENTATIONS=4, TDA__SELECTION_P=0.5), copy.deepcopy(tiny_clip), 10), stream(8))
 
 
 def test_bad_tda_config_is_refused_before_the_model_loads():

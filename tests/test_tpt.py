@@ -92,6 +92,22 @@ def assert_reset_restores_the_prompt(fresh, method, n_views: int, seed: int) -> 
     assert torch.equal(method(images), expected)
 
 
+def assert_only_the_context_changes(method, clip, images) -> None:
+    """``method`` adapts the 4 x 32 context tokens of its prompt and nothing else: every parameter and buffer of
+    ``clip`` (the model it was built on) stays bit-identical and frozen, and the per-image reset's snapshot holds
+    the context alone (so it is cheap)."""
+    before = {k: v.clone() for k, v in clip.state_dict().items()}
+    ctx0 = method.prompt_learner.ctx.detach().clone()
+    assert method.param_names == ["prompt_learner.ctx"] and method.num_trainable_params() == 4 * 32
+    method(images)
+    after = clip.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(method.prompt_learner.ctx.detach(), ctx0)
+    assert all(not p.requires_grad for p in clip.parameters())
+    assert list(method._snapshot["module"]) == ["prompt_learner.ctx"]
+
+
 def reference_avg_entropy(outputs):
     """TPT's ``avg_entropy`` as its code (and TDA's and DPE's copies) writes it, line by line."""
     logits = outputs - outputs.logsumexp(dim=-1, keepdim=True)
@@ -166,16 +182,7 @@ def test_tpt_matches_plain_reference(tiny_clip, episodic, steps, augmentation):
 
 
 def test_only_the_context_tokens_change(tiny_clip):
-    method = methods.build_method(_cfg(), tiny_clip, 10)
-    before = {k: v.clone() for k, v in tiny_clip.state_dict().items()}
-    ctx0 = method.prompt_learner.ctx.detach().clone()
-    assert method.param_names == ["prompt_learner.ctx"] and method.num_trainable_params() == 4 * 32
-    method(torch.rand(2, 3, 32, 32))
-    after = tiny_clip.state_dict()
-    assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before)       # every CLIP parameter bit-identical
-    assert not torch.equal(method.prompt_learner.ctx.detach(), ctx0)
-    assert all(not p.requires_grad for p in tiny_clip.parameters())
+    assert_only_the_context_changes(methods.build_method(_cfg(), tiny_clip, 10), tiny_clip, torch.rand(2, 3, 32, 32))
 
 
 def test_reset_restores_all_state_exactly(tiny_clip):
