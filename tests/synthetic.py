@@ -263,6 +263,8 @@ def small_run_overrides(dataset: str, config: str, data_dir: Path | None = None)
         overrides["SAR__EXCLUDED_DEEPEST_BLOCKS"] = 1
     if config == "ttl":          # the reference's blocks 9-11 exceed the tiny tower's 2
         overrides["TTL__LAYERS"] = [0, 1]
+    if config == "tca":          # the reference's condensing blocks 3, 6, 9 exceed the tiny tower's 2
+        overrides["TCA__LAYERS"] = [0, 1]
     if config == "watt_p":
         overrides["WATT__REPEATS"] = 2
     if config == "dpe":          # the reference's CuPL files are not shipped: the templates alone

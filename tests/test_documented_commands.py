@@ -501,6 +501,11 @@ COMMANDS = {
     "'a bad photo of the {}.', 'a origami {}.', 'a photo of the large {}.', 'a {} in a video game.', 'art of the {}', "
     "'a photo of the small {}']\"": Refused(PAPER_DATA),
     "python test_time.py --cfg conf/cifar10_c/oga.yaml": Refused(DEFAULT_DATA),
+    # docs/tca.md
+    "python test_time.py --cfg conf/imagenet_a/tca.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar10_c/tca.yaml": Refused(DEFAULT_DATA),
+    ".venv/bin/python -m pytest -q tests/test_tca.py": RunElsewhere(
+        "a part of the whole suite, which .ci/run runs", (CI_TESTS, ("tests/test_tca.py", TESTS_IN))),
     # docs/mta.md
     "python test_time.py --cfg conf/imagenet_a/mta.yaml DATA_DIR /data": Refused(PAPER_DATA),
     "python test_time.py --cfg conf/imagenet_c/mta.yaml DATA_DIR /data CORRUPTION.TYPE \"['none']\"":
