@@ -99,8 +99,9 @@ class OGA(TTAMethod):
         text = self.model.text_features()[0].float()
         k, d, s, dev = self.num_classes, text.shape[1], self.shot_capacity, self.device
         self.register_buffer("mus", text.clone())                              # the text prototypes
-        self.register_buffer("sigma", torch.eye(d, device=dev) / d)
-        self.register_buffer("inv_sigma", d * torch.eye(d, device=dev))
+        # float32 as the reference's; the text features' dtype (float64 under tests/test_fragility.py's fp64 run)
+        self.register_buffer("sigma", torch.eye(d, dtype=text.dtype, device=dev) / d)
+        self.register_buffer("inv_sigma", d * torch.eye(d, dtype=text.dtype, device=dev))
         self.register_buffer("memory_state", torch.zeros(k, s, dtype=torch.bool, device=dev))
         self.register_buffer("memory", torch.zeros(k, s, d, dtype=self.memory_dtype, device=dev))
         self.register_buffer("memory_soft_labels", torch.zeros(k, s, dtype=self.memory_dtype, device=dev))
