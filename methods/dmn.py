@@ -35,6 +35,7 @@ from methods.base import TRAINING_FREE
 from methods.caches import cache_dtype
 from methods.frames import ViewsMethod
 from methods.losses import log_probabilities, softmax_entropy
+from methods.prompts import templates_and_descriptions_features
 from methods.registry import register_method
 
 TEXT_PROMPTS = ("templates", "templates_and_cupl")
@@ -83,21 +84,6 @@ class DynamicMemory(nn.Module):
         weights = torch.exp(-beta * (1 - slots @ query))                      # (C, S + 1)
         adaptive = F.normalize(torch.einsum("cs,csd->cd", weights, slots), dim=-1)
         return F.normalize(adaptive, dim=-1)
-
-
-def cupl_text_features(model, path: str, autocast) -> torch.Tensor:
-    """(C, D) text features from the model's templates plus the CuPL descriptions of each class (``tip_cupl`` of
-    fix_clip.get_text_features: every prompt's normalised feature averaged, then renormalised)."""
-    descriptions = read_cupl(path, model.class_names)
-    features = []
-    for name in model.class_names:
-        spoken = name.replace("_", " ")
-        texts = [t.format(spoken) for t in model.templates] + descriptions[spoken]
-        with torch.no_grad(), autocast:
-            tokens = model.truncate_tokens(model.tokenizer(texts)).to(model.tokens.device)
-            prompt_features = F.normalize(model.encode_tokens(tokens).float(), dim=-1)
-        features.append(F.normalize(prompt_features.mean(dim=0), dim=-1))
-    return torch.stack(features)
 
 
 def read_cupl(path: str, class_names) -> dict:
@@ -163,7 +149,8 @@ class DMN(ViewsMethod):
 
     def setup_state(self) -> None:
         if self.options.TEXT_PROMPTS == "templates_and_cupl":
-            text = cupl_text_features(self.model, self.options.CUPL_PROMPTS, self.autocast())
+            descriptions = read_cupl(self.options.CUPL_PROMPTS, self.model.class_names)
+            text = templates_and_descriptions_features(self.model, descriptions, self.autocast())
         else:
             text = self.model.text_features()[0]
         dtype = cache_dtype(text)

@@ -40,6 +40,7 @@ from methods.base import ADAPT_THEN_PREDICT
 from methods.caches import REFERENCE_LOGIT_SCALE, ClassQueues, cache_dtype
 from methods.frames import ViewsMethod, lowest_entropy_views
 from methods.losses import marginal_entropy
+from methods.prompts import templates_and_descriptions_features
 from methods.registry import register_method
 
 # torch's AdamW defaults, which the reference leaves as they are.
@@ -78,21 +79,6 @@ def alignment_loss(visual: torch.Tensor, textual: torch.Tensor, temperature: flo
     against all textual prototypes of the same K classes, its own class the positive; both sides renormalised."""
     logits = F.normalize(visual, dim=-1) @ F.normalize(textual, dim=-1).t()
     return F.cross_entropy(logits.float() / temperature, torch.arange(len(visual), device=visual.device))
-
-
-def cupl_text_prototypes(model, path: str, autocast) -> torch.Tensor:
-    """(C, D) normalised textual prototypes from the model's templates plus the CuPL descriptions of each class
-    (the reference's ``clip_classifier``: every prompt's normalised feature averaged, then renormalised)."""
-    descriptions = read_cupl(path, model.class_names)
-    prototypes = []
-    for name in model.class_names:
-        spoken = name.replace("_", " ")
-        texts = [t.format(spoken) for t in model.templates] + descriptions[spoken]
-        with torch.no_grad(), autocast:
-            tokens = model.truncate_tokens(model.tokenizer(texts)).to(model.tokens.device)
-            features = F.normalize(model.encode_tokens(tokens).float(), dim=-1)
-        prototypes.append(F.normalize(features.mean(dim=0), dim=-1))
-    return torch.stack(prototypes)
 
 
 def read_cupl(path: str, class_names) -> dict:
@@ -230,7 +216,8 @@ class DPE(ViewsMethod):
 
     def setup_state(self) -> None:
         if self.options.TEXT_PROTOTYPES == "templates_and_cupl":
-            text = cupl_text_prototypes(self.model, self.options.CUPL_PROMPTS, self.autocast())
+            descriptions = read_cupl(self.options.CUPL_PROMPTS, self.model.class_names)
+            text = templates_and_descriptions_features(self.model, descriptions, self.autocast())
         else:
             text = self.model.text_features()[0]
         # The global textual prototypes (C, D): normalised at the start, cumulative averages afterwards.

@@ -1,9 +1,10 @@
-"""What the prompt-tuning methods (TPT, C-TPT) share: CoOp-style class prompts "[SOT] ctx_1 ... ctx_n <class
-name>. [EOT]" whose n context token embeddings are learnable and shared by all classes, the check of the words
-they start from, the per-image unit of a view-based prompt-tuning episode, and ``PromptTuningViews``, the frame of
-such a method: per image, the views' logits under the current prompt, the confident views chosen at the first
-step, OPTIM.STEPS steps on the context minimising ``prompt_loss``, then the image classified with the tuned
-prompt."""
+"""What the prompt methods share: class text features from the templates plus per-class descriptions (DPE's
+and DMN's CuPL prompts); and, for the prompt-tuning methods (TPT, C-TPT), CoOp-style class prompts "[SOT] ctx_1
+... ctx_n <class name>. [EOT]" whose n context token embeddings are learnable and shared by all classes, the check
+of the words they start from, the per-image unit of a view-based prompt-tuning episode, and ``PromptTuningViews``,
+the frame of such a method: per image, the views' logits under the current prompt, the confident views chosen at
+the first step, OPTIM.STEPS steps on the context minimising ``prompt_loss``, then the image classified with the
+tuned prompt."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,6 +37,21 @@ PROMPT_TUNING_OPTIONS = {
     # The references always run under CUDA fp16 autocast with a GradScaler (init_scale 1000); ignored on the CPU.
     "MIXED_PRECISION": True,
 }
+
+
+def templates_and_descriptions_features(model, descriptions: dict, autocast) -> torch.Tensor:
+    """(C, D) normalised class text features from the model's templates plus ``descriptions`` ({spoken class name:
+    [texts]}, e.g. CuPL's): per class every prompt's normalised feature averaged, then renormalised (DPE's
+    ``clip_classifier``, DMN's ``tip_cupl``)."""
+    features = []
+    for name in model.class_names:
+        spoken = name.replace("_", " ")
+        texts = [t.format(spoken) for t in model.templates] + descriptions[spoken]
+        with torch.no_grad(), autocast:
+            tokens = model.truncate_tokens(model.tokenizer(texts)).to(model.tokens.device)
+            prompt_features = F.normalize(model.encode_tokens(tokens).float(), dim=-1)
+        features.append(F.normalize(prompt_features.mean(dim=0), dim=-1))
+    return torch.stack(features)
 
 
 def context_prompt_tokens(tokenizer, ctx_init: str, n_ctx: int, class_names, node: str = "TPT") -> torch.Tensor:
