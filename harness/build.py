@@ -8,6 +8,7 @@ architecture's config (``check_setup``), the device, the weights' location, and 
 Nothing is written and no model is loaded here; harness/run.py executes the plan."""
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,6 +282,8 @@ class RunPlan:
     inputs: dict[str, dict] = field(default_factory=dict)
     # The further CLIPs the method needs (TTAMethod.auxiliary_models), by constructor keyword, checked.
     auxiliary: dict[str, AuxiliaryModel] = field(default_factory=dict)
+    # The selected source training images the method reads (TTAMethod.source_data), checked; None: none.
+    source: ImageDataset | None = None
 
     @property
     def class_names(self) -> list[str]:
@@ -310,6 +313,7 @@ def build_plan(cfg, keys_set: frozenset[str] | None = None) -> RunPlan:
     check_precision(cfg.CLIP.PRECISION, device)
     spec = model_spec(cfg.MODEL.ARCH)
     check_method(cfg, spec, dataset.class_names, cls)
+    source = source_data(cfg, cls)
     weights = resolve_model_weights(cfg)
     auxiliary = {keyword: resolve_auxiliary_weights(cfg, *keys) for keyword, keys in cls.auxiliary_models.items()}
     save_dir = run_dir(cfg, cls.method_name)
@@ -324,7 +328,8 @@ def build_plan(cfg, keys_set: frozenset[str] | None = None) -> RunPlan:
                         f"part of the run's identity, so a resumed run cannot tell other data from these")
     weights_sha256 = file_sha256(weights.path) if weights.path else None
     plan = RunPlan(cfg, cls.method_name, cls, dataset, tasks, wanted, data, templates, spec, weights, device,
-                   save_dir, warnings, fingerprints, weights_sha256, input_files(cfg, dataset, cls), auxiliary)
+                   save_dir, warnings, fingerprints, weights_sha256, input_files(cfg, dataset, cls, source), auxiliary,
+                   source)
     if cfg.RESUME:   # records of another config, other data or other weights are refused now, before any load
         read_tasks(save_dir, tasks, config_hash(cfg), cfg.dump(), plan.identity_of)
     return plan
@@ -382,10 +387,47 @@ def records_identity(cfg, cache: dict | None = None):
     return lambda index: {"data_dir": known["data_dir"], **identity}
 
 
-def input_files(cfg, dataset, cls) -> dict[str, dict]:
+def needs_source_data(cfg, cls) -> bool:
+    """Whether the method reads source training data with this config: every key of its ``source_data`` is > 0."""
+    keys = tuple(getattr(cls, "source_data", ()) or ())
+    values = flatten(dict(cfg))
+    return bool(keys) and all(values[key] > 0 for key in keys)
+
+
+def source_data(cfg, cls) -> ImageDataset | None:
+    """The selected source training images the method reads (datasets/source_sets.py), checked before any model
+    loads; None when it reads none. Missing or unreadable: refused in one line naming the path, the data set and
+    the keys that ask for them."""
+    if not needs_source_data(cfg, cls):
+        return None
+    from datasets.source_sets import build_source_set
+    values = flatten(dict(cfg))
+    keys = tuple(cls.source_data)
+    try:
+        return build_source_set(cfg)
+    except datasets.DatasetError as err:
+        raise ConfigError(f"{cls.method_name} on {cfg.CORRUPTION.DATASET} reads its source training set "
+                          f"({', '.join(f'{k} {values[k]}' for k in keys)} > 0): {err}; {keys[0]} 0 runs it "
+                          f"without source data") from None
+
+
+def source_input(cfg, images) -> dict:
+    """The run-identity entry of the source images: their files (as a task's data: paths, sizes, times) and the
+    positions selected; {"path", "sha256", "images", "of"}."""
+    from datasets.source_sets import source_selection
+    selection = source_selection(images)
+    files = images.source_files()
+    fingerprint = data_fingerprint(files, cfg.DATA_DIR)["exact_sha1"] if files else None
+    digest = hashlib.sha256(repr((fingerprint, selection)).encode()).hexdigest()
+    root = Path(files[0]).parent if files else Path("(generated)")
+    return {"path": str(root), "sha256": digest, "images": len(selection["rows"]), "of": selection["of"]}
+
+
+def input_files(cfg, dataset, cls, source: ImageDataset | None = None) -> dict[str, dict]:
     """{name: {"path", "sha256"}} of the files the data set reads besides images (``input_files``), the plug-in
     files MODEL.EXTRA_MODULES names and those the suite's and the method's keys name (``Option(reads_file=True)``),
-    read for their content."""
+    read for their content; and the method's source training images (``source``, or read here), by their files
+    and selection."""
     named = dict(dataset.input_files(cfg))
     for module in cfg.MODEL.EXTRA_MODULES:       # a plug-in's code is outside the suite's commit
         if str(module).endswith(".py"):
@@ -406,6 +448,9 @@ def input_files(cfg, dataset, cls) -> dict[str, dict]:
             raise ConfigError(f"{name} {path}: {'a folder' if file.is_dir() else 'no such file'}; expected the file "
                               f"this run reads")
         found[name] = {"path": str(file.resolve()), "sha256": file_sha256(file)}
+    if needs_source_data(cfg, cls):
+        images = source if source is not None else source_data(cfg, cls)
+        found[f"source data ({images.set_name})"] = source_input(cfg, images)
     return found
 
 

@@ -122,6 +122,9 @@ def prepare(plan: RunPlan) -> RunState:
     for keyword, checked in plan.auxiliary.items():
         auxiliary[keyword], auxiliary_info[keyword] = build_auxiliary_clip(cfg, checked, plan.class_names,
                                                                            plan.templates, plan.device)
+    transform = clip_image_transform(model.image_size, model_info["interpolation"])
+    if plan.source is not None:     # TTAMethod.source_data: the source images, transformed as the test images
+        auxiliary["source_loader"] = source_loader(plan, transform)
     method = plan.method_class(cfg, model, len(plan.class_names), **auxiliary).setup().to(plan.device)
     logger.info("Method %s on %s (%s) with %s, %d/%d parameters adapted; results in %s", plan.method_name,
                 cfg.CORRUPTION.DATASET, cfg.SETTING, model_info["arch"], method.num_trainable_params(),
@@ -129,8 +132,18 @@ def prepare(plan: RunPlan) -> RunState:
     device = plan.device
     device_name = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     provenance = run_provenance(plan, method, model_info, device_name, auxiliary_info)
-    transform = clip_image_transform(model.image_size, model_info["interpolation"])
     return RunState(method, transform, provenance, done, run_now, resumed, device_name, model_info)
+
+
+def source_loader(plan: RunPlan, transform):
+    """Batches (images, labels, 0) of the plan's source images in their selected order: TEST.BATCH_SIZE (the
+    anchor's EATA: TEST.WINDOW_LENGTH where the batch size is 1), the test stream's workers."""
+    cfg = plan.cfg
+    batch_size = cfg.TEST.BATCH_SIZE if cfg.TEST.BATCH_SIZE > 1 else cfg.TEST.WINDOW_LENGTH
+    stream = SegmentStream([plan.source], np.arange(len(plan.source)), transform)
+    workers = int(cfg.TEST.NUM_WORKERS)
+    return torch.utils.data.DataLoader(stream, batch_size=int(batch_size), shuffle=False, num_workers=workers,
+                                       pin_memory=plan.device.type == "cuda", drop_last=False)
 
 
 # ------------------------------------------------------------------------------------------------ run

@@ -31,7 +31,9 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 import torchvision.transforms.v2.functional as TVF
+from torchvision.transforms import InterpolationMode
 
 from conf.errors import ConfigError
 
@@ -331,3 +333,92 @@ class AugmentedViews:
         """The views (B, V, C, H, W) drawn image by image, so that a batch gets the views its images get one at a
         time (for methods whose results must not depend on the batch size: TDA, DPE)."""
         return torch.cat([self(image.unsqueeze(0)) for image in images])
+
+
+# ------------------------------------------------------------------------------------------------ the anchor suite's
+GAUSSIAN_NOISE_STD = 0.005          # get_tta_transforms' gaussian_std
+
+
+class TTATransforms:
+    """The anchor suite's ``get_tta_transforms`` (augmentations/transforms_cotta.py, soft=False) on a (B, 3, H, W)
+    batch in [0, 1] (RoTTA's strong augmentation, CoTTA's teacher views, ROID's consistency view): clip;
+    ColorJitterPro (brightness, contrast, saturation, hue, gamma in a random order); padding by H / 2
+    (``padding_mode``); RandomAffine (+-15 degrees, translation 1/16, scale 0.9-1.1, bilinear, fill 0); with
+    ``cotta_augs`` a Gaussian blur (kernel 5, sigma 0.001-0.5); centre crop to H; horizontal flip with probability
+    0.5; with ``cotta_augs`` Gaussian noise (std 0.005); clip. Every parameter is drawn once per call (the batch
+    shares it), the noise per pixel, in the reference's order and from the same distributions, but from a CPU
+    generator seeded with ``seed`` instead of torch's global one: the same seed replays the reference's transforms
+    (tests/test_roid.py, tests/test_cotta.py), and ``reseed`` restarts them.
+
+    ``noise_seed``: draw the noise from a generator of its own on the images' device, seeded with it (RoTTA, whose
+    images stay on the GPU); None draws it from the one CPU generator, after the flip, as the reference does
+    (CoTTA). ``generator``: share an existing CPU generator instead of seeding one (CoTTA's restore masks come
+    from the same stream)."""
+
+    def __init__(self, seed: int = 0, padding_mode: str = "edge", cotta_augs: bool = True,
+                 noise_seed: int | None = None, noise_std: float = GAUSSIAN_NOISE_STD,
+                 generator: torch.Generator | None = None):
+        self.seed, self.padding_mode, self.cotta_augs = int(seed), padding_mode, cotta_augs
+        self.noise_seed, self.noise_std = noise_seed, noise_std
+        self.shared_generator = generator
+        self.reseed()
+
+    def reseed(self) -> None:
+        self.generator = self.shared_generator or torch.Generator().manual_seed(self.seed)
+        self.noise_generators: dict[str, torch.Generator] = {}
+
+    def _uniform(self, low: float, high: float) -> float:
+        return torch.empty(1).uniform_(low, high, generator=self.generator).item()
+
+    def color_jitter(self, x: torch.Tensor) -> torch.Tensor:
+        """ColorJitterPro: brightness, contrast, saturation, hue and gamma in a random order."""
+        for op in torch.randperm(5, generator=self.generator).tolist():
+            if op == 0:
+                x = TF.adjust_brightness(x, self._uniform(0.6, 1.4))
+            elif op == 1:
+                x = TF.adjust_contrast(x, self._uniform(0.7, 1.3))
+            elif op == 2:
+                x = TF.adjust_saturation(x, self._uniform(0.5, 1.5))
+            elif op == 3:
+                x = TF.adjust_hue(x, self._uniform(-0.06, 0.06))
+            else:
+                gamma = self._uniform(0.7, 1.3)
+                x = TF.adjust_gamma(x.clamp(1e-8, 1.0), gamma)   # the reference clamps (NaN gradients otherwise)
+        return x
+
+    def affine(self, x: torch.Tensor) -> torch.Tensor:
+        """RandomAffine of the padded batch, its parameters drawn in torchvision's order."""
+        height, width = x.shape[-2:]
+        angle = self._uniform(-15.0, 15.0)
+        tx = int(round(self._uniform(-float(width / 16), float(width / 16))))
+        ty = int(round(self._uniform(-float(height / 16), float(height / 16))))
+        scale = self._uniform(0.9, 1.1)
+        return TF.affine(x, angle=angle, translate=[tx, ty], scale=scale, shear=[0.0, 0.0],
+                          interpolation=InterpolationMode.BILINEAR, fill=[0.0] * x.shape[-3])
+
+    def scaled_noise(self, x: torch.Tensor) -> torch.Tensor:
+        """noise_std * N(0, 1) per pixel, from the CPU generator (then moved) or the device's own."""
+        if self.noise_seed is None:
+            return (torch.randn(x.size(), generator=self.generator) * self.noise_std).to(x.device)
+        key = str(x.device)
+        if key not in self.noise_generators:
+            self.noise_generators[key] = torch.Generator(device=x.device).manual_seed(self.noise_seed)
+        return torch.randn(x.shape, generator=self.noise_generators[key], device=x.device, dtype=x.dtype) * \
+            self.noise_std
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"get_tta_transforms expects (B, 3, H, W) images, got {tuple(images.shape)}")
+        n_pixels = images.shape[-2]          # the reference's img_size[0]: the model's input size
+        x = self.color_jitter(torch.clip(images, 0.0, 1.0))
+        pad = int(n_pixels / 2)
+        x = self.affine(TF.pad(x, [pad, pad, pad, pad], padding_mode=self.padding_mode))
+        if self.cotta_augs:
+            sigma = self._uniform(0.001, 0.5)
+            x = TF.gaussian_blur(x, [5, 5], [sigma, sigma])
+        x = TF.center_crop(x, [n_pixels, n_pixels])
+        if torch.rand(1, generator=self.generator) < 0.5:
+            x = TF.hflip(x)
+        if self.cotta_augs:
+            x = x + self.scaled_noise(x)
+        return torch.clip(x, 0.0, 1.0)

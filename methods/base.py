@@ -22,9 +22,12 @@ logger = logging.getLogger(__name__)
 
 # How a method reports the logits of a test batch (a declared class attribute, ``protocol``):
 PREDICT_THEN_ADAPT = "predict_then_adapt"   # the forward pass before the batch's update (TENT, BATCLIP, ...)
+# computed before the batch's update, but not the plain forward pass: a teacher's prediction, an augmentation
+# ensemble, a correction by a statistic of the batch (CoTTA, ROID, CMF)
+PREDICT_BEFORE_UPDATE = "predict_before_update"
 ADAPT_THEN_PREDICT = "adapt_then_predict"   # after adapting on the batch, or on each image's views (WATT, TPT)
 TRAINING_FREE = "training_free"             # nothing is trained; one pass per batch (zero-shot, VTE, StatA)
-PROTOCOLS = (PREDICT_THEN_ADAPT, ADAPT_THEN_PREDICT, TRAINING_FREE)
+PROTOCOLS = (PREDICT_THEN_ADAPT, PREDICT_BEFORE_UPDATE, ADAPT_THEN_PREDICT, TRAINING_FREE)
 
 
 class TTAMethod(nn.Module):
@@ -58,6 +61,12 @@ class TTAMethod(nn.Module):
     # harness.run builds each with the one model builder, for the run's class names and templates, and passes it
     # to the constructor by that keyword; the provenance and the run's identity record it.
     auxiliary_models: dict[str, tuple[str, str]] = {}
+    # Source training data the method reads before adaptation (EATA's Fisher information): the keys that must all
+    # be > 0 for it to be read, e.g. ("EATA.FISHER_ALPHA", "SOURCE.NUM_SAMPLES"); () never. Such a method declares
+    # the SOURCE node (NUM_SAMPLES, PERCENTAGE, NUM_WORKERS). The run plan checks the source files of the data set
+    # before any model loads (datasets/source_sets.py) and puts them in the run's identity; harness.run passes the
+    # images, transformed as the test images, batched by TEST.BATCH_SIZE, as ``__init__(..., source_loader=...)``.
+    source_data: tuple[str, ...] = ()
 
     def __init__(self, cfg, model: nn.Module, num_classes: int):
         super().__init__()

@@ -36,12 +36,12 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # the loss kernels, the caches, the test-time views, the learnable prompts (TPT's and C-TPT's), the registry and
 # this reader. A method module imports these, never another method module (tests/test_architecture.py).
 INFRASTRUCTURE = {"base", "frames", "losses", "caches", "augmentations", "prompts", "registry",
-                  "declarations"}
+                  "declarations", "batchnorm", "teachers"}
 
 
-# What a stand-in holds of its class's body: the config nodes it declares, and the further CLIPs it needs (their
-# keys are part of what a run reads: harness.build.input_files).
-DECLARED_ATTRIBUTES = ("config_defaults", "auxiliary_models")
+# What a stand-in holds of its class's body: the config nodes it declares, the further CLIPs it needs and the keys
+# under which it reads source data (all part of what a run reads: harness.build.input_files).
+DECLARED_ATTRIBUTES = ("config_defaults", "auxiliary_models", "source_data")
 
 
 class UnreadableDeclaration(Exception):

@@ -4,13 +4,22 @@
   parameters of the image tower's normalisation layers;
 - ``ViewsMethod``: the test-time-augmentation methods (TPT, VTE, ZERO, TDA, DPE) classify views of every image
   (methods/augmentations.py makes them) and keep the most confident (``lowest_entropy_views``);
+- ``MemoryReplayTTA``: CLIPTTA's library's memory-replay methods (SoTTA, STAMP) on ``NormAffineTTA``: cosines,
+  fp32 weights, SAM steps in fp32;
 - ``configure_norm_adaptation``, ``configure_image_layernorms``, ``norm_parameters``: free and collect
-  normalisation parameters, for a method on any frame (BATCLIP, CLIPArTT, WATT, plug-ins).
+  normalisation parameters, for a method on any frame (BATCLIP, CLIPArTT, WATT, plug-ins);
+  ``free_weights_and_biases``, ``trainable_weights_and_biases``: every ``weight`` and ``bias`` of the image tower
+  (the anchor suite's CoTTA, AdaContrast, MEMO);
+- ``sam_ascent``, ``sam_restore``, ``sam_optimizer_step``: sharpness-aware minimisation (SAR, SoTTA, STAMP);
+- ``image_and_views``: the image and its N augmented views, all kept (MEMO, TTAug).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from conf.errors import ConfigError
 from methods.augmentations import AugmentedViews
@@ -89,6 +98,110 @@ class NormAffineTTA(TTAMethod):
             raise ConfigError(f"{self.method_name}: the image tower of MODEL.ARCH={self.cfg.MODEL.ARCH} has no "
                               f"normalisation layer left to adapt")
         return [p for p, _ in chosen], [n for _, n in chosen]
+
+
+@torch.no_grad()
+def sam_ascent(params, rho: float, missing_grad_as_zero: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """SAM's first step (davda54/sam, adaptive False; SAR, SoTTA, STAMP): w -> w + rho * g / (||g|| + 1e-12);
+    returns (parameter, w) pairs for ``sam_restore``. ``missing_grad_as_zero``: every parameter takes part, a
+    missing gradient counting as 0 (SAR's); otherwise the parameters without a gradient are left out (CLIPTTA's
+    optimizers/sam.py). Both give the same step; the pairs differ."""
+    if missing_grad_as_zero:
+        pairs = [(p, p.grad if p.grad is not None else torch.zeros_like(p)) for p in params]
+    else:
+        pairs = [(p, p.grad) for p in params if p.grad is not None]
+    grad_norm = torch.norm(torch.stack([g.norm(p=2) for _, g in pairs]), p=2)
+    scale = rho / (grad_norm + 1e-12)
+    saved = []
+    for p, g in pairs:
+        saved.append((p, p.detach().clone()))
+        p.add_(g * scale.to(p))
+    return saved
+
+
+@torch.no_grad()
+def sam_restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """SAM's second step before the base optimizer's step: back to w (the gradient stays the one taken at w + e)."""
+    for p, original in saved:
+        p.copy_(original)
+
+
+WEIGHT_AND_BIAS = ("weight", "bias")
+
+
+def free_weights_and_biases(root: nn.Module) -> None:
+    """Let every parameter named ``weight`` or ``bias`` under ``root`` adapt: what the anchor suite's CoTTA,
+    AdaContrast and MEMO collect (``collect_params``: ``np in ['weight', 'bias']``), on the image tower."""
+    for module in root.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if name in WEIGHT_AND_BIAS:
+                p.requires_grad_(True)
+
+
+def trainable_weights_and_biases(model: nn.Module, method: str, arch: str) -> tuple[list[nn.Parameter], list[str]]:
+    """Every trainable ``weight`` and ``bias`` of ``model``, in the anchor's order (named_modules, then each
+    module's own), with their names; a tower without any is refused."""
+    params, names = [], []
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if name in WEIGHT_AND_BIAS and p.requires_grad:
+                params.append(p)
+                names.append(f"{module_name}.{name}")
+    if not params:
+        raise ConfigError(f"{method}: the image tower of MODEL.ARCH={arch} has no weight to adapt")
+    return params, names
+
+
+def sam_optimizer_step(optimizer: torch.optim.Optimizer, params, rho: float, loss_fn) -> None:
+    """One SAM step (CLIPTTA's optimizers/sam.py with its base optimizer: SoTTA, STAMP): the gradient of
+    ``loss_fn()`` at w, the ascent to w + e, the gradient of ``loss_fn()`` there, back to w, the base step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss_fn().backward()
+    saved = sam_ascent(params, rho)
+    optimizer.zero_grad(set_to_none=True)
+    loss_fn().backward()      # the gradient at w + e updates w
+    sam_restore(saved)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def image_and_views(cfg, node: str) -> tuple[AugmentedViews, int]:
+    """The image and its TEST.N_AUGMENTATIONS augmented views, all kept (the anchor suite's loader for MEMO and
+    TTAug: 1 + N views), made as <node>.VIEW_AUGMENTATION says."""
+    views = AugmentedViews(cfg.TEST.N_AUGMENTATIONS + 1, cfg[node].VIEW_AUGMENTATION, cfg.RNG_SEED,
+                           keys=("TEST.N_AUGMENTATIONS", f"{node}.VIEW_AUGMENTATION"))
+    return views, views.n_views
+
+
+class MemoryReplayTTA(NormAffineTTA):
+    """The frame of CLIPTTA's library's memory-replay methods (SoTTA, STAMP): image-tower norm parameters trained
+    in fp32 weights on cosines of normalised features; with ``use_sam`` (their --use_sam) every step is a SAM step
+    in fp32, without autocast or GradScaler."""
+    use_sam = False
+
+    @classmethod
+    def check_setup(cls, cfg, model_spec, class_names) -> None:
+        super().check_setup(cfg, model_spec, class_names)   # the text tower must stay frozen
+        if cfg.CLIP.PRECISION != "fp32":
+            raise ConfigError(f"{cls.method_name} trains normalisation parameters and needs fp32 weights: set "
+                              f"CLIP.PRECISION fp32 (got {cfg.CLIP.PRECISION}); MIXED_PRECISION True gives fp16 "
+                              f"compute on CUDA")
+
+    def setup_scaler(self):
+        return None if self.use_sam else super().setup_scaler()
+
+    def autocast(self):
+        return contextlib.nullcontext() if self.use_sam else super().autocast()
+
+    def cosines(self, x: torch.Tensor, visual: nn.Module | None = None) -> torch.Tensor:
+        """cos(x_i, t_c), (B, C), of the adapted image tower or of ``visual`` (CLIPTTA's get_logits on normalised
+        features; class bias 0 for CLIP)."""
+        with self.autocast():
+            if visual is None:
+                pre = self.model.encode_image(x)
+            else:
+                pre = visual(self.model.normalize(x.to(next(visual.parameters()).dtype)))
+        return F.normalize(pre.float(), dim=-1) @ self.model.text_features()[0].float().t()
 
 
 def n_confident_views(n_views: int, fraction: float, key: str) -> int:

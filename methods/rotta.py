@@ -24,11 +24,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torchvision.transforms.v2.functional as TF
-from torchvision.transforms import InterpolationMode
 
 from conf.errors import ConfigError
 from conf.options import Option
+from methods.augmentations import TTATransforms
 from methods.frames import NormAffineTTA
 from methods.losses import soft_cross_entropy
 from methods.registry import register_method
@@ -123,71 +122,6 @@ def timeliness_weights(ages: list[int], capacity: int, device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- strong augmentation
-class StrongAugment:
-    """RoTTA's get_tta_transforms (soft=False) on a (B, 3, H, W) batch in [0, 1], on the batch's device.
-
-    Like the original, which applies the transform to the stacked memory batch, every random parameter is drawn
-    once per call and shared by the batch; the Gaussian noise is per pixel. Randomness comes from dedicated
-    generators seeded with ``seed`` (scalars on the CPU, the noise on the images' device), so a run is
-    reproducible, independent of other consumers of random numbers, and restarted by ``reseed``."""
-
-    def __init__(self, seed: int, noise_std: float = 0.005):
-        self.seed = int(seed)
-        self.noise_std = noise_std
-        self.reseed()
-
-    def reseed(self) -> None:
-        self.generator = torch.Generator().manual_seed(self.seed)
-        self.noise_generators: dict[str, torch.Generator] = {}
-
-    def _uniform(self, low: float, high: float) -> float:
-        return float(torch.empty(()).uniform_(low, high, generator=self.generator))
-
-    def _color_jitter(self, x: torch.Tensor) -> torch.Tensor:
-        """The original's ColorJitterPro: brightness, contrast, saturation, hue, gamma in a random order."""
-        for op in torch.randperm(5, generator=self.generator).tolist():
-            if op == 0:
-                x = TF.adjust_brightness(x, self._uniform(0.6, 1.4))
-            elif op == 1:
-                x = TF.adjust_contrast(x, self._uniform(0.7, 1.3))
-            elif op == 2:
-                x = TF.adjust_saturation(x, self._uniform(0.5, 1.5))
-            elif op == 3:
-                x = TF.adjust_hue(x, self._uniform(-0.06, 0.06))
-            else:
-                gamma = self._uniform(0.7, 1.3)
-                x = TF.adjust_gamma(x.clamp(1e-8, 1.0), gamma)   # clamp as the original (NaN gradients otherwise)
-        return x
-
-    def _noise(self, x: torch.Tensor) -> torch.Tensor:
-        key = str(x.device)
-        if key not in self.noise_generators:
-            self.noise_generators[key] = torch.Generator(device=x.device).manual_seed(self.seed + 1)
-        return torch.randn(x.shape, generator=self.noise_generators[key], device=x.device, dtype=x.dtype)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"RoTTA's strong augmentation expects (B, 3, H, W) images, got {tuple(images.shape)}")
-        height, width = images.shape[-2:]
-        x = self._color_jitter(images.clamp(0.0, 1.0))
-        pad = int(height / 2)                                   # original: Pad(n_pixels / 2, 'edge')
-        x = TF.pad(x, [pad, pad, pad, pad], padding_mode="edge")
-        padded_h, padded_w = x.shape[-2:]
-        angle = self._uniform(-15.0, 15.0)                      # RandomAffine, drawn in torchvision's order
-        tx = int(round(self._uniform(-padded_w / 16, padded_w / 16)))
-        ty = int(round(self._uniform(-padded_h / 16, padded_h / 16)))
-        scale = self._uniform(0.9, 1.1)
-        x = TF.affine(x, angle=angle, translate=[tx, ty], scale=scale, shear=[0.0, 0.0],
-                      interpolation=InterpolationMode.BILINEAR, fill=0.0)
-        sigma = self._uniform(0.001, 0.5)
-        x = TF.gaussian_blur(x, kernel_size=[5, 5], sigma=[sigma, sigma])
-        x = TF.center_crop(x, [height, width])
-        if float(torch.rand((), generator=self.generator)) < 0.5:
-            x = TF.horizontal_flip(x)
-        x = x + self._noise(x) * self.noise_std
-        return x.clamp(0.0, 1.0)
-
-
 # ---------------------------------------------------------------------- the method
 def _batchnorm_refusal(arch: str, where: str) -> str:
     return (f"RoTTA: MODEL.ARCH={arch} has BatchNorm layers ({where}); RoTTA's robust BatchNorm is not implemented "
@@ -235,7 +169,9 @@ class RoTTA(NormAffineTTA):
     def reset_extra_state(self) -> None:
         r = self.cfg.ROTTA
         self.memory = CategoryBalancedMemory(r.MEMORY_SIZE, self.num_classes, r.LAMBDA_T, r.LAMBDA_U)
-        self.strong_augment = StrongAugment(self.cfg.RNG_SEED)
+        # get_tta_transforms (edge padding, blur and noise); the noise from a generator of its own on the images'
+        # device, so that the memory's images need not leave the GPU.
+        self.strong_augment = TTATransforms(self.cfg.RNG_SEED, noise_seed=self.cfg.RNG_SEED + 1)
         self.num_seen = 0        # test samples offered to the memory since the last reset
         self.num_model_updates = 0
 

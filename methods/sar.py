@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from conf.errors import ConfigError
 from conf.options import Option
-from methods.frames import NormAffineTTA
+from methods.frames import NormAffineTTA, sam_ascent, sam_restore
 from methods.losses import softmax_entropy
 from methods.registry import register_method
 
@@ -72,6 +72,9 @@ class SAR(NormAffineTTA):
     @classmethod
     def check_setup(cls, cfg, model_spec, class_names) -> None:
         super().check_setup(cfg, model_spec, class_names)
+        if "EATA" in cfg and cfg.EATA.MARGIN_E0 != 0.4:      # the anchor's SAR reads EATA.MARGIN_E0 (default 0.4)
+            raise ConfigError(f"EATA.MARGIN_E0 {cfg.EATA.MARGIN_E0}: the anchor suite's SAR reads its margin there; "
+                              f"this suite's SAR reads SAR.MARGIN_E0 (set that instead)")
         depth = cfg.SAR.EXCLUDED_DEEPEST_BLOCKS
         if depth > 0 and model_spec.image_tower != "vit":
             raise ConfigError(f"SAR.EXCLUDED_DEEPEST_BLOCKS={depth} needs a ViT image tower with residual blocks; "
@@ -133,23 +136,6 @@ class SAR(NormAffineTTA):
     def autocast(self):
         return contextlib.nullcontext()   # fp32 always (see __init__), also for what precision_info reports
 
-    # ------------------------------------------------------------------ SAM
-    @torch.no_grad()
-    def _ascend(self) -> list[torch.Tensor]:
-        """w -> w + rho * g / (||g|| + 1e-12); returns the original weights."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        grad_norm = torch.norm(torch.stack([g.norm(p=2) for g in grads]), p=2)
-        scale = self.rho / (grad_norm + 1e-12)
-        originals = [p.detach().clone() for p in self.params]
-        for p, g in zip(self.params, grads):
-            p.add_(g * scale.to(p))
-        return originals
-
-    @torch.no_grad()
-    def _restore(self, originals: list[torch.Tensor]) -> None:
-        for p, w in zip(self.params, originals):
-            p.copy_(w)
-
     # ------------------------------------------------------------------ the step
     @torch.enable_grad()
     def forward_and_adapt(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,20 +149,20 @@ class SAR(NormAffineTTA):
             return outputs
         self.optimizer.zero_grad(set_to_none=True)
         entropy[reliable].mean(0).backward()
-        originals = self._ascend()
+        originals = sam_ascent(self.params, self.rho, missing_grad_as_zero=True)
 
         entropy_perturbed = softmax_entropy(self.model(x).float())[reliable]
         still_reliable = entropy_perturbed < self.margin
         if not bool(still_reliable.any()):
             # Nothing reliable at w + e: back to w, no step, the moving average unchanged (the original skips
             # the EMA on a NaN loss and would step on a zero gradient, see above).
-            self._restore(originals)
+            sam_restore(originals)
             self.optimizer.zero_grad(set_to_none=True)
             return outputs
         loss = entropy_perturbed[still_reliable].mean(0)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self._restore(originals)          # the gradient taken at w + e updates w
+        sam_restore(originals)          # the gradient taken at w + e updates w
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -131,8 +131,9 @@ def mismatches(entry: dict, expected: dict) -> list[str]:
 def run_golden(name: str, data_dir: Path, save_dir: Path) -> tuple[dict, dict]:
     """The golden entry of one shipped config, and the run's payload."""
     from harness.run import evaluate
-    from tests.synthetic import small_run_overrides, tiny_cfg
+    from tests.synthetic import small_run_overrides, tiny_cfg, write_source_sets
     dataset, config = name.split("/")
+    write_source_sets(data_dir)      # the source training sets (EATA's Fisher), beside write_all_layouts' test sets
     # The records were written with the suite's own stream order (small_run_overrides sets it); TEST.STREAM_ORDER
     # authors, the default since issue 18, is checked against their rule by tests/test_stream_order.py.
     cfg = tiny_cfg(shipped_configs()[name], DATA_DIR=str(data_dir), SAVE_DIR=str(save_dir),

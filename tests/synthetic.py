@@ -1,6 +1,7 @@
 """Small synthetic data sets written in exactly the real on-disk layouts, and config helpers."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -174,12 +175,42 @@ def write_coop_set(root: Path, dataset: str, per_class: int = 1, labels=None, se
 
 # The tiny CLIP with random weights, on the CPU, without DataLoader workers.
 TINY_OPTS = ["MODEL.ARCH", "tiny-clip-test", "MODEL.WEIGHTS", "none", "TEST.NUM_WORKERS", "0", "DEVICE", "cpu"]
+# The tiny stand-in of each image-tower family: a config written for a ResNet CLIP (RN50: BatchNorm, which the
+# BatchNorm methods need) runs on the tiny ResNet, every other on the tiny ViT.
+TINY_ARCH_BY_TOWER = {"resnet": "tiny-clip-test-rn"}
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_arch(arch: str) -> str:
+    """The tiny CLIP that stands in for ``arch`` in the tests: the one with the same image-tower family."""
+    from models import model_spec
+    return TINY_ARCH_BY_TOWER.get(model_spec(arch).image_tower, TINY_OPTS[1])
+
+
+def tiny_opts(cfg_file=None) -> list[str]:
+    """TINY_OPTS with the tiny CLIP of the config file's tower family (tiny_arch)."""
+    opts = list(TINY_OPTS)
+    if cfg_file is not None:
+        path = Path(cfg_file)
+        if path.is_file():
+            stat = path.stat()
+            opts[1] = _tiny_arch_of_file(str(path), stat.st_mtime_ns, stat.st_size)
+        else:      # a name load_cfg resolves otherwise (a plug-in's config in a copied checkout)
+            opts[1] = tiny_arch(load_cfg(cfg_file).MODEL.ARCH)
+    return opts
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_arch_of_file(path: str, mtime_ns: int, size: int) -> str:
+    """tiny_arch of a config file's MODEL.ARCH, once per version of the file (a composed file's parts are the
+    shipped method and data-set configs, which the tests do not edit)."""
+    return tiny_arch(load_cfg(path).MODEL.ARCH)
 
 
 def tiny_cfg(cfg_file=None, **overrides):
-    """A config for the tiny CLIP (TINY_OPTS); overrides as KEY=value with dots written as '__' (e.g.
-    CORRUPTION__NUM_EX=8)."""
-    opts = list(TINY_OPTS)
+    """A config for the tiny CLIP of the file's tower family (tiny_opts); overrides as KEY=value with dots written as
+    '__' (e.g. CORRUPTION__NUM_EX=8)."""
+    opts = tiny_opts(cfg_file if "MODEL__ARCH" not in overrides else None)
     for key, value in overrides.items():
         opts += [key.replace("__", "."), value if isinstance(value, str) else repr(value)]
     return load_cfg(cfg_file, opts)
@@ -332,3 +363,53 @@ def run_in_batches(method, images, batch_size):
     """The method over ``images`` in batches of ``batch_size``, its outputs concatenated."""
     import torch
     return torch.cat([method(batch) for batch in images.split(batch_size)])
+
+
+# ------------------------------------------------------------------ source training sets (TTAMethod.source_data)
+
+def write_cifar_train(root: Path, name: str = "cifar10", per_file: int = 6, seed: int = 0) -> list[Path]:
+    """DATA_DIR/cifar-10-batches-py/data_batch_1..5 (or cifar-100-python/train) in torchvision's pickled format,
+    ``per_file`` random 32x32 images each; returns the files written."""
+    import pickle
+
+    from datasets.source_sets import CIFAR_TRAIN
+    folder, files, key = CIFAR_TRAIN[name]
+    classes = 10 if name == "cifar10" else 100
+    rng = np.random.default_rng(seed)
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    written = []
+    for file in files:
+        content = {b"data": rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
+                   key: [int(v) for v in rng.integers(0, classes, per_file)]}
+        (root / folder / file).write_bytes(pickle.dumps(content))
+        written.append(root / folder / file)
+    return written
+
+
+def write_source_sets(root: Path) -> Path:
+    """The source training sets of the corruption benchmarks in their layouts (datasets/source_sets.py), small:
+    CIFAR-10 (5 x 6 images), CIFAR-100 (12) and ImageNet (4 classes x 2 images) train; files already there are
+    kept (deterministic contents, so that a data directory shared by tests is written once)."""
+    from datasets.imagenet_c import imagenet_wnids
+    root = Path(root)
+    if not (root / "cifar-10-batches-py" / "data_batch_5").is_file():
+        write_cifar_train(root, "cifar10", per_file=6, seed=20)
+    if not (root / "cifar-100-python" / "train").is_file():
+        write_cifar_train(root, "cifar100", per_file=12, seed=21)
+    if not (root / "imagenet" / "train").is_dir():
+        write_image_folders(root / "imagenet" / "train", imagenet_wnids()[:4], per_class=2, seed=22, size=40)
+    return root
+
+
+def tiny_source_data(cfg, model, seed: int = 2, batches: int = 2, batch_size: int = 4) -> dict:
+    """What a run hands a method that reads source data (TTAMethod.source_data) with ``cfg``: {"source_loader":
+    batches of random [0, 1] images (batch_size, 3, 32, 32) with labels}; {} for any other method or config."""
+    import torch
+
+    import methods
+    from harness.build import needs_source_data
+    if not needs_source_data(cfg, methods.METHODS.get(cfg.MODEL.ADAPTATION)):
+        return {}
+    g = torch.Generator().manual_seed(seed)
+    return {"source_loader": [(torch.rand(batch_size, 3, 32, 32, generator=g),
+                               torch.zeros(batch_size, dtype=torch.long)) for _ in range(batches)]}

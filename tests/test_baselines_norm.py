@@ -11,7 +11,8 @@ from conf import ConfigError
 from harness.build import check_method
 from harness.run import evaluate
 from methods.losses import generalized_cross_entropy
-from methods.rotta import CategoryBalancedMemory, StrongAugment, timeliness_weights
+from methods.augmentations import TTATransforms
+from methods.rotta import CategoryBalancedMemory, timeliness_weights
 from tests.synthetic import tiny_cfg, write_cifar_c
 
 C = 10
@@ -436,7 +437,7 @@ def test_rotta_update_loss_by_hand(tiny_clip):
         replay.add(x[i], int(p[i].argmax()), float(u[i]))
     data, ages = replay.contents()
     stored = torch.stack(data)
-    augmented = StrongAugment(rotta.cfg.RNG_SEED)(stored)
+    augmented = TTATransforms(rotta.cfg.RNG_SEED, noise_seed=rotta.cfg.RNG_SEED + 1)(stored)
     a = torch.tensor(ages, dtype=torch.float64) / 4
     weights = (torch.exp(-a) / (1 + torch.exp(-a))).float()
 
@@ -455,7 +456,7 @@ def test_rotta_update_loss_by_hand(tiny_clip):
 
 def test_strong_augment_is_batched_reproducible_and_bounded():
     x = torch.rand(1, 3, 32, 32).repeat(4, 1, 1, 1)
-    aug = StrongAugment(seed=5, noise_std=0.0)
+    aug = TTATransforms(5, noise_seed=6, noise_std=0.0)
     y = aug(x)
     assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
     assert float(y.min()) >= 0 and float(y.max()) <= 1
@@ -464,7 +465,7 @@ def test_strong_augment_is_batched_reproducible_and_bounded():
     assert not torch.equal(aug(x), y)                            # fresh draws at the next call
     aug.reseed()
     assert torch.equal(aug(x), y)                                # reseed restarts the stream
-    noisy = StrongAugment(seed=5)(x)
+    noisy = TTATransforms(5, noise_seed=6)(x)
     assert not torch.equal(noisy[0], noisy[1])                   # the noise is per pixel
     with pytest.raises(ValueError, match="B, 3, H, W"):
         aug(torch.rand(3, 32, 32))

@@ -19,7 +19,7 @@ import torch
 import methods
 from conf import config_names
 from harness.build import load_cfg
-from tests.synthetic import TINY_OPTS, small_run_overrides, tiny_auxiliary_models, tiny_cfg
+from tests.synthetic import TINY_OPTS, small_run_overrides, tiny_auxiliary_models, tiny_cfg, tiny_source_data
 
 # fp32 against fp64, relative to the largest fp64 logit, over the batches below: 100x the fp32 rounding of a
 # logit, well above what a stable computation shows (measured: 4e-7 to 6.4e-6 for every other config, 1.0e-5 for
@@ -70,6 +70,7 @@ def _logits(cfg, model, images, dtype) -> torch.Tensor:
     torch.manual_seed(0)
     with _float64() if dtype == torch.float64 else contextlib.nullcontext():
         auxiliary = {k: v.to(dtype) for k, v in tiny_auxiliary_models(cfg, model).items()}
+        auxiliary.update(tiny_source_data(cfg, model))     # source images (EATA's Fisher); the model casts them
         method = methods.build_method(cfg, copy.deepcopy(model).to(dtype), 10, **auxiliary)
         method.begin_stream(len(images))
         return torch.cat([method(batch.to(dtype)).detach().to(torch.float64) for batch in images.split(BATCH_SIZE)])
@@ -82,14 +83,15 @@ def _images() -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", _distinct_configs())
-def test_fp32_follows_fp64_at_the_shipped_hyper_parameters(tiny_clip, name):
+def test_fp32_follows_fp64_at_the_shipped_hyper_parameters(tiny_clip, tiny_clip_rn, name):
     dataset, config = name.split("/")
     method = load_cfg(f"conf/{name}.yaml", TINY_OPTS).MODEL.ADAPTATION
     if method in NOT_COMPARABLE:
         pytest.skip(f"{name}: no fp64 reference here: {NOT_COMPARABLE[method]}")
     cfg = tiny_cfg(f"conf/{name}.yaml", **small_run_overrides(dataset, config))   # as the golden runs (no data)
     images = _images()
-    single, double = _logits(cfg, tiny_clip, images, torch.float32), _logits(cfg, tiny_clip, images, torch.float64)
+    model = tiny_clip_rn if cfg.MODEL.ARCH == "tiny-clip-test-rn" else tiny_clip     # tests.synthetic.tiny_arch
+    single, double = _logits(cfg, model, images, torch.float32), _logits(cfg, model, images, torch.float64)
     deviation = float((single - double).abs().max() / double.abs().max())
     if name in FRAGILE:
         assert deviation > TOLERANCE, f"{name} is no longer fragile ({deviation:.1e}): take it out of FRAGILE"

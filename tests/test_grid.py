@@ -139,7 +139,7 @@ def test_bad_grid_files_are_refused_with_the_place_and_the_reason(tmp_path, extr
 
 def test_more_refusals(tmp_path):
     path = write_grid(tmp_path)
-    for edit, message in [(("[source, tent]", "[source, batclip, deyo]"), "no shipped config for method 'deyo'"),
+    for edit, message in [(("[source, tent]", "[source, batclip, mta]"), "no shipped config for method 'mta'"),
                           (("seeds: [1]", "seeds: [1, 1]"), "'seeds' lists a seed twice"),
                           (("seeds: [1]", "seeds: [one]"), "'seeds' must be a non-empty list of integers"),
                           (("[shapes_c]", "[]"), "'datasets' must be a non-empty list")]:

@@ -15,9 +15,9 @@ import datasets
 import methods
 from conf import config_names, import_plugins
 from harness.build import check_method, load_cfg
-from methods.base import PREDICT_THEN_ADAPT, PROTOCOLS
+from methods.base import PREDICT_BEFORE_UPDATE, PREDICT_THEN_ADAPT, PROTOCOLS
 from models import build_zero_shot_clip
-from tests.synthetic import small_run_overrides, tiny_auxiliary_models, tiny_cfg
+from tests.synthetic import small_run_overrides, tiny_auxiliary_models, tiny_cfg, tiny_source_data
 
 BATCH = 4
 
@@ -44,7 +44,7 @@ def models_by_dataset():
     def model_for(cfg):
         dataset = datasets.get_dataset(cfg.CORRUPTION.DATASET)
         templates = dataset.prompt_templates(cfg)
-        key = (dataset.name, tuple(templates))
+        key = (dataset.name, tuple(templates), cfg.MODEL.ARCH)
         if key not in cache:
             torch.manual_seed(0)
             cache[key] = build_zero_shot_clip(cfg, dataset.class_names, templates, "cpu")[0]
@@ -54,6 +54,17 @@ def models_by_dataset():
 
 def images(seed: int) -> torch.Tensor:
     return torch.rand(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def first_without_steps(cfg, model) -> torch.Tensor:
+    """The first batch's logits of a method whose optimizer steps do nothing: a method that predicts before the
+    batch's update reports the same logits as with its steps (nothing of the batch's own update reaches them)."""
+    auxiliary = {**tiny_auxiliary_models(cfg, model), **tiny_source_data(cfg, model)}
+    torch.manual_seed(cfg.RNG_SEED)
+    method = methods.build_method(cfg, model, model.num_classes, **auxiliary)
+    method.optimizer.step = lambda *args, **kwargs: None
+    method.begin_stream(2 * BATCH)
+    return method(images(1))
 
 
 @pytest.mark.parametrize("name", config_names())
@@ -68,7 +79,7 @@ def test_method_keeps_the_contract(name, models_by_dataset):
     model = models_by_dataset(cfg)
     with torch.no_grad():
         unadapted = copy.deepcopy(model)(images(1))
-    auxiliary = tiny_auxiliary_models(cfg, model)
+    auxiliary = {**tiny_auxiliary_models(cfg, model), **tiny_source_data(cfg, model)}   # + source data (EATA)
     torch.manual_seed(cfg.RNG_SEED)
     method = methods.build_method(cfg, model, model.num_classes, **auxiliary)
     method.begin_stream(2 * BATCH)                   # as the harness does after every reset
@@ -83,6 +94,8 @@ def test_method_keeps_the_contract(name, models_by_dataset):
         assert torch.isfinite(logits).all()
     if cls.protocol == PREDICT_THEN_ADAPT:
         torch.testing.assert_close(first, unadapted, rtol=1e-5, atol=1e-5)
+    if cls.protocol in (PREDICT_THEN_ADAPT, PREDICT_BEFORE_UPDATE) and method.optimizer is not None:
+        torch.testing.assert_close(first_without_steps(cfg, models_by_dataset(cfg)), first, rtol=0, atol=0)
 
     adapted = {f"model.{n}" if not n.startswith(("model.", "prompt_learner.")) else n for n in method.param_names}
     moved = {f"model.{k}" for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
