@@ -133,14 +133,10 @@ SUITE_OPTIONS = {
 # Keys of the authors' suite (sarthaxxxxx/BATCLIP and the suite it forks) that this schema does not have, and
 # why: an unknown-key error for one of them says so instead of only listing near names.
 FOREIGN_KEYS = {
-    "EATA.MARGIN_E0": "the authors' SAR reads its margin from EATA.MARGIN_E0; here it is SAR.MARGIN_E0",
     "CLIP.PROMPT_PATH": "CuPL prompt files (CLIP.PROMPT_MODE cupl / all_prompts) are not implemented here",
-    "SOURCE": "source-data loading is not part of this suite (test-time adaptation without source data only)",
-    "BN": "BatchNorm-statistics methods (norm_test, norm_alpha, norm_ema) are not in this suite",
 }
 # Config nodes of methods the authors' suite has and this one does not.
-FOREIGN_METHOD_NODES = ("EATA", "COTTA", "GTTA", "RMT", "SANTA", "ADACONTRAST", "LAME", "DEYO", "ROID", "CMF",
-                        "M_TEACHER", "CONTRAST")
+FOREIGN_METHOD_NODES = ("GTTA", "RMT", "SANTA")
 
 # Defaults of the authors' suites that differ from this suite's and change what a run computes: a config file
 # that leaves such a key unset ran with their default there and runs with ours here, so the run says so.

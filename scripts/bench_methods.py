@@ -32,11 +32,11 @@ import methods  # noqa: E402
 from conf import config_names  # noqa: E402
 from datasets import get_dataset  # noqa: E402
 from datasets.transforms import clip_image_transform  # noqa: E402
-from harness.build import check_method, load_cfg  # noqa: E402
+from harness.build import check_method, load_cfg, needs_source_data  # noqa: E402
 from harness.cli import entry_point  # noqa: E402
 from harness.results import package_versions  # noqa: E402
 from harness.stream import SegmentStream, make_loader  # noqa: E402
-from models import build_auxiliary_clip, build_zero_shot_clip  # noqa: E402
+from models import build_auxiliary_clip, build_zero_shot_clip, model_spec  # noqa: E402
 from models.build import resolve_auxiliary_weights  # noqa: E402
 
 SHAPES = {"cifar10": ("cifar10_c", 200), "cifar100": ("cifar100_c", 200), "imagenet": ("imagenet_c", 64)}
@@ -75,12 +75,15 @@ def method_rows(shape: str, args, device) -> list[dict]:
     for config in [n for n in names if args.methods == ["all"] or n in args.methods]:
         # DPE's CuPL descriptions (files not shipped) change only the text features computed once at start-up
         cupl = ["DPE.TEXT_PROTOTYPES", "templates"] if config == "dpe" else []
-        opts = ["MODEL.ARCH", args.arch, "MODEL.WEIGHTS", "none", "DEVICE", str(device), *cupl]
+        # A config shipped for a ResNet CLIP (the BatchNorm methods: RN50) runs on --resnet-arch
+        own_tower = model_spec(load_cfg(f"conf/{dataset_name}/{config}.yaml").MODEL.ARCH).image_tower
+        arch = args.resnet_arch if own_tower == "resnet" else args.arch
+        opts = ["MODEL.ARCH", arch, "MODEL.WEIGHTS", "none", "DEVICE", str(device), *cupl]
         cfg = load_cfg(f"conf/{dataset_name}/{config}.yaml", opts)
         # A further CLIP the method needs (RLCF's reward model): the benchmarked architecture, random weights too
         auxiliary_keys = methods.METHODS.get(cfg.MODEL.ADAPTATION).auxiliary_models
         if auxiliary_keys:
-            opts += [v for keys in auxiliary_keys.values() for v in (keys[0], args.arch, keys[1], "none")]
+            opts += [v for keys in auxiliary_keys.values() for v in (keys[0], arch, keys[1], "none")]
             cfg = load_cfg(f"conf/{dataset_name}/{config}.yaml", opts)
         check_method(cfg)
         batch = args.batch or (cfg.TEST.BATCH_SIZE if cfg.TEST.BATCH_SIZE == 1 else paper_batch)
@@ -90,10 +93,13 @@ def method_rows(shape: str, args, device) -> list[dict]:
         auxiliary = {keyword: build_auxiliary_clip(cfg, resolve_auxiliary_weights(cfg, *keys), dataset.class_names,
                                                    templates, device)[0]
                      for keyword, keys in auxiliary_keys.items()}
-        method = methods.build_method(cfg, model, len(dataset.class_names), **auxiliary)
-        method.begin_stream((args.warmup + args.steps) * batch)
         x = torch.rand(batch, 3, model.image_size, model.image_size, generator=torch.Generator().manual_seed(1))
         x = x.to(device)
+        if needs_source_data(cfg, methods.METHODS.get(cfg.MODEL.ADAPTATION)):
+            # EATA's Fisher term, computed at set-up (not timed): one batch of random source images stands in
+            auxiliary["source_loader"] = [(torch.rand_like(x), torch.zeros(batch, dtype=torch.long))]
+        method = methods.build_method(cfg, model, len(dataset.class_names), **auxiliary)
+        method.begin_stream((args.warmup + args.steps) * batch)
         seconds, peak = timed(method, x, device, args.warmup, args.steps)
         rows.append({"shape": shape, "method": config, "batch": batch, "seconds": seconds, "peak": peak,
                      "precision": method.precision_info()})
@@ -194,6 +200,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--arch", default="ViT-B-16")
+    parser.add_argument("--resnet-arch", default="RN50", help="for the configs shipped for a ResNet CLIP (bntest, ...)")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--methods", nargs="+", default=["all"], help="config names, or all")
     parser.add_argument("--batch", type=int, default=0, help="override every batch size (0: the paper's)")

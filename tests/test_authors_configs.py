@@ -1,7 +1,8 @@
 """The authors' YAML files run what the authors ran (issue 12): every config file of both of their suites for a
 method and data set this suite has (our transcription of each: tests/data/authors_configs/<suite>/<dataset>/), is
-loaded as a user would load it. A file for a non-CLIP model is refused in one line. Every other file runs on the
-tiny CLIP and synthetic data in the real layouts, and its effective settings (optimizer and its hyper-parameters,
+loaded as a user would load it. A file for a non-CLIP model is refused in one line as written, and runs with a CLIP
+named instead (MODEL.ARCH, issue 30). Every file runs on the tiny CLIP of its tower family and synthetic data in the
+real layouts, and its effective settings (optimizer and its hyper-parameters,
 steps, batch size, episodic reset, adapted parameters, domains, subset rule, precision) equal what the authors'
 code does with the same keys, as written out independently below from their code (docs/authors_configs.md)."""
 from pathlib import Path
@@ -12,9 +13,11 @@ import yaml
 
 import methods
 from conf import ConfigError, UserError
-from harness.build import check_method, load_cfg
+from datasets.source_sets import SOURCE_SETS
+from harness.build import check_method, load_cfg, needs_source_data
 from harness.run import evaluate
-from tests.synthetic import ALL_LAYOUT_DOMAINS, TINY_OPTS, small_run_overrides, write_all_layouts
+from tests.synthetic import (ALL_LAYOUT_DOMAINS, TINY_OPTS, small_run_overrides, tiny_arch, tiny_auxiliary_models,
+                             tiny_source_data, write_all_layouts, write_source_sets)
 
 FIXTURES = Path(__file__).parent / "data" / "authors_configs"
 FILES = sorted(FIXTURES.rglob("*.yaml"))
@@ -41,7 +44,7 @@ def expected_optimizer(data: dict) -> dict | None:
     """What their methods' setup_optimizer builds (methods/base.py, methods/sar.py), or None for no optimizer."""
     model, optim = data["MODEL"], {**AUTHORS_OPTIM, **data.get("OPTIM", {})}
     method = model["ADAPTATION"]
-    if method in ("source", "vte"):
+    if method in ("source", "vte", "lame", "ttaug", "bntest", "bnalpha", "bnema"):    # their code trains nothing
         return None
     if method == "sar":     # SAM over SGD; lr 0.001 for transformers whatever OPTIM says
         arch = model["ARCH"].lower().replace("-", "_")
@@ -59,22 +62,38 @@ def expected_optimizer(data: dict) -> dict | None:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    return write_all_layouts(tmp_path_factory.mktemp("layouts"))
+    return write_source_sets(write_all_layouts(tmp_path_factory.mktemp("layouts")))   # + source sets (EATA)
 
 
 def test_every_file_of_both_suites_for_our_methods_and_data_sets_is_here():
-    assert len(FILES) == 55
+    assert len(FILES) == 103
     assert {p.parts[-3] for p in FILES} == {"anchor", "batclip"}
 
 
+def clip_arch_for(path: Path) -> str:
+    """The CLIP a user names (MODEL.ARCH) to run one of their files written for a RobustBench / torchvision model:
+    ViT-B-16, or RN50 (BatchNorm) for a method that refuses a ViT tower (their BatchNorm methods)."""
+    try:
+        check_method(load_cfg(path, ["MODEL.ARCH", "ViT-B-16"]))
+    except ConfigError as err:
+        if "tower" not in str(err):
+            raise
+        return "RN50"
+    return "ViT-B-16"
+
+
 @pytest.mark.parametrize("path", FILES, ids=name_of)
-def test_an_authors_file_means_here_what_it_meant_there(path, data_dir, tmp_path, tiny_clip):
-    data = written(path)
+def test_an_authors_file_means_here_what_it_meant_there(path, data_dir, tmp_path, tiny_clip, tiny_clip_rn):
+    data, arch_opts = written(path), []
     if data["MODEL"].get("USE_CLIP") is not True:      # their RobustBench / torchvision models: refused, saying why
         with pytest.raises(UserError, match="CLIP models only"):
             check_method(load_cfg(path))
-        return
-    cfg = load_cfg(path)
+        # ... and with a CLIP named instead (MODEL.ARCH), the file runs what it says on that CLIP (issue 30).
+        arch = clip_arch_for(path)
+        arch_opts = ["MODEL.ARCH", arch]
+        data = {**data, "MODEL": {**data["MODEL"], "ARCH": arch, "WEIGHTS": "openai", "USE_CLIP": True}}
+    cfg = load_cfg(path, arch_opts)
+    tiny_model = tiny_clip_rn if tiny_arch(cfg.MODEL.ARCH) == "tiny-clip-test-rn" else tiny_clip
     model = data["MODEL"]
     dataset = {"imagenet_k": "imagenet_sketch"}.get(data["CORRUPTION"]["DATASET"], data["CORRUPTION"]["DATASET"])
     assert cfg.CORRUPTION.DATASET == dataset
@@ -94,7 +113,8 @@ def test_an_authors_file_means_here_what_it_meant_there(path, data_dir, tmp_path
         assert cfg.TPT.MIXED_PRECISION is True
 
     # The optimizer their code builds, built here on the tiny model (the architecture's name still decides SAR's).
-    built = methods.build_method(cfg, tiny_clip, 10)
+    built = methods.build_method(cfg, tiny_model, 10, **tiny_auxiliary_models(cfg, tiny_model),
+                                  **tiny_source_data(cfg, tiny_model))
     expected = expected_optimizer(data)
     if expected is None:
         assert built.optimizer is None
@@ -104,8 +124,8 @@ def test_an_authors_file_means_here_what_it_meant_there(path, data_dir, tmp_path
         for key, value in expected.items():
             assert group[key] == pytest.approx(value), key
     names = built.param_names
-    if method in ("tent", "rpl", "sar"):
-        assert names and all(n.startswith("clip.visual.") for n in names)
+    if method in ("tent", "rpl", "sar", "eata", "deyo", "roid", "cmf", "cotta", "adacontrast", "memo"):
+        assert names and all(n.startswith("clip.visual.") for n in names)   # the image tower only
     if method == "batclip":
         assert any(n.startswith("clip.visual.") for n in names) and any("ln_final" in n for n in names)
     if method == "tpt":
@@ -114,11 +134,18 @@ def test_an_authors_file_means_here_what_it_meant_there(path, data_dir, tmp_path
     # It runs: on the tiny CLIP and the synthetic copy of its data set.
     overrides = small_run_overrides(dataset, "batclip" if method == "batclip" else method, data_dir)
     overrides["CORRUPTION__SUBSET"] = "authors"
-    opts = list(TINY_OPTS) + ["DATA_DIR", str(data_dir), "SAVE_DIR", str(tmp_path)]
+    opts = arch_opts + list(TINY_OPTS) + ["DATA_DIR", str(data_dir), "SAVE_DIR", str(tmp_path)]
+    opts[opts.index("MODEL.ARCH", len(arch_opts)) + 1] = tiny_arch(cfg.MODEL.ARCH)
     for key, value in overrides.items():
         opts += [key.replace("__", "."), value if isinstance(value, str) else repr(value)]
     small = load_cfg(path, opts)
     check_method(small)
+    if needs_source_data(small, methods.METHODS.get(method)) and dataset not in SOURCE_SETS:
+        # EATA's Fisher term on a set without a source training set here (their imagenet_others file: ImageNet-R)
+        with pytest.raises(UserError, match=f"^eata on {dataset} reads its source training set .* {dataset} has no "
+                                             f"source training set in this suite"):
+            evaluate(small, progress=False)
+        return
     payload = evaluate(small, progress=False)
     assert [r["n"] for r in payload["records"]] == [8] * len(small.CORRUPTION.TYPE)
 
@@ -139,10 +166,10 @@ def test_the_authors_sar_optimizer_and_ours_on_request(tiny_clip):
 
 
 @pytest.mark.parametrize("opts, needle", [
-    (["EATA.MARGIN_E0", "0.3"], "SAR.MARGIN_E0"),
+    (["MODEL.ADAPTATION", "sar", "EATA.MARGIN_E0", "0.3"], "SAR.MARGIN_E0"),
     (["CLIP.PROMPT_PATH", "x.json"], "CuPL"),
-    (["LAME.KNN", "3"], "LAME configures a method of the authors' suite that this suite does not have"),
-    (["MODEL.ADAPTATION", "eata"], "Unknown method MODEL.ADAPTATION 'eata'"),
+    (["RMT.LAMBDA_CE_SRC", "0.5"], "RMT configures a method of the authors' suite that this suite does not have"),
+    (["MODEL.ADAPTATION", "rmt"], "Unknown method MODEL.ADAPTATION 'rmt'"),
     (["MODEL.CKPT_PATH", "ctx.pth"], "CoOp"),
     (["MODEL.ADAPTATION", "vte", "TPT.SELECTION_P", "0.25"], "reads VTE's view fraction from TPT.SELECTION_P"),
     (["CORRUPTION.DATASET", "imagenet_d109"], "Unknown data set CORRUPTION.DATASET 'imagenet_d109'"),

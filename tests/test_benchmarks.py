@@ -11,11 +11,13 @@ sys.path.insert(0, str(ROOT / "scripts"))
 def test_bench_methods_prints_every_method_the_floor_and_the_loader(capsys, tmp_path):
     import bench_methods
     out = tmp_path / "performance.md"
-    assert bench_methods.main(["--device", "cpu", "--arch", "tiny-clip-test", "--shapes", "cifar10", "--batch", "2",
-                               "--steps", "1", "--warmup", "0", "--methods", "source", "batclip",
-                               "--loader-images", "8", "--write", str(out)]) == 0
+    # eata: a method that reads source data; bnalpha: a config shipped for a ResNet CLIP (--resnet-arch)
+    assert bench_methods.main(["--device", "cpu", "--arch", "tiny-clip-test", "--resnet-arch", "tiny-clip-test-rn",
+                               "--shapes", "cifar10", "--batch", "2", "--steps", "1", "--warmup", "0", "--methods",
+                               "source", "batclip", "eata", "bnalpha", "--loader-images", "8", "--write", str(out)]) == 0
     table = out.read_text()
-    for row in ("| cifar10 | source | 2 |", "| cifar10 | batclip | 2 |", "(image tower fwd+bwd)",
+    for row in ("| cifar10 | source | 2 |", "| cifar10 | batclip | 2 |", "| cifar10 | eata | 2 |",
+                "| cifar10 | bnalpha | 2 |", "(image tower fwd+bwd)",
                 "(batclip straightforward)", "CIFAR-C, 32 -> 224 bicubic", "ImageNet-C, JPEG decode"):
         assert row in table
     assert table in capsys.readouterr().out

@@ -209,6 +209,9 @@ PAPER_DATA = weights_or_data("/data")
 NO_CUPL_FILE = r"^DPE.CUPL_PROMPTS = '/path/CuPL_prompts_imagenet.json': no such file"    # the reference's file
 SHAPES_DATA = r"^shapes_c: data directory data/Shapes-C does not exist"     # before scripts/demo.py wrote it
 DEFAULT_DATA = weights_or_data(r"(\./)?data")
+RN50_PAPER_DATA = PAPER_DATA.replace("'ViT-B-16'", "'RN50'")      # the BatchNorm methods' CLIP
+# EATA's Fisher term reads the source training set, checked before the weights (issue 30)
+EATA_SOURCE = r"^eata on cifar10_c reads its source training set .*/data/cifar-10-batches-py/data_batch_1 does not exist"
 # An RLCF run may also stop at its reward model's weights (RLCF.REWARD_WEIGHTS: ViT-L-14's OpenAI ones).
 RLCF_REWARD_WEIGHTS = r"|'ViT-L-14' / pretrained tag 'openai' are not in the local cache"
 GRID_INPUTS = r"grids/paper_main.yaml: cell \(cifar10_c, source, seed 1\): (CLIP weights 'ViT-B-16' / pretrained " \
@@ -511,6 +514,68 @@ COMMANDS = {
     "python test_time.py --cfg conf/imagenet_c/mta.yaml DATA_DIR /data CORRUPTION.TYPE \"['none']\"":
         Refused(PAPER_DATA),
     "python test_time.py --cfg conf/oxford_pets/mta.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    # docs/deyo.md
+    "python test_time.py --cfg conf/cifar10_c/deyo.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar100_c/deyo.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_c/deyo.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar10_c/deyo.yaml DEYO.AUG_TYPE pixel DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg tests/data/authors_configs/anchor/cifar10_c/deyo.yaml MODEL.ARCH ViT-B-16 "
+    "DATA_DIR /data": Refused(PAPER_DATA),
+    # docs/lame.md, docs/calip.md
+    "python test_time.py --cfg conf/cifar10_c/lame.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar100_c/lame.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_c/lame.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar10_c/lame.yaml LAME.AFFINITY kNN LAME.UNARY_LOGITS cosine DATA_DIR /data":
+        Refused(PAPER_DATA),
+    "python test_time.py --cfg tests/data/authors_configs/anchor/cifar10_c/lame.yaml MODEL.ARCH ViT-B-16 "
+    "DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar10_c/calip.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar100_c/calip.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_c/calip.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    # docs/cotta.md
+    "python test_time.py --cfg conf/cifar10_c/cotta.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar100_c/cotta.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_c/cotta.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg tests/data/authors_configs/anchor/cifar10_c/cotta.yaml MODEL.ARCH ViT-B-16 "
+    "DATA_DIR /data": Refused(PAPER_DATA),
+    # docs/roid_cmf.md
+    "python test_time.py --cfg conf/cifar10_c/roid.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_c/cmf.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg tests/data/authors_configs/anchor/cifar10_c/roid.yaml MODEL.ARCH ViT-B-16 "
+    "DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg tests/data/authors_configs/anchor/imagenet_c/cmf.yaml MODEL.ARCH ViT-B-16 "
+    "DATA_DIR /data": Refused(PAPER_DATA),
+    # docs/sotta.md, docs/stamp.md
+    "python test_time.py --cfg conf/cifar10_c/sotta.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar100_c/sotta.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_c/sotta.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar10_c/sotta.yaml SOTTA.OOD_LOGIT_SCALE 100.0 SOTTA.LOSS_ON memory_batch "
+    "SOTTA.USE_SAM True DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar10_c/stamp.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar100_c/stamp.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_c/stamp.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar10_c/stamp.yaml STAMP.USE_CONSISTENCY_FILTERING True STAMP.USE_SAM True "
+    "STAMP.LOSS_LOGIT_SCALE 100.0 STAMP.FILTER_ENTROPY_EPS 1.0e-5 DATA_DIR /data": Refused(PAPER_DATA),
+    # docs/adacontrast.md
+    "python test_time.py --cfg conf/cifar10_c/adacontrast.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar100_c/adacontrast.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_c/adacontrast.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg tests/data/authors_configs/anchor/cifar10_c/adacontrast.yaml MODEL.ARCH ViT-B-16 "
+    "DATA_DIR /data": Refused(PAPER_DATA),
+    # docs/bn_variants.md, docs/memo_ttaug.md
+    "python test_time.py --cfg conf/cifar10_c/bnalpha.yaml DATA_DIR /data": Refused(RN50_PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_c/bnema.yaml DATA_DIR /data": Refused(RN50_PAPER_DATA),
+    "python test_time.py --cfg tests/data/authors_configs/anchor/cifar10_c/norm_test.yaml MODEL.ARCH RN50 "
+    "DATA_DIR /data": Refused(RN50_PAPER_DATA),
+    "python test_time.py --cfg conf/cifar10_c/memo.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_c/ttaug.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg tests/data/authors_configs/anchor/cifar10_c/memo.yaml MODEL.ARCH ViT-B-16 "
+    "DATA_DIR /data": Refused(PAPER_DATA),
+    # docs/eata.md
+    "python test_time.py --cfg conf/cifar10_c/eata.yaml DATA_DIR /data": Refused(EATA_SOURCE),
+    "python test_time.py --cfg conf/cifar10_c/eata.yaml DATA_DIR /data EATA.FISHER_ALPHA 0": Refused(PAPER_DATA),
+    "python test_time.py --cfg tests/data/authors_configs/anchor/cifar10_c/eata.yaml MODEL.ARCH ViT-B-16 "
+    "DATA_DIR /data": Refused(EATA_SOURCE),
     # the docstrings of test_time.py, scripts/compare.py, scripts/grid.py
     "python test_time.py --cfg conf/cifar10_c/source.yaml DATA_DIR /data MODEL.WEIGHTS openai": Refused(PAPER_DATA),
     "python scripts/compare.py --merge host1/results.json host2/results.json --out merged/":
