@@ -26,7 +26,7 @@ from torchvision.transforms import functional as tvf
 
 from conf.errors import ConfigError
 from conf.options import Option
-from methods.frames import NormAffineTTA, configure_norm_adaptation
+from methods.frames import NormAffineTTA, configure_norm_adaptation, use_batch_statistics
 from methods.losses import softmax_entropy
 from methods.registry import register_method
 
@@ -43,14 +43,6 @@ ANCHOR_EATA_MARGIN_E0 = 0.4
 def adapted_by_reference(module_name: str) -> bool:
     """Whether the reference's name rule lets a norm layer of this (full) module name adapt."""
     return module_name not in FROZEN_NAMES and not any(part in module_name for part in FROZEN_NAME_PARTS)
-
-
-def use_batch_statistics(module: nn.BatchNorm2d) -> None:
-    """Normalise with the batch's statistics in any mode (the reference drops the running statistics)."""
-    module.train()
-    module.track_running_stats = False
-    module.running_mean = None
-    module.running_var = None
 
 
 def occlude(images: torch.Tensor, size: int, row: int, column: int) -> torch.Tensor:

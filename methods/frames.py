@@ -29,6 +29,15 @@ from methods.losses import softmax_entropy
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+def use_batch_statistics(module: nn.BatchNorm2d) -> None:
+    """Normalise with the batch's statistics in any mode: train mode, running statistics dropped (the anchor
+    suite's configure_model)."""
+    module.train()
+    module.track_running_stats = False
+    module.running_mean = None
+    module.running_var = None
+
+
 def configure_norm_adaptation(model: nn.Module, modules=None) -> None:
     """Freeze everything, then free the affine parameters of the normalisation layers in ``modules``
     (default: the whole model). BatchNorm2d uses batch statistics (train mode, no running stats), as in
@@ -39,10 +48,7 @@ def configure_norm_adaptation(model: nn.Module, modules=None) -> None:
         if isinstance(module, NORM_LAYERS):
             module.requires_grad_(True)
             if isinstance(module, nn.BatchNorm2d):
-                module.train()
-                module.track_running_stats = False
-                module.running_mean = None
-                module.running_var = None
+                use_batch_statistics(module)
 
 
 def configure_image_layernorms(model: nn.Module) -> None:

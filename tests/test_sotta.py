@@ -12,6 +12,7 @@ import torch.nn as nn
 import methods
 from conf import ConfigError
 from harness.build import check_method
+from tests.cliptta_reference import norm_params, sam_step, softmax_entropy
 from tests.synthetic import tiny_cfg
 
 CFG_FILE = "conf/cifar10_c/sotta.yaml"
@@ -80,44 +81,13 @@ class _HUS:
                 dim.pop(tgt_idx)
 
 
-def _softmax_entropy(x, eps=1e-6):
-    return -((x + eps).softmax(1) * (x + eps).log_softmax(1)).sum(1)
-
-
-def _sam_step(params, base, rho, closure):
-    """CLIPTTA's SAM.step: first_step (zero_grad after), closure, second_step (p.data = old_p, base step)."""
-    with torch.no_grad():
-        grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in params if p.grad is not None]), p=2)
-        scale = rho / (grad_norm + 1e-12)
-        old = {}
-        for p in params:
-            if p.grad is None:
-                continue
-            old[p] = p.data.clone()
-            p.add_(1.0 * p.grad * scale.to(p))
-    for p in params:
-        p.grad = None
-    with torch.enable_grad():
-        closure()
-    with torch.no_grad():
-        for p in params:
-            if p.grad is not None:
-                p.data = old[p]
-    base.step()
-
-
-def _norm_params(model):
-    return [p for m in model.clip.visual.modules()
-            if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)) for p in (m.weight, m.bias)]
-
-
 def _transcription(model, batches, node, optim, steps, seed, mutation=None):
     """CLIPTTA's SoTTA on a deep copy: model.train() (BatchNorm keeps and updates its running statistics, as
     their configure_model), memory images as a list of (1, 3, H, W) tensors, loss on logits[0]."""
     ref = copy.deepcopy(model)
     ref.requires_grad_(False)
     ref.clip.visual.train()
-    params = _norm_params(ref)
+    params = norm_params(ref)
     for p in params:
         p.requires_grad_(True)
     base = torch.optim.Adam(params, lr=optim.LR, weight_decay=optim.WD, eps=node.ADAM_EPS)
@@ -136,9 +106,9 @@ def _transcription(model, batches, node, optim, steps, seed, mutation=None):
         logits = get_logits(images)
         scale = 1.0 if mutation == "loss_without_logit_scale" else node.LOGIT_SCALE
         if node.LOSS_ON == "first_image":
-            loss = _softmax_entropy(scale * logits[0]).mean(0)
+            loss = softmax_entropy(scale * logits[0]).mean(0)
         else:   # the official SoTTA: the memory as one batch
-            loss = _softmax_entropy(scale * torch.cat(logits)).mean(0)
+            loss = softmax_entropy(scale * torch.cat(logits)).mean(0)
         loss.backward()
         return loss
 
@@ -160,7 +130,7 @@ def _transcription(model, batches, node, optim, steps, seed, mutation=None):
                         image_mem = [torch.cat(image_mem)]
                     forward_and_adapt_inner(image_mem)
                     if node.USE_SAM:
-                        _sam_step(params, base, node.RHO, lambda: forward_and_adapt_inner(image_mem))
+                        sam_step(params, base, node.RHO, lambda: forward_and_adapt_inner(image_mem))
                     else:
                         base.step()
                     for p in params:
@@ -194,7 +164,7 @@ def _run_both(request, tower, loss_on, sam, mutation=None, steps=2):
     arch = {"MODEL__ARCH": "tiny-clip-test-rn"} if tower == "rn" else {}
     cfg = _cfg(SOTTA__LOSS_ON=loss_on, SOTTA__USE_SAM=sam, OPTIM__STEPS=steps, OPTIM__LR=1e-2, **MEMORY, **arch)
     batches = [_images(s) for s in (1, 2, 3)]
-    request.node.source_params = [p.detach().clone() for p in _norm_params(model)]
+    request.node.source_params = [p.detach().clone() for p in norm_params(model)]
     want, ref_params, ref_opt, ref_memories = _transcription(model, batches, cfg.SOTTA, cfg.OPTIM, steps,
                                                              cfg.RNG_SEED, mutation)
     method = methods.build_method(cfg, model, 10)

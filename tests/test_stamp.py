@@ -9,11 +9,11 @@ import random
 
 import pytest
 import torch
-import torch.nn as nn
 
 import methods
 from conf import ConfigError
 from harness.build import check_method
+from tests.cliptta_reference import norm_params, sam_step, softmax_entropy
 from tests.synthetic import tiny_cfg
 
 CFG_FILE = "conf/cifar10_c/stamp.yaml"
@@ -76,44 +76,13 @@ class _RBM:
         return torch.stack(data)
 
 
-def _softmax_entropy(x, eps=1e-6):
-    return -((x + eps).softmax(1) * (x + eps).log_softmax(1)).sum(1)
-
-
-def _sam_step(params, base, rho, closure):
-    """CLIPTTA's SAM.step: first_step (zero_grad after), closure, second_step (p.data = old_p, base step)."""
-    with torch.no_grad():
-        grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in params if p.grad is not None]), p=2)
-        scale = rho / (grad_norm + 1e-12)
-        old = {}
-        for p in params:
-            if p.grad is None:
-                continue
-            old[p] = p.data.clone()
-            p.add_(1.0 * p.grad * scale.to(p))
-    for p in params:
-        p.grad = None
-    with torch.enable_grad():
-        closure()
-    with torch.no_grad():
-        for p in params:
-            if p.grad is not None:
-                p.data = old[p]
-    base.step()
-
-
-def _norm_params(model):
-    return [p for m in model.clip.visual.modules()
-            if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)) for p in (m.weight, m.bias)]
-
-
 def _transcription(model, batches, node, optim, steps, seed, mutation=None):
     """CLIPTTA's STAMP on a deep copy: model.train() (BatchNorm keeps its running statistics, as their
     configure_model), norm_model = deepcopy(model).train() for the consistency filter."""
     ref = copy.deepcopy(model)
     ref.requires_grad_(False)
     ref.clip.visual.train()
-    params = _norm_params(ref)
+    params = norm_params(ref)
     for p in params:
         p.requires_grad_(True)
     base = torch.optim.Adam(params, lr=optim.LR, weight_decay=optim.WD, eps=node.ADAM_EPS)
@@ -151,7 +120,7 @@ def _transcription(model, batches, node, optim, steps, seed, mutation=None):
     def forward_and_adapt_inner(images):
         logits = get_logits([images])[0]
         scale = node.LOGIT_SCALE if mutation == "loss_on_scaled_cosines" else node.LOSS_LOGIT_SCALE
-        entropys = _softmax_entropy(scale * logits)
+        entropys = softmax_entropy(scale * logits)
         inv_entropy = 1 / torch.exp(entropys)
         coeff = inv_entropy / inv_entropy.sum() * memory.max_len
         loss = entropys.mul(coeff).mean()
@@ -170,7 +139,7 @@ def _transcription(model, batches, node, optim, steps, seed, mutation=None):
                 with torch.enable_grad():
                     forward_and_adapt_inner(data)
                     if node.USE_SAM:
-                        _sam_step(params, base, node.RHO, lambda: forward_and_adapt_inner(data))
+                        sam_step(params, base, node.RHO, lambda: forward_and_adapt_inner(data))
                     else:
                         base.step()
                 for p in params:
@@ -204,7 +173,7 @@ def _run_both(request, tower, consistency, sam, official, mutation=None, steps=2
     cfg = _cfg(STAMP__USE_CONSISTENCY_FILTERING=consistency, STAMP__USE_SAM=sam, OPTIM__STEPS=steps,
                OPTIM__LR=1e-2, **MEMORY, **(OFFICIAL if official else {}), **arch)
     batches = [_images(s) for s in (1, 2, 3)]
-    request.node.source_params = [p.detach().clone() for p in _norm_params(model)]
+    request.node.source_params = [p.detach().clone() for p in norm_params(model)]
     want, ref_params, ref_opt, ref_memories = _transcription(model, batches, cfg.STAMP, cfg.OPTIM, steps,
                                                              cfg.RNG_SEED, mutation)
     method = methods.build_method(cfg, model, 10)
