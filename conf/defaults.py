@@ -128,6 +128,27 @@ SUITE_OPTIONS = {
     "CUDNN": {
         "BENCHMARK": True,
     },
+    # Open-set streams (harness/open_set.py, docs/open_set.md): OOD images mixed into every domain's stream. At
+    # these defaults (a closed-set run) the node stays out of the run's identity (harness/identity.py).
+    "OPEN_SET": {
+        # The OOD set (datasets/ood_sets.py: svhn, svhn_c, places, ninco, textures, ..., or any benchmark data
+        # set by its name); "" = a closed-set run.
+        "OOD_DATASET": "",
+        # Its domain beside each in-distribution domain: "same" (the ID domain and severity, as CLIPTTA reads
+        # SVHN-C beside CIFAR-10-C; a set without domains is read whole) or one of its domains (e.g. none).
+        "OOD_DOMAIN": "same",
+        "OOD_SEVERITY": Option(0, within="[0, 5]"),        # 0: the in-distribution segment's severity
+        "RATIO": Option(1.0, within="(0, inf)"),           # OOD images per in-distribution image
+        # Where they go: uniform (random positions), bursts (runs of BURST_LENGTH), per_batch (CLIPTTA's: each
+        # batch is TEST.BATCH_SIZE ID images then round(RATIO * TEST.BATCH_SIZE) OOD images).
+        "MIX": Option("uniform", choices=("uniform", "bursts", "per_batch")),
+        "BURST_LENGTH": Option(64, within="[1, inf)"),
+        # The score the metrics rank by (higher = in-distribution): msp (max softmax of logits / T), max_logit,
+        # energy (T logsumexp(logits / T)), or method (the method's own, TTAMethod.ood_scores).
+        "SCORE": Option("msp", choices=("msp", "max_logit", "energy", "method")),
+        # T: 100 gives CLIPTTA's max softmax of the raw cosines for logits 100 * cos.
+        "SCORE_TEMPERATURE": Option(1.0, within="(0, inf)"),
+    },
 }
 
 # Keys of the authors' suite (sarthaxxxxx/BATCLIP and the suite it forks) that this schema does not have, and

@@ -8,7 +8,7 @@ import pkgutil
 from datasets.base import DATASETS, BenchmarkDataset, DatasetError, get_dataset, register_dataset
 
 # Modules that define no data set.
-_INFRASTRUCTURE = {"base", "class_names", "transforms", "folders", "corruptions", "source_sets"}
+_INFRASTRUCTURE = {"base", "class_names", "transforms", "folders", "corruptions", "source_sets", "ood_sets"}
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _INFRASTRUCTURE and not _module.name.startswith("_"):
         importlib.import_module(f"datasets.{_module.name}")

@@ -47,7 +47,7 @@ class NpyImages(ImageDataset):
         return {**self.__dict__, "_images": None}
 
 
-def _load_mmap(path: Path, what: str) -> np.ndarray:
+def load_mmap(path: Path, what: str) -> np.ndarray:
     if not path.is_file():
         raise DatasetError(f"Missing {what}: {path}")
     try:
@@ -134,8 +134,8 @@ class CifarC(BenchmarkDataset):
         if severity not in held:
             raise DatasetError(f"{root}: its files hold severities {held} only ({root / 'meta.json'}); severity "
                                f"{severity} needs them written with scripts/make_corrupted.py --severities")
-        images = _load_mmap(root / f"{domain}.npy", f"{self.name} corruption file (expected {self.layout(root)})")
-        labels = _load_mmap(root / "labels.npy", f"{self.name} labels file (expected {self.layout(root)})")
+        images = load_mmap(root / f"{domain}.npy", f"{self.name} corruption file (expected {self.layout(root)})")
+        labels = load_mmap(root / "labels.npy", f"{self.name} labels file (expected {self.layout(root)})")
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise DatasetError(f"{root / (domain + '.npy')}: expected a uint8 array (N, H, W, 3), got "
                                f"{images.dtype} {images.shape}")

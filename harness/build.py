@@ -21,6 +21,7 @@ from conf import ConfigError
 from conf.files import check_writable_folder
 from conf.defaults import AUTHORS_DEFAULTS
 from datasets.base import ImageDataset
+from harness import open_set
 from harness.identity import config_hash, data_fingerprint, file_sha256, flatten
 from harness.settings import SETTINGS, Segment, SettingError, Task, build_tasks, tasks_to_run
 from harness.task_records import read_tasks
@@ -144,6 +145,7 @@ def check_config(cfg) -> None:
     if unknown:
         raise ConfigError(f"RUN_DOMAINS / --domains {unknown} are not in CORRUPTION.TYPE {list(cfg.CORRUPTION.TYPE)}")
     conf.check_values(cfg, conf.declared_options(methods.own_nodes(cls)))
+    open_set.check_open_set(cfg, dataset)
 
 
 def check_method(cfg, spec: ModelSpec | None = None, class_names=None, cls: type | None = None) -> None:
@@ -151,7 +153,9 @@ def check_method(cfg, spec: ModelSpec | None = None, class_names=None, cls: type
     from models import model_spec
     if class_names is None:
         class_names = datasets.get_dataset(cfg.CORRUPTION.DATASET).class_names
-    (cls or method_class(cfg)).check_setup(cfg, spec or model_spec(cfg.MODEL.ARCH), list(class_names))
+    cls = cls or method_class(cfg)
+    cls.check_setup(cfg, spec or model_spec(cfg.MODEL.ARCH), list(class_names))
+    open_set.check_open_set_method(cfg, cls)
 
 
 def config_warnings(cfg, keys_set: frozenset[str] | None = None, cls: type | None = None) -> list[str]:
@@ -171,6 +175,7 @@ def config_warnings(cfg, keys_set: frozenset[str] | None = None, cls: type | Non
         if cfg.MODEL.EPISODIC:
             warnings.append(f"MODEL.EPISODIC = True has no effect: {cls.method_name} trains nothing")
     warnings += cls.config_warnings(cfg)
+    warnings += open_set.config_warnings(cfg)
     warnings += datasets.get_dataset(cfg.CORRUPTION.DATASET).config_warnings(cfg, keys_set)
     own = methods.own_nodes(cls)
     base = conf.defaults(methods.declared_nodes())
@@ -284,6 +289,8 @@ class RunPlan:
     auxiliary: dict[str, AuxiliaryModel] = field(default_factory=dict)
     # The selected source training images the method reads (TTAMethod.source_data), checked; None: none.
     source: ImageDataset | None = None
+    # Open-set runs (OPEN_SET.OOD_DATASET): every segment this process may run -> its OOD companion, checked.
+    ood: dict = field(default_factory=dict)
 
     @property
     def class_names(self) -> list[str]:
@@ -323,13 +330,17 @@ def build_plan(cfg, keys_set: frozenset[str] | None = None) -> RunPlan:
     if renamed:
         warnings.append(renamed)
     data, fingerprints = task_data(cfg, dataset, tasks, tasks_to_run(tasks, set(wanted)))
+    ood = open_set.companions(cfg, list(data)) if open_set.is_open_set(cfg) else {}
+    if ood:
+        fingerprints = {index: ood_fingerprint(cfg, fingerprints[index], [ood[s] for s in tasks[index].segments])
+                        for index in fingerprints}
     if any(f is None for f in fingerprints.values()):
         warnings.append(f"data set {dataset.name} does not list the files it reads (source_files): its data are not "
                         f"part of the run's identity, so a resumed run cannot tell other data from these")
     weights_sha256 = file_sha256(weights.path) if weights.path else None
     plan = RunPlan(cfg, cls.method_name, cls, dataset, tasks, wanted, data, templates, spec, weights, device,
                    save_dir, warnings, fingerprints, weights_sha256, input_files(cfg, dataset, cls, source), auxiliary,
-                   source)
+                   source, ood)
     if cfg.RESUME:   # records of another config, other data or other weights are refused now, before any load
         read_tasks(save_dir, tasks, config_hash(cfg), cfg.dump(), plan.identity_of)
     return plan
@@ -361,10 +372,15 @@ def records_identity(cfg, cache: dict | None = None):
     cache = {} if cache is None else cache
     dataset = datasets.get_dataset(cfg.CORRUPTION.DATASET)
     tasks = build_tasks(cfg, dataset)
-    key = repr((cfg.DATA_DIR, cfg.CORRUPTION.dump(), cfg.RNG_SEED, [t.segments for t in tasks]))
+    key = repr((cfg.DATA_DIR, cfg.CORRUPTION.dump(), cfg.OPEN_SET.dump(), cfg.RNG_SEED, [t.segments for t in tasks]))
     if key not in cache:
         try:
-            cache[key] = {"data": task_data(cfg, dataset, tasks, range(len(tasks)), check_files=False)[1]}
+            data, fingerprints = task_data(cfg, dataset, tasks, range(len(tasks)), check_files=False)
+            if open_set.is_open_set(cfg):
+                ood = open_set.companions(cfg, list(data), check_files=False)
+                fingerprints = {i: ood_fingerprint(cfg, fingerprints[i], [ood[s] for s in tasks[i].segments])
+                                for i in fingerprints}
+            cache[key] = {"data": fingerprints}
         except datasets.DatasetError:
             cache[key] = {"data_dir": str(Path(cfg.DATA_DIR).expanduser().resolve())}
     try:
@@ -462,3 +478,11 @@ def _task_fingerprint(cfg, parts) -> dict | None:
             return None
         files += listed()
     return data_fingerprint(files, cfg.DATA_DIR)
+
+
+def ood_fingerprint(cfg, fingerprint: dict | None, companions: list) -> dict | None:
+    """A task's fingerprint with its OOD companions' files: other OOD images are other data."""
+    ood = _task_fingerprint(cfg, [c.images for c in companions])
+    if fingerprint is None or ood is None:
+        return None
+    return {**fingerprint, "ood": ood}

@@ -51,9 +51,19 @@ def unread_default_nodes(config) -> set[str]:
             if node not in own and node in config and _plain(dict(config[node])) == base.get(node)}
 
 
+def closed_set_node(config) -> set[str]:
+    """{"OPEN_SET"} where the config's OPEN_SET node holds its defaults (a closed-set run): left out of the
+    identity, so that the node's arrival moved no closed-set config's hash or keys."""
+    import conf
+    node = config.get("OPEN_SET")
+    if node is None or _plain(dict(node)) == _plain(dict(conf.defaults().OPEN_SET)):
+        return {"OPEN_SET"}
+    return set()
+
+
 def config_hash(cfg) -> str:
     """Eight hex digits identifying the config's result-relevant keys (the run folder's name)."""
-    left_out = NON_RESULT_KEYS | unread_default_nodes(cfg)
+    left_out = NON_RESULT_KEYS | unread_default_nodes(cfg) | closed_set_node(cfg)
     identity = {k: v for k, v in cfg.items() if k not in left_out}
     identity["TEST"] = {k: v for k, v in cfg.TEST.items() if f"TEST.{k}" not in NON_RESULT_NESTED}
     return hashlib.sha1(repr(sorted(_plain(identity).items())).encode()).hexdigest()[:8]
@@ -76,7 +86,7 @@ def identity_keys(config, ignore: tuple[str, ...] = ()) -> dict:
     provenance.config); ``ignore`` names further keys to leave out (e.g. RNG_SEED when pooling seeds)."""
     if isinstance(config, str):
         config = yaml.safe_load(config) or {}
-    left_out = NON_RESULT_KEYS | unread_default_nodes(config)
+    left_out = NON_RESULT_KEYS | unread_default_nodes(config) | closed_set_node(config)
     flat = flatten(dict(config))
     return {k: v for k, v in flat.items()
             if k.split(".")[0] not in left_out and k not in NON_RESULT_NESTED and k not in ignore}

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from conf.files import atomic_write_text
 from harness.identity import config_hash, file_sha256
+from harness.open_set import OOD_FIELDS
 
 if TYPE_CHECKING:
     from harness.build import RunPlan
@@ -46,9 +47,11 @@ def summarise(records: list[dict]) -> dict:
         by_severity.setdefault(int(r["severity"]), []).append(r["accuracy"])
     summary = {"mean_accuracy": mean_acc, "mean_error": 1.0 - mean_acc, "n_total": sum(r["n"] for r in records),
                "mean_accuracy_by_severity": {str(s): sum(v) / len(v) for s, v in sorted(by_severity.items())}}
-    for field, key in CALIBRATION_FIELDS.items():
+    for field, key in {**CALIBRATION_FIELDS, **OOD_FIELDS}.items():
         if all(field in r for r in records):
             summary[key] = sum(r[field] for r in records) / len(records)
+    if all("n_ood" in r for r in records):
+        summary["n_ood_total"] = sum(r["n_ood"] for r in records)
     return summary
 
 
@@ -80,8 +83,10 @@ def package_versions() -> dict:
 def write_results(save_dir: Path, payload: dict) -> None:
     atomic_write_text(save_dir / "results.json", json.dumps(payload, indent=2, default=str) + "\n")
     buf = io.StringIO()
+    open_set = any("n_ood" in r for r in payload["records"])    # closed-set files keep their columns
+    ood_columns = ["ood_domain", "ood_severity", "n_ood", *OOD_FIELDS] if open_set else []
     fields = ["method", "dataset", "domain", "severity", "n", "correct", "accuracy", "error", *CALIBRATION_FIELDS,
-              "seed", "config_hash"]
+              *ood_columns, "seed", "config_hash"]
     provenance = payload.get("provenance", {})
     run = {"method": payload["method"], "dataset": payload["dataset"], "seed": provenance.get("seed", ""),
            "config_hash": provenance.get("config_hash", "")}
@@ -96,7 +101,9 @@ def write_results(save_dir: Path, payload: dict) -> None:
                      "severity": "", "n": summary["n_total"], "correct": "",
                      "accuracy": summary["mean_accuracy"] if complete else "",
                      "error": summary["mean_error"] if complete else "",
-                     **{field: summary.get(key, "") if complete else "" for field, key in CALIBRATION_FIELDS.items()}})
+                     **{field: summary.get(key, "") if complete else ""
+                        for field, key in {**CALIBRATION_FIELDS, **(OOD_FIELDS if open_set else {})}.items()},
+                     **({"n_ood": summary.get("n_ood_total", "")} if open_set else {})})
     atomic_write_text(save_dir / "results.csv", buf.getvalue())
 
 

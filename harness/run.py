@@ -18,6 +18,7 @@ from conf.errors import UserError
 from conf.files import WriteError, remove_orphans
 from datasets.transforms import clip_image_transform
 from harness.build import RunPlan, build_plan
+from harness import open_set
 from harness.identity import config_hash
 from harness.report import paper
 from harness.report.text import format_table
@@ -189,18 +190,29 @@ def run_task(plan: RunPlan, state: RunState, index: int,
     cfg, task = plan.cfg, plan.tasks[index]
     parts = [plan.data[s] for s in task.segments]
     order = task_stream_order(cfg, task, index, parts)
-    loader = make_loader(SegmentStream(parts, order, state.transform), cfg, plan.device)
+    scores = open_set.OodScores(len(parts)) if plan.ood else None
+    if scores is None:
+        loader = make_loader(SegmentStream(parts, order, state.transform), cfg, plan.device)
+    else:       # batches of (images, labels, segments, is_ood): the method gets the images only
+        loader = open_set.open_set_loader(cfg, task, index, parts, [plan.ood[s] for s in task.segments], order,
+                                          state.transform, plan.device)
     correct = torch.zeros(len(parts), dtype=torch.long)
     counts = torch.zeros(len(parts), dtype=torch.long)
     calibration = CalibrationCounts(len(parts))
     bar = bar or Progress(0, "", enabled=False)
     bar.set_postfix_str(", ".join(f"{s.domain}@{s.severity}" for s in task.segments[:3])
                         + (" ..." if len(task.segments) > 3 else ""))
-    start = time.perf_counter()
+    start, streamed_ood = time.perf_counter(), 0
     try:
-        for images, labels_batch, segment in loader:
+        for images, labels_batch, segment, *is_ood in loader:
             logits = state.method(images.to(plan.device, non_blocking=True))
             hits = (logits.argmax(1).cpu() == labels_batch).long()
+            if scores is not None:      # accuracy and calibration count the ID images only
+                scores.add(open_set.declared_scores(logits, cfg, state.method), is_ood[0], hits, segment)
+                known = ~is_ood[0]
+                streamed_ood += int(is_ood[0].sum())
+                logits, labels_batch, segment, hits = logits[known.to(logits.device)], labels_batch[known], \
+                    segment[known], hits[known]
             correct.index_add_(0, segment, hits)
             counts.index_add_(0, segment, torch.ones_like(hits))
             calibration.add(logits, labels_batch, segment)
@@ -214,11 +226,17 @@ def run_task(plan: RunPlan, state: RunState, index: int,
         bar.set_total(bar.total - planned + streamed)
     records = []
     for k, seg in enumerate(task.segments):
-        record = make_record(seg.domain, seg.severity, int(counts[k]), int(correct[k]), calibration.fields(k))
+        fields = calibration.fields(k)
+        if scores is not None:
+            companion = plan.ood[seg]
+            fields.update({**scores.fields(k), "ood_domain": companion.domain, "ood_severity": companion.severity})
+        record = make_record(seg.domain, seg.severity, int(counts[k]), int(correct[k]), fields)
         records.append(record)
-        logger.info("%s severity %d: accuracy %.2f%% (error %.2f%%, n=%d)", seg.domain, seg.severity,
-                    100 * record["accuracy"], 100 * record["error"], record["n"])
-    return records, seconds, streamed
+        logger.info("%s severity %d: accuracy %.2f%% (error %.2f%%, n=%d)%s", seg.domain, seg.severity,
+                    100 * record["accuracy"], 100 * record["error"], record["n"],
+                    "" if scores is None else f"; AUROC {100 * record['auroc']:.2f}%, FPR95 "
+                    f"{100 * record['fpr95']:.2f}%, OSCR {100 * record['oscr']:.2f}% (n_ood={record['n_ood']})")
+    return records, seconds, streamed + streamed_ood
 
 
 def _without_worker_traceback(err: UserError) -> UserError:

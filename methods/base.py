@@ -67,6 +67,9 @@ class TTAMethod(nn.Module):
     # before any model loads (datasets/source_sets.py) and puts them in the run's identity; harness.run passes the
     # images, transformed as the test images, batched by TEST.BATCH_SIZE, as ``__init__(..., source_loader=...)``.
     source_data: tuple[str, ...] = ()
+    # Open-set streams (harness/open_set.py): the name of the method's own out-of-distribution score, which
+    # ``ood_scores`` computes and OPEN_SET.SCORE method reads; None where the method has none (then refused).
+    own_ood_score: str | None = None
 
     def __init__(self, cfg, model: nn.Module, num_classes: int):
         super().__init__()
@@ -212,6 +215,12 @@ class TTAMethod(nn.Module):
                 "autocast": str(context.fast_dtype).replace("torch.", "") if isinstance(context, torch.autocast)
                 else None,
                 "grad_scaler_init": self.scaler.get_scale() if self.scaler is not None else None}
+
+    def ood_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """The method's own OOD score of each image of the batch just reported (``logits``: what ``forward``
+        returned for it), higher = more in-distribution. Only for a method whose ``own_ood_score`` names one; it
+        may use state its forward kept for that batch. The stream's labels and OOD flags never reach a method."""
+        raise NotImplementedError(f"{self.method_name} has no own OOD score (own_ood_score is None)")
 
     def cost_info(self) -> dict | None:
         """The method's cost (views, forward and backward passes per image or batch) for the results; None: none."""

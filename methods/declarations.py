@@ -36,7 +36,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # the loss kernels, the caches, the test-time views, the learnable prompts (TPT's and C-TPT's), the registry and
 # this reader. A method module imports these, never another method module (tests/test_architecture.py).
 INFRASTRUCTURE = {"base", "frames", "losses", "caches", "augmentations", "prompts", "registry",
-                  "declarations", "batchnorm", "teachers"}
+                  "declarations", "batchnorm", "teachers", "ood_scores"}
 
 
 # What a stand-in holds of its class's body: the config nodes it declares, the further CLIPs it needs and the keys

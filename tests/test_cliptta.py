@@ -301,8 +301,11 @@ def test_episodic_empties_the_memory_before_every_batch(tiny_clip):
     ({"CLIPTTA__LOSS_SIDES": "text"}, r"CLIPTTA.LOSS_SIDES = 'text'"),
     ({"CLIPTTA__NUM_SHOTS": 0}, r"CLIPTTA.NUM_SHOTS = 0"),
     ({"CLIPTTA__BETA_REG": -1.0}, r"CLIPTTA.BETA_REG = -1.0"),
-    ({"CLIPTTA__USE_OOD_LOSS": True}, r"CLIPTTA.USE_OOD_LOSS"),      # open-set: not implemented, unknown key
-    ({"CLIPTTA__DETECT_OOD": True}, r"CLIPTTA.DETECT_OOD"),
+    ({"CLIPTTA__USE_OOD_LOSS": True, "CLIPTTA__ADAPT_ON": "memory"}, r"CLIPTTA.DETECT_OOD / USE_OOD_LOSS need"),
+    ({"CLIPTTA__DETECT_OOD": True, "CLIPTTA__ADAPT_ON": "memory"}, r"cliptta_old has no open-set parts"),
+    ({"CLIPTTA__SCORE_TYPE": "sim"}, r"CLIPTTA.SCORE_TYPE = 'sim'"),
+    ({"CLIPTTA__LOSS_OOD": "otsu"}, r"CLIPTTA.LOSS_OOD = 'otsu'"),
+    ({"CLIPTTA__GAMMA": 0.0}, r"CLIPTTA.GAMMA = 0.0"),
     ({"CLIP__FREEZE_TEXT_ENCODER": False}, r"FREEZE_TEXT_ENCODER must be True"),
     ({"CLIP__PRECISION": "fp16"}, r"CLIP.PRECISION fp32"),
     ({"MODEL__RESET_AFTER_NUM_UPDATES": 5}, r"MODEL.RESET_AFTER_NUM_UPDATES must be 0"),

@@ -314,6 +314,9 @@ COMMANDS = {
     "CLIPARTT.DETACH_TARGETS True": Refused(DEFAULT_DATA),
     "python test_time.py --cfg conf/cifar10_c/cliptta.yaml DATA_DIR /data": Refused(PAPER_DATA),
     "python test_time.py --cfg conf/cifar100_c/cliptta.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar10_c/cliptta_otsu.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar100_c/cliptta_otsu.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_c/cliptta_otsu.yaml DATA_DIR /data": Refused(PAPER_DATA),
     "python test_time.py --cfg conf/imagenet_c/cliptta.yaml DATA_DIR /data": Refused(PAPER_DATA),
     "python test_time.py --cfg conf/cifar10_c/cliptta.yaml CLIPTTA.LOSS_SIDES symmetric DATA_DIR /data":
         Refused(PAPER_DATA),
@@ -545,6 +548,27 @@ COMMANDS = {
     "DATA_DIR /data": Refused(PAPER_DATA),
     "python test_time.py --cfg tests/data/authors_configs/anchor/imagenet_c/cmf.yaml MODEL.ARCH ViT-B-16 "
     "DATA_DIR /data": Refused(PAPER_DATA),
+    # docs/unient.md
+    "python test_time.py --cfg conf/cifar10_c/unient.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar100_c/unient.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_c/unient.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar10_c/unient.yaml UNIENT.WEIGHTING hard UNIENT.USE_OOD_LOSS True "
+    "UNIENT.ENTROPY_EPS 0 DATA_DIR /data": Refused(PAPER_DATA),
+    # docs/ostta.md
+    "python test_time.py --cfg conf/cifar10_c/ostta.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar100_c/ostta.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/imagenet_c/ostta.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar10_c/ostta.yaml OSTTA.MARGIN 0.0 DATA_DIR /data": Refused(PAPER_DATA),
+    # README.md, docs/open_set.md
+    "python test_time.py --cfg conf/open_set/cifar10_c+svhn_c/cliptta_otsu.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/open_set/imagenet_c+places_c/unient.yaml DATA_DIR /data": Refused(PAPER_DATA),
+    "python test_time.py --cfg conf/cifar10_c/tent.yaml OPEN_SET.OOD_DATASET cifar100_c DATA_DIR /data":
+        Refused(PAPER_DATA),
+    "python scripts/compare.py --results output/cifar10_c --metric auroc":
+        Refused(r"^output/cifar10_c: no such results file$"),
+    # docs/ood_sets.md
+    "python scripts/make_corrupted.py --images svhn_test_images.npy --labels svhn_test_labels.npy --out /data "
+    "--name SVHN": Refused(r"^cannot read --images 'svhn_test_images.npy' as a .npy array"),
     # docs/sotta.md, docs/stamp.md
     "python test_time.py --cfg conf/cifar10_c/sotta.yaml DATA_DIR /data": Refused(PAPER_DATA),
     "python test_time.py --cfg conf/cifar100_c/sotta.yaml DATA_DIR /data": Refused(PAPER_DATA),

@@ -50,7 +50,13 @@ METRICS = {"accuracy": ("accuracy", 100.0, "accuracy (%)"),
            "error": ("accuracy", 100.0, "error (%)"),
            "ece": ("ece", 100.0, "expected calibration error (%, 15 equal-width bins)"),
            "nll": ("nll", 1.0, "negative log-likelihood (nats)"),
-           "confidence": ("mean_confidence", 100.0, "mean confidence (%)")}
+           "confidence": ("mean_confidence", 100.0, "mean confidence (%)"),
+           # open-set runs (harness/open_set.py), by the run's declared OOD score
+           "auroc": ("auroc", 100.0, "AUROC (%, ID vs OOD by the declared score)"),
+           "fpr95": ("fpr95", 100.0, "FPR at 95% TPR (%, lower is better)"),
+           "aupr_in": ("aupr_in", 100.0, "AUPR-in (%)"),
+           "aupr_out": ("aupr_out", 100.0, "AUPR-out (%)"),
+           "oscr": ("oscr", 100.0, "OSCR (%)")}
 
 
 def payload_cells(payload, metric: str = "accuracy") -> dict[Column, float]:
