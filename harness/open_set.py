@@ -81,6 +81,10 @@ def check_open_set(cfg, dataset) -> None:
                           f"one of {list(ood.domains)}")
     for domain in cfg.CORRUPTION.TYPE:
         companion_domain(cfg, ood, domain, int(cfg.CORRUPTION.SEVERITY[0]))
+    if node.MIX == "per_batch" and round(node.RATIO * cfg.TEST.BATCH_SIZE) < 1:
+        raise ConfigError(f"OPEN_SET.RATIO {node.RATIO} with MIX per_batch and TEST.BATCH_SIZE {cfg.TEST.BATCH_SIZE} "
+                          f"puts round({node.RATIO} x {cfg.TEST.BATCH_SIZE}) = 0 OOD images in a batch; expected a "
+                          f"RATIO of at least {0.5 / cfg.TEST.BATCH_SIZE:g}")
     if node.MIX == "per_batch" and "mixed_domains" in cfg.SETTING:
         raise ConfigError(f"OPEN_SET.MIX per_batch with SETTING {cfg.SETTING}: a batch of several domains has no one "
                           f"companion OOD set to draw its OOD batch from; use MIX uniform or bursts")
@@ -130,6 +134,18 @@ def companion_domain(cfg, ood, domain: str, severity: int) -> tuple[str, int]:
         raise ConfigError(f"OPEN_SET.OOD_SEVERITY: {ood.name} '{wanted}' needs a severity in 1..5 (the ID domain "
                           f"{domain} has none: set OPEN_SET.OOD_SEVERITY)")
     return wanted, wanted_severity
+
+
+def provenance(cfg, ood: dict) -> dict:
+    """What the results record of an open-set run's OOD data: the set, its layout and description, the share, mix
+    and score, and each segment's companion (domain, severity, images)."""
+    from datasets.ood_sets import get_ood_set
+    ood_set = get_ood_set(cfg.OPEN_SET.OOD_DATASET)
+    return {"ood_dataset": ood_set.name, "layout": ood_set.layout, **ood_set.describe(cfg),
+            "ratio": cfg.OPEN_SET.RATIO, "mix": cfg.OPEN_SET.MIX, "score": cfg.OPEN_SET.SCORE,
+            "score_temperature": cfg.OPEN_SET.SCORE_TEMPERATURE,
+            "companions": [{"domain": s.domain, "severity": s.severity, "ood_domain": c.domain,
+                            "ood_severity": c.severity, "ood_images": len(c.images)} for s, c in ood.items()]}
 
 
 def refuse_methods_that_ask_for_flags(cls) -> None:

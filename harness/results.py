@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from conf.files import atomic_write_text
 from harness.identity import config_hash, file_sha256
 from harness.open_set import OOD_FIELDS
+from harness.open_set import provenance as open_set_provenance
 
 if TYPE_CHECKING:
     from harness.build import RunPlan
@@ -153,6 +154,8 @@ def run_provenance(plan: RunPlan, method, model_info: dict, device_name: str,
     cost = method.cost_info()
     if cost is not None:
         provenance["method_cost"] = dict(cost)
+    if plan.ood:
+        provenance["open_set"] = open_set_provenance(cfg, plan.ood)
     return provenance
 
 

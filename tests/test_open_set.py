@@ -16,7 +16,7 @@ from datasets.class_names import CIFAR10_CLASSES
 from datasets.ood_sets import OOD_SETS, OodSet
 from harness import open_set
 from harness.build import build_plan, read_config
-from harness.report import build_table, to_markdown
+from harness.report import CompareError, build_table, to_markdown
 from harness.run import evaluate
 from harness.identity import config_hash
 from tests.golden import shipped_configs
@@ -207,6 +207,11 @@ def test_the_method_gets_the_images_only_and_the_records_count_id_images(data_di
         assert (record["n"], record["n_ood"]) == (8, 4) and record["ood_domain"] == record["domain"]
         assert 0 <= record["auroc"] <= 1 and 0 <= record["oscr"] <= record["accuracy"] + 1e-12
     assert payload["summary"]["n_ood_total"] == 8
+    recorded = payload["provenance"]["open_set"]
+    assert (recorded["ood_dataset"], recorded["ratio"], recorded["mix"], recorded["score"]) == \
+        ("cifar100_c", 0.5, "uniform", "msp")
+    assert [(c["domain"], c["ood_domain"], c["ood_severity"]) for c in recorded["companions"]] == \
+        [("gaussian_noise", "gaussian_noise", 5), ("fog", "fog", 5)]
     closed = evaluate(_cfg("cifar10_c/source", data_dir, tmp_path / "closed"), progress=False)
     # the ID images are classified as in the closed-set run (the zero-shot model adapts nothing)
     assert [r["correct"] for r in closed["records"]] == [r["correct"] for r in payload["records"]]
@@ -214,6 +219,8 @@ def test_the_method_gets_the_images_only_and_the_records_count_id_images(data_di
     assert {"ood_domain", "n_ood", "auroc", "fpr95", "aupr_in", "aupr_out", "oscr"} <= set(header)
     closed_header = (Path(closed["provenance"]["save_dir"]) / "results.csv").read_text().splitlines()[0]
     assert "auroc" not in closed_header
+    with pytest.raises(CompareError, match=r"--metric auroc: these results are closed-set runs, without OOD"):
+        build_table([("source", [closed])], metric="auroc")
     table = to_markdown(build_table([("source", [payload])], metric="auroc"))      # compare.py --metric auroc
     assert "AUROC" in table and f"{100 * payload['records'][0]['auroc']:.2f}" in table
 
@@ -221,7 +228,8 @@ def test_the_method_gets_the_images_only_and_the_records_count_id_images(data_di
 def test_a_method_whose_hooks_ask_for_the_flags_is_refused(tmp_path, data_dir):
     plugin = tmp_path / "peeking.py"
     plugin.write_text(
-        "import torch\nfrom methods.base import TTAMethod, TRAINING_FREE\nfrom methods.registry import register_method\n"
+        "import torch\nfrom methods.base import TTAMethod, TRAINING_FREE\n"
+        "from methods.registry import register_method\n"
         "@register_method('peek_ood')\nclass PeekOOD(TTAMethod):\n    protocol = TRAINING_FREE\n"
         "    def forward_and_adapt(self, x, is_ood=None):\n        return self.model(x)\n")
     cfg = _cfg("cifar10_c/source", data_dir, tmp_path / "out", OPEN_SET__OOD_DATASET="cifar100_c",
@@ -239,6 +247,8 @@ def test_a_method_whose_hooks_ask_for_the_flags_is_refused(tmp_path, data_dir):
     ({"OPEN_SET__OOD_DATASET": "cifar100_c", "OPEN_SET__MIX": "per_batch", "SETTING": "mixed_domains"},
      r"MIX per_batch with SETTING mixed_domains"),
     ({"OPEN_SET__OOD_DATASET": "cifar100_c", "OPEN_SET__MIX": "sideways"}, r"OPEN_SET.MIX"),
+    ({"OPEN_SET__OOD_DATASET": "cifar100_c", "OPEN_SET__MIX": "per_batch", "OPEN_SET__RATIO": 0.1},
+     r"puts round\(0.1 x 4\) = 0 OOD images in a batch"),
 ])
 def test_bad_open_set_keys_are_refused_in_one_line_before_any_model_loads(overrides, message, data_dir, tmp_path):
     with pytest.raises(ConfigError, match=message) as err:
@@ -309,3 +319,19 @@ def test_cliptta_pair_runs_on_svhn_c_beside_cifar10_c(data_dir, tmp_path):
     for record in payload["records"]:
         assert (record["n"], record["n_ood"]) == (8, 8) and record["ood_domain"] == record["domain"]
         assert record["ood_severity"] == 5 and np.isfinite(record["auroc"])
+
+
+def test_an_open_set_run_is_not_set_beside_the_papers_closed_set_rows():
+    from harness.report import paper
+    closed = tiny_cfg("conf/cifar10_c/tent.yaml")
+    assert paper.paper_row_for_run("cifar10_c", "tent", closed) is not None
+    opened = tiny_cfg("conf/cifar10_c/tent.yaml", OPEN_SET__OOD_DATASET="cifar100_c")
+    assert paper.paper_row_for_run("cifar10_c", "tent", opened) is None
+    assert paper.paper_row_for_run("cifar10_c", "tent", opened.dump()) is None       # as results.json holds it
+
+
+def test_a_mixed_domain_stream_mixes_each_domains_ood_images_over_the_whole_task(data_dir, tmp_path):
+    cfg = _cfg("cifar10_c/source", data_dir, tmp_path, SETTING="mixed_domains", OPEN_SET__OOD_DATASET="cifar100_c")
+    payload = evaluate(cfg, progress=False)
+    assert [(r["domain"], r["n"], r["n_ood"], r["ood_domain"]) for r in payload["records"]] == \
+        [("gaussian_noise", 8, 8, "gaussian_noise"), ("fog", 8, 8, "fog")]

@@ -195,10 +195,13 @@ def paper_row_for_run(dataset: str, method: str, config) -> PaperRow | None:
     config as a mapping, a CfgNode or a YAML dump). Where the paper reports that method in several configurations
     (StatA with gamma 0.1 and -1), the row whose shipped config (conf/methods/<name>.yaml) the run agrees with on
     every key that tells those configurations apart, if exactly one does; else None (a run of neither)."""
+    config = yaml.safe_load(config) if isinstance(config, str) else config
+    if ((config or {}).get("OPEN_SET") or {}).get("OOD_DATASET"):
+        return None     # the paper's rows are closed-set runs: an open-set run's accuracy is another experiment
     candidates = [row for row in paper_rows() if row.dataset == dataset and _registered_name(row.method) == method]
     if len(candidates) <= 1:
         return candidates[0] if candidates else None
-    run = flatten(dict(yaml.safe_load(config) if isinstance(config, str) else config))
+    run = flatten(dict(config))
     shipped = {row.method: _shipped_keys(row.method, dataset) for row in candidates}
     telling = {key for keys in shipped.values() for key in keys
                if len({repr(other.get(key, "<unset>")) for other in shipped.values()}) > 1}

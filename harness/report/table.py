@@ -6,6 +6,9 @@ from harness.report import paper
 from harness.report.model import METRICS, CompareError, Column, Row, Table
 from harness.report.runs import _mean, aggregate, group_runs, run_config
 
+# The record fields of open-set runs' metrics (harness/open_set.py; reporting imports nothing of the running code).
+OOD_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "oscr")
+
 
 def _row_mean(row: Row, columns: list[Column]) -> float | None:
     shown = [row.cells[c] for c in columns if c in row.cells]
@@ -57,6 +60,10 @@ def build_table(groups: list[tuple[str, list[dict]]], metric: str = "accuracy", 
     if len(datasets) != 1:
         raise CompareError(f"one table per data set: these results cover {sorted(datasets)}")
     dataset = datasets.pop()
+    records = [r for _, runs in groups for p in runs for r in p["records"]]
+    if metric in OOD_METRICS and records and not any(metric in r for r in records):
+        raise CompareError(f"--metric {metric}: these results are closed-set runs, without OOD records (an open-set "
+                           f"run sets OPEN_SET.OOD_DATASET, docs/open_set.md)")
     measured = [aggregate(runs, label, metric) for label, runs in groups]
     columns: list[Column] = []
     for row in measured:
