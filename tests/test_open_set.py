@@ -335,3 +335,16 @@ def test_a_mixed_domain_stream_mixes_each_domains_ood_images_over_the_whole_task
     payload = evaluate(cfg, progress=False)
     assert [(r["domain"], r["n"], r["n_ood"], r["ood_domain"]) for r in payload["records"]] == \
         [("gaussian_noise", 8, 8, "gaussian_noise"), ("fog", 8, 8, "fog")]
+
+
+def test_the_clean_pairs_take_the_values_of_cliptta_clean_runs():
+    """CLIPTTA's scripts run the clean and the corrupted pair with different values in two places."""
+    c10 = tiny_cfg("conf/open_set/cifar10+svhn/cliptta_otsu.yaml")
+    c10c = tiny_cfg("conf/open_set/cifar10_c+svhn_c/cliptta_otsu.yaml")
+    assert (c10.CLIPTTA.BETA_OOD, c10c.CLIPTTA.BETA_OOD) == (1.0, 0.1)
+    inet = tiny_cfg("conf/open_set/imagenet+places/cliptta_otsu.yaml")
+    inet_c = tiny_cfg("conf/open_set/imagenet_c+places_c/cliptta_otsu.yaml")
+    assert (inet.OPTIM.LR, inet.CLIPTTA.BETA_REG) == (1e-5, 1.0)
+    assert (inet_c.OPTIM.LR, inet_c.CLIPTTA.BETA_REG) == (1e-4, 0.5)
+    assert (inet_c.TEST.BATCH_SIZE, inet_c.OPEN_SET.RATIO) == (256, 0.5)
+    assert list(tiny_cfg("conf/open_set/cifar100+svhn/source.yaml").CORRUPTION.TYPE) == ["none"]
