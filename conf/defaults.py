@@ -123,6 +123,9 @@ SUITE_OPTIONS = {
         # random shuffles each loader's sample list, their label sort or Dirichlet sort follows: the batches of the
         # paper's runs); "suite", this suite's own seeded permutation. docs/comparison.md#stream-order.
         "STREAM_ORDER": Option("authors", choices=("authors", "suite")),
+        # Seed of the stream order alone (both STREAM_ORDERs and the OOD mixing; the images chosen and the method's
+        # randomness stay on RNG_SEED): -1 = RNG_SEED, today's streams. scripts/compare.py --orders K sets 1..K.
+        "ORDER_SEED": Option(-1, within="[-1, 4294967295]"),
         "DEBUG": False,
     },
     "CUDNN": {

@@ -16,7 +16,7 @@ from harness.report import CompareError
 # backbone; everything else (optimiser, batch size, method keys) comes from each method's own config.
 SHARED_KEYS = ["SETTING", "RNG_SEED", "DATA_DIR", "SAVE_DIR", "CORRUPTION", "MODEL.ARCH", "MODEL.WEIGHTS",
                "MODEL.CKPT_PATH", "MODEL.FORCE_QUICK_GELU", "TEST.DELTA_DIRICHLET", "TEST.STREAM_ORDER",
-               "TEST.NUM_WORKERS", "DEVICE", "RESUME", "RUN_DOMAINS"]
+               "TEST.ORDER_SEED", "TEST.NUM_WORKERS", "DEVICE", "RESUME", "RUN_DOMAINS"]
 
 
 def resolve_method_config(method: str, dataset: str) -> str:
@@ -57,10 +57,11 @@ def _is_shared(key: str) -> bool:
 
 
 def method_configs(methods: list[str], base_cfg_file=None, opts=None, seeds=None,
-                   overrides: dict | None = None) -> list[tuple[str, list[LoadedConfig]]]:
-    """[(method label, [config per seed])]: each method's own config with the SHARED_KEYS of the base config (the
-    --cfg file, else the first method's config) and the command-line overrides applied to all of them; every
-    config checked (check_config) before any of them runs."""
+                   overrides: dict | None = None, orders=None) -> list[tuple[str, list[LoadedConfig]]]:
+    """[(method label, [config per seed and order])]: each method's own config with the SHARED_KEYS of the base
+    config (the --cfg file, else the first method's config) and the command-line overrides applied to all of them,
+    once per RNG_SEED of ``seeds`` and, within it, per TEST.ORDER_SEED of ``orders``; every config checked
+    (check_config) before any of them runs."""
     opts = list(opts or [])
     if not methods:
         raise CompareError("give at least one method (name or config file)")
@@ -83,9 +84,11 @@ def method_configs(methods: list[str], base_cfg_file=None, opts=None, seeds=None
         keys_set = frozenset({k for k in own.keys_set if not _is_shared(k)} |
                              {k for k in base.keys_set | set(overrides or {}) if _is_shared(k)})
         per_seed = []
-        for seed in (seeds or [own.cfg.RNG_SEED]):
+        for seed, order in [(s, o) for s in (seeds or [own.cfg.RNG_SEED]) for o in (orders or [None])]:
             seeded = own.cfg.clone()
             seeded.RNG_SEED = int(seed)
+            if order is not None:
+                seeded.TEST.ORDER_SEED = int(order)
             try:
                 check_config(seeded)
             except ConfigError as err:
@@ -124,11 +127,19 @@ def run_comparison(configs, progress: bool = True) -> list[tuple[str, list[dict]
         payloads = []
         for loaded in per_seed:
             done += 1
-            name = f"{label} seed {loaded.cfg.RNG_SEED}" if len(per_seed) > 1 else label
+            name = _run_name(label, loaded.cfg, per_seed)
             plan = build_plan(loaded.cfg, loaded.keys_set)
             payloads.append(evaluate(plan, progress=progress, label=f"[{done}/{runs}] {name}"))
         groups.append((label, payloads))
     return groups
+
+
+def _run_name(label: str, cfg, runs: list[LoadedConfig]) -> str:
+    """How the progress names a run: the method, with the seed and the order seed that tell its runs apart."""
+    seeds = {int(r.cfg.RNG_SEED) for r in runs}
+    orders = {int(r.cfg.TEST.ORDER_SEED) for r in runs}
+    return (label + (f" seed {cfg.RNG_SEED}" if len(seeds) > 1 else "")
+            + (f" order {cfg.TEST.ORDER_SEED}" if len(orders) > 1 else ""))
 
 
 def comparison_dir(cfg, labels: list[str]) -> Path:

@@ -17,6 +17,13 @@ NON_RESULT_KEYS = {"DATA_DIR", "SAVE_DIR", "RUN_NAME", "LOG_DEST", "LOG_TIME", "
                    "RESUME", "RUN_DOMAINS"}
 # Nested keys alike.
 NON_RESULT_NESTED = {"TEST.NUM_WORKERS"}
+# TEST keys left out where they hold these values: keys added after runs were recorded, whose value here does what
+# those runs did, so their arrival moved no config's hash or keys (TEST.ORDER_SEED -1: the order seeded by RNG_SEED).
+LEFT_OUT_AT = {"TEST.ORDER_SEED": -1}
+
+
+def _left_out_nested(key: str, value) -> bool:
+    return key in NON_RESULT_NESTED or (key in LEFT_OUT_AT and value == LEFT_OUT_AT[key])
 
 
 def _plain(node):
@@ -65,7 +72,7 @@ def config_hash(cfg) -> str:
     """Eight hex digits identifying the config's result-relevant keys (the run folder's name)."""
     left_out = NON_RESULT_KEYS | unread_default_nodes(cfg) | closed_set_node(cfg)
     identity = {k: v for k, v in cfg.items() if k not in left_out}
-    identity["TEST"] = {k: v for k, v in cfg.TEST.items() if f"TEST.{k}" not in NON_RESULT_NESTED}
+    identity["TEST"] = {k: v for k, v in cfg.TEST.items() if not _left_out_nested(f"TEST.{k}", v)}
     return hashlib.sha1(repr(sorted(_plain(identity).items())).encode()).hexdigest()[:8]
 
 
@@ -89,7 +96,7 @@ def identity_keys(config, ignore: tuple[str, ...] = ()) -> dict:
     left_out = NON_RESULT_KEYS | unread_default_nodes(config) | closed_set_node(config)
     flat = flatten(dict(config))
     return {k: v for k, v in flat.items()
-            if k.split(".")[0] not in left_out and k not in NON_RESULT_NESTED and k not in ignore}
+            if k.split(".")[0] not in left_out and not _left_out_nested(k, v) and k not in ignore}
 
 
 def differing_keys(configs: list, ignore: tuple[str, ...] = ()) -> list[str]:

@@ -312,13 +312,14 @@ def open_set_loader(cfg, task, index: int, parts: list, companions_of: list, id_
                     device):
     """The DataLoader of one task's open-set stream: (images, labels, segments, is_ood) batches."""
     from torch.utils.data import DataLoader
+    from harness.stream import order_seed
     offsets = np.cumsum([0] + [len(p) for p in parts])
     id_segment = (np.searchsorted(offsets, id_order, side="right") - 1).astype(np.int64)
     if task.order == "sequential":
         runs = [np.flatnonzero(id_segment == k) for k in range(len(parts))]
     else:
         runs = [np.arange(len(id_order))]
-    seed = [int(cfg.RNG_SEED) & 0xFFFFFFFF, 0x00D5E7, int(index)]
+    seed = [order_seed(cfg) & 0xFFFFFFFF, 0x00D5E7, int(index)]     # RNG_SEED unless TEST.ORDER_SEED
     batches, rows = open_set_batches(cfg, id_order, id_segment, runs, [len(c.images) for c in companions_of], seed)
     stream = OpenSetStream(parts, [c.images for c in companions_of], rows, transform)
     workers = int(cfg.TEST.NUM_WORKERS)

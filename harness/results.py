@@ -1,5 +1,5 @@
-"""Results records: one per (domain, severity) with n, correct, accuracy and error; their mean; and the
-provenance of the run. Written atomically as results.json and results.csv."""
+"""Results records: one per (domain, severity) with n, correct, accuracy and error, calibration and per-class fields;
+their mean; and the provenance of the run. Written atomically as results.json and results.csv."""
 from __future__ import annotations
 
 import csv
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from conf.files import atomic_write_text
+from harness.class_counts import CLASS_FIELDS
 from harness.identity import config_hash, file_sha256
 from harness.open_set import OOD_FIELDS
 from harness.open_set import provenance as open_set_provenance
@@ -39,7 +40,7 @@ def make_record(domain: str, severity: int, n: int, correct: int, calibration: d
 def summarise(records: list[dict]) -> dict:
     """Mean over the records (each domain/severity counts once, as in the paper's tables), and the mean per
     severity (the anchor suite also reports the mean error at severity 5, e.g. for SETTING gradual); the means
-    of the calibration fields where every record has them."""
+    of the calibration and per-class fields (harness/class_counts.py) where every record has them."""
     if not records:
         return {"mean_accuracy": float("nan"), "mean_error": float("nan"), "n_total": 0}
     mean_acc = sum(r["accuracy"] for r in records) / len(records)
@@ -48,7 +49,7 @@ def summarise(records: list[dict]) -> dict:
         by_severity.setdefault(int(r["severity"]), []).append(r["accuracy"])
     summary = {"mean_accuracy": mean_acc, "mean_error": 1.0 - mean_acc, "n_total": sum(r["n"] for r in records),
                "mean_accuracy_by_severity": {str(s): sum(v) / len(v) for s, v in sorted(by_severity.items())}}
-    for field, key in {**CALIBRATION_FIELDS, **OOD_FIELDS}.items():
+    for field, key in {**CALIBRATION_FIELDS, **CLASS_FIELDS, **OOD_FIELDS}.items():
         if all(field in r for r in records):
             summary[key] = sum(r[field] for r in records) / len(records)
     if all("n_ood" in r for r in records):
@@ -87,7 +88,7 @@ def write_results(save_dir: Path, payload: dict) -> None:
     open_set = any("n_ood" in r for r in payload["records"])    # closed-set files keep their columns
     ood_columns = ["ood_domain", "ood_severity", "n_ood", *OOD_FIELDS] if open_set else []
     fields = ["method", "dataset", "domain", "severity", "n", "correct", "accuracy", "error", *CALIBRATION_FIELDS,
-              *ood_columns, "seed", "config_hash"]
+              *CLASS_FIELDS, *ood_columns, "seed", "config_hash"]
     provenance = payload.get("provenance", {})
     run = {"method": payload["method"], "dataset": payload["dataset"], "seed": provenance.get("seed", ""),
            "config_hash": provenance.get("config_hash", "")}
@@ -103,7 +104,8 @@ def write_results(save_dir: Path, payload: dict) -> None:
                      "accuracy": summary["mean_accuracy"] if complete else "",
                      "error": summary["mean_error"] if complete else "",
                      **{field: summary.get(key, "") if complete else ""
-                        for field, key in {**CALIBRATION_FIELDS, **(OOD_FIELDS if open_set else {})}.items()},
+                        for field, key in {**CALIBRATION_FIELDS, **CLASS_FIELDS,
+                                           **(OOD_FIELDS if open_set else {})}.items()},
                      **({"n_ood": summary.get("n_ood_total", "")} if open_set else {})})
     atomic_write_text(save_dir / "results.csv", buf.getvalue())
 

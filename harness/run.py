@@ -24,6 +24,7 @@ from harness.report import paper
 from harness.report.text import format_table
 from harness.results import make_record, results_payload, run_provenance, write_results
 from harness.calibration import CalibrationCounts
+from harness.class_counts import ClassCounts
 from harness.stream import SegmentStream, make_loader, task_stream_order
 from harness.logs import file_logging
 from harness.progress import Progress
@@ -199,6 +200,7 @@ def run_task(plan: RunPlan, state: RunState, index: int,
     correct = torch.zeros(len(parts), dtype=torch.long)
     counts = torch.zeros(len(parts), dtype=torch.long)
     calibration = CalibrationCounts(len(parts))
+    classes = ClassCounts(len(parts), plan.class_names)
     bar = bar or Progress(0, "", enabled=False)
     bar.set_postfix_str(", ".join(f"{s.domain}@{s.severity}" for s in task.segments[:3])
                         + (" ..." if len(task.segments) > 3 else ""))
@@ -206,16 +208,18 @@ def run_task(plan: RunPlan, state: RunState, index: int,
     try:
         for images, labels_batch, segment, *is_ood in loader:
             logits = state.method(images.to(plan.device, non_blocking=True))
-            hits = (logits.argmax(1).cpu() == labels_batch).long()
-            if scores is not None:      # accuracy and calibration count the ID images only
+            predicted = logits.argmax(1).cpu()
+            hits = (predicted == labels_batch).long()
+            if scores is not None:      # accuracy, calibration and class counts: the ID images only
                 scores.add(open_set.declared_scores(logits, cfg, state.method), is_ood[0], hits, segment)
                 known = ~is_ood[0]
                 streamed_ood += int(is_ood[0].sum())
-                logits, labels_batch, segment, hits = logits[known.to(logits.device)], labels_batch[known], \
-                    segment[known], hits[known]
+                logits, labels_batch, segment, hits, predicted = logits[known.to(logits.device)], \
+                    labels_batch[known], segment[known], hits[known], predicted[known]
             correct.index_add_(0, segment, hits)
             counts.index_add_(0, segment, torch.ones_like(hits))
             calibration.add(logits, labels_batch, segment)
+            classes.add(labels_batch, predicted, segment)
             bar.update(len(labels_batch))
     except UserError as err:
         raise _without_worker_traceback(err) from None
@@ -226,7 +230,7 @@ def run_task(plan: RunPlan, state: RunState, index: int,
         bar.set_total(bar.total - planned + streamed)
     records = []
     for k, seg in enumerate(task.segments):
-        fields = calibration.fields(k)
+        fields = {**calibration.fields(k), **classes.fields(k)}
         if scores is not None:
             companion = plan.ood[seg]
             fields.update({**scores.fields(k), "ood_domain": companion.domain, "ood_severity": companion.severity})

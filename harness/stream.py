@@ -1,6 +1,6 @@
 """The stream of test data for one task: segments concatenated (or mixed), in a fixed pseudo-random order
-from RNG_SEED that is the same for every method, batched by a DataLoader whose workers apply the per-image
-transform (nothing up-sampled is held in memory)."""
+from RNG_SEED (or TEST.ORDER_SEED) that is the same for every method, batched by a DataLoader whose workers apply
+the per-image transform (nothing up-sampled is held in memory)."""
 from __future__ import annotations
 
 import random
@@ -33,16 +33,27 @@ class SegmentStream(Dataset):
         return self.transform(image), label, segment
 
 
+def order_seed(cfg) -> int:
+    """The seed of the stream's order: TEST.ORDER_SEED, or RNG_SEED where it is -1 (the default, today's streams).
+    Only the order reads it; which images a NUM_EX subset holds and the method's randomness stay on RNG_SEED."""
+    chosen = int(cfg.TEST.get("ORDER_SEED", -1))
+    return int(cfg.RNG_SEED) if chosen == -1 else chosen
+
+
 def task_stream_order(cfg, task, index: int, parts: list[Dataset]) -> np.ndarray:
     """The order of a task's samples (positions in its concatenated segments) by TEST.STREAM_ORDER: "authors",
-    their loaders' order (authors_stream_order); "suite", this suite's own permutation (stream_order)."""
+    their loaders' order (authors_stream_order); "suite", this suite's own permutation (stream_order); both
+    seeded by ``order_seed``. The authors' NUM_EX subset is drawn with RNG_SEED and keeps its draw's order where
+    the order seed is RNG_SEED; another order seed shuffles that subset as their loader shuffles a list."""
     labels = np.concatenate([segment_labels(p) for p in parts]) if task.correlation != "none" else None
     sizes = [len(p) for p in parts]
+    seed = order_seed(cfg)
     if cfg.TEST.STREAM_ORDER == "authors":
-        return authors_stream_order(sizes, task.order, cfg.RNG_SEED, labels, task.correlation, task.dirichlet_delta,
-                                    presampled=cfg.CORRUPTION.NUM_EX >= 0 and cfg.CORRUPTION.SUBSET == "authors",
+        subset_drawn = cfg.CORRUPTION.NUM_EX >= 0 and cfg.CORRUPTION.SUBSET == "authors"
+        return authors_stream_order(sizes, task.order, seed, labels, task.correlation, task.dirichlet_delta,
+                                    presampled=subset_drawn and seed == int(cfg.RNG_SEED),
                                     file_order=[bool(getattr(p, "authors_file_order", False)) for p in parts])
-    return stream_order(sizes, task.order, cfg.RNG_SEED, index, labels=labels, correlation=task.correlation,
+    return stream_order(sizes, task.order, seed, index, labels=labels, correlation=task.correlation,
                         dirichlet_delta=task.dirichlet_delta, batch_size=int(cfg.TEST.BATCH_SIZE))
 
 

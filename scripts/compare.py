@@ -5,6 +5,10 @@ config files are accepted too), each seed in turn, and tabulate:
 
     python scripts/compare.py --cfg conf/cifar10_c/source.yaml --methods source tent batclip DATA_DIR /data
 
+Run them over K stream orders (TEST.ORDER_SEED 1..K; each row adds its tail, the mean of its worst 10% of runs):
+
+    python scripts/compare.py --cfg conf/cifar10_c/source.yaml --methods source tent --orders 10 DATA_DIR /data
+
 Tabulate existing results (runs of one config with different seeds become one row, mean ± std):
 
     python scripts/compare.py --results output/cifar10_c
@@ -43,8 +47,11 @@ def parse_args(argv):
     parser.add_argument("--cfg", dest="cfg_file", help="base config: data set, setting, stream and backbone for "
                                                        "every method (default: the first method's config)")
     parser.add_argument("--seeds", nargs="+", help="run every method with each of these RNG_SEEDs")
+    parser.add_argument("--orders", metavar="K", help="run every method over K stream orders (TEST.ORDER_SEED 1..K); "
+                                                       "the table adds each row's tail, the mean of its worst 10%%")
     parser.add_argument("--metric", choices=list(report.METRICS), default="accuracy",
-                        help="accuracy, error, or calibration: ece (15 equal-width bins), nll, confidence")
+                        help="accuracy, error; calibration: ece (15 equal-width bins), nll, confidence; per class: "
+                             "balanced_accuracy, worst_class; open set: auroc, fpr95, aupr_in, aupr_out, oscr")
     parser.add_argument("--no-paper", action="store_true", help="leave out the paper's rows")
     parser.add_argument("--figure", choices=["bars", "heatmap", "none"], default="bars")
     parser.add_argument("--out", help="folder for comparison.md/.csv/.tex/.png (and the merged results.json)")
@@ -63,7 +70,21 @@ def parse_args(argv):
                          f"pooled as two seeds")
     if args.methods is None and not (args.results or args.merge):
         parser.error("--methods needs at least one method name or config file")
+    args.orders = _order_seeds(parser, args)
     return args
+
+
+def _order_seeds(parser, args) -> list[int] | None:
+    """TEST.ORDER_SEED 1..K for --orders K; refused where it cannot mean that."""
+    if args.orders is None:
+        return None
+    if not args.orders.isdigit() or int(args.orders) < 1:
+        parser.error(f"--orders takes a count K >= 1 (runs TEST.ORDER_SEED 1..K), got {args.orders!r}")
+    if not args.methods:
+        parser.error("--orders runs methods: give it with --methods (--results tables stream orders as they were run)")
+    if "TEST.ORDER_SEED" in args.opts[0::2]:
+        parser.error("--orders K sets TEST.ORDER_SEED 1..K for every run: leave out the TEST.ORDER_SEED override")
+    return list(range(1, int(args.orders) + 1))
 
 
 def _print_and_write(tables, out, figure) -> None:
@@ -106,7 +127,8 @@ def main(argv=None) -> int:
             overrides["RESUME"] = False
         if args.domains:
             overrides["RUN_DOMAINS"] = list(args.domains)
-        configs = comparison.method_configs(args.methods, args.cfg_file, args.opts, args.seeds, overrides)
+        configs = comparison.method_configs(args.methods, args.cfg_file, args.opts, args.seeds, overrides,
+                                            args.orders)
         groups = comparison.run_comparison(configs, progress=not args.no_progress)
         table = report.build_table(groups, args.metric, with_paper)
         out = args.out or comparison.comparison_dir(configs[0][1][0].cfg, [label for label, _ in configs])

@@ -58,7 +58,8 @@ def parse_args(argv):
     parser.add_argument("--no-wait", action="store_true", help="run: submit and return (see status, report)")
     parser.add_argument("--dry-run", action="store_true", help="run: list the jobs that would be submitted")
     parser.add_argument("--metric", choices=list(report.METRICS), default="accuracy",
-                        help="accuracy, error, or calibration: ece (15 equal-width bins), nll, confidence")
+                        help="accuracy, error; calibration: ece (15 equal-width bins), nll, confidence; per class: "
+                             "balanced_accuracy, worst_class; open set: auroc, fpr95, aupr_in, aupr_out, oscr")
     parser.add_argument("--no-paper", action="store_true", help="report: leave out the paper's rows")
     parser.add_argument("--figure", choices=["bars", "heatmap", "none"], default="bars")
     if "-h" in argv or "--help" in argv:

@@ -601,6 +601,8 @@ COMMANDS = {
     "python test_time.py --cfg tests/data/authors_configs/anchor/cifar10_c/eata.yaml MODEL.ARCH ViT-B-16 "
     "DATA_DIR /data": Refused(EATA_SOURCE),
     # the docstrings of test_time.py, scripts/compare.py, scripts/grid.py
+    "python scripts/compare.py --cfg conf/cifar10_c/source.yaml --methods source tent --orders 10 DATA_DIR /data":
+        Refused(PAPER_DATA),
     "python test_time.py --cfg conf/cifar10_c/source.yaml DATA_DIR /data MODEL.WEIGHTS openai": Refused(PAPER_DATA),
     "python scripts/compare.py --merge host1/results.json host2/results.json --out merged/":
         Refused(r"host1/results.json"),

@@ -10,7 +10,7 @@ from harness.grid.spec import Cell, Grid, GridError
 from harness.task_records import ResumeError, read_tasks
 from harness.grid.status import JobStatus
 from harness.identity import config_hash, identity_keys
-from harness.report.runs import SEED_KEY
+from harness.report.runs import POOLED_KEYS
 
 
 def _placeholder(cell: Cell) -> dict:
@@ -48,7 +48,7 @@ def grid_tables(grid: Grid, metric: str = "accuracy", with_paper: bool = True) -
         labels: dict[str, str] = {}
         several_settings = len({c.setting for c in grid.cells if c.dataset == dataset}) > 1
         for cell in (c for c in grid.cells if c.dataset == dataset):
-            identity = sorted(identity_keys(cell.cfg, (SEED_KEY,)).items())
+            identity = sorted(identity_keys(cell.cfg, POOLED_KEYS).items())
             key = json.dumps(identity, default=str)
             groups.setdefault(key, []).append(cell_payload(grid, cell))
             labels[key] = cell.config_name + (f" [{cell.setting}]" if several_settings else "")

@@ -51,6 +51,10 @@ METRICS = {"accuracy": ("accuracy", 100.0, "accuracy (%)"),
            "ece": ("ece", 100.0, "expected calibration error (%, 15 equal-width bins)"),
            "nll": ("nll", 1.0, "negative log-likelihood (nats)"),
            "confidence": ("mean_confidence", 100.0, "mean confidence (%)"),
+           # per-class recall from the records' confusion counts (harness/class_counts.py)
+           "balanced_accuracy": ("balanced_accuracy", 100.0, "balanced accuracy (%, mean per-class recall over the "
+                                                             "classes present)"),
+           "worst_class": ("worst_class_accuracy", 100.0, "worst-class accuracy (%, lowest per-class recall)"),
            # open-set runs (harness/open_set.py), by the run's declared OOD score
            "auroc": ("auroc", 100.0, "AUROC (%, ID vs OOD by the declared score)"),
            "fpr95": ("fpr95", 100.0, "FPR at 95% TPR (%, lower is better)"),
@@ -79,7 +83,7 @@ def expected_columns(payload) -> list[Column]:
 @dataclass
 class Row:
     label: str
-    kind: str                                   # "measured", "paper" or "diff"
+    kind: str                                   # "measured", "paper", "diff" or "tail"
     cells: dict                                 # Column -> accuracy % (mean over runs)
     std: dict = field(default_factory=dict)     # Column -> standard deviation over runs (with >= 2 runs)
     mean: float | None = None                   # mean of the cells shown (accuracy %)
@@ -90,6 +94,9 @@ class Row:
     note: str = ""
     incomplete: list = field(default_factory=list)   # the runs of this row that lack some of their cells
     expected: list = field(default_factory=list)     # the columns its runs have when complete
+    orders: list = field(default_factory=list)       # each run's stream order seed, where a run set TEST.ORDER_SEED
+    tail: dict = field(default_factory=dict)         # Column -> mean of the worst runs (runs.tail_mean)
+    mean_tail: float | None = None                   # the same over each run's mean
 
 
 @dataclass
@@ -101,6 +108,7 @@ class Table:
     domain_label: str = "corruption"
     notes: list[str] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list)   # runs with missing cells (their rows show no mean)
+    with_orders: bool = False           # some row pools runs over stream orders (its tail row, an orders column)
 
     @property
     def labels(self) -> list[str]:

@@ -11,12 +11,21 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from harness.class_counts import class_fields, confusion_totals
 from harness.identity import describe_differences, differing_keys, identity_keys
 from harness.report.model import CompareError, Column, Row, expected_columns, payload_cells, record_columns
 from harness.results import summarise
 from harness.task_records import TASKS_DIR, task_path
 
 SEED_KEY = "RNG_SEED"
+ORDER_KEY = "TEST.ORDER_SEED"
+# A row pools the runs of one config that differ only in these: the seed and the seed of the stream order.
+POOLED_KEYS = (SEED_KEY, ORDER_KEY)
+# The tail statistic over a row's runs (OGA's expected tail accuracy, Fuchs et al. 2025: the mean over the worst
+# 10% of runs): which end of each metric is the worse one; a metric without one (confidence) shows no tail.
+WORSE_END = {"accuracy": "low", "error": "low",        # both tabled as accuracy: the worst are the lowest
+             "ece": "high", "nll": "high", "fpr95": "high", "balanced_accuracy": "low", "worst_class": "low",
+             "auroc": "low", "aupr_in": "low", "aupr_out": "low", "oscr": "low"}
 
 
 def load_results(paths, left_out: list[str] | None = None) -> list[dict]:
@@ -148,7 +157,33 @@ def _std(values) -> float | None:
     return float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
-def check_same_experiment(payloads: list[dict], ignore=(SEED_KEY,)) -> None:
+def tail_count(runs: int) -> int:
+    """How many runs the tail holds: ceil(runs / 10), at least one (OGA's 10 of its 100 runs; the worst run alone
+    below 10 runs)."""
+    return max(1, -(-int(runs) // 10))
+
+
+def tail_mean(values, worse: str = "low") -> float:
+    """The mean of the worst ``tail_count`` of ``values`` (the lowest where ``worse`` is "low", else the highest)."""
+    ordered = sorted(values, reverse=worse == "high")
+    return _mean(ordered[:tail_count(len(ordered))])
+
+
+def run_order(payload):
+    """The seed of a run's stream order: its TEST.ORDER_SEED, or its RNG_SEED where that is -1 or was not recorded
+    (runs from before the key)."""
+    cfg = run_config(payload)
+    chosen = (cfg.get("TEST") or {}).get("ORDER_SEED", -1)
+    return cfg.get(SEED_KEY) if chosen == -1 else chosen
+
+
+def orders_chosen(payloads: list[dict]) -> bool:
+    """Whether some run set TEST.ORDER_SEED (a run over stream orders: its row gets the tail statistic)."""
+    return any((run_config(p).get("TEST") or {}).get("ORDER_SEED", -1) != -1
+               for p in payloads if (p.get("provenance") or {}).get("config"))
+
+
+def check_same_experiment(payloads: list[dict], ignore=POOLED_KEYS) -> None:
     """Refuse payloads whose configs differ in a result-relevant key other than ``ignore`` (names the keys), or
     that read other data or weights (``same_inputs``)."""
     if len(payloads) < 2:
@@ -157,8 +192,9 @@ def check_same_experiment(payloads: list[dict], ignore=(SEED_KEY,)) -> None:
     diff = differing_keys(configs, tuple(ignore))
     if diff:
         labels = [run_label(p) for p in payloads]
-        raise CompareError(f"these results come from configs that differ in {diff} (not only in the seed); "
-                           f"refusing to combine them:\n{describe_differences(configs, labels, tuple(ignore))}")
+        raise CompareError(f"these results come from configs that differ in {diff} (not only in the seed or the "
+                           f"stream order's seed); refusing to combine them:\n"
+                           f"{describe_differences(configs, labels, tuple(ignore))}")
     for p in payloads[1:]:
         why = inputs_differ(payloads[0], p)
         if why:
@@ -191,8 +227,9 @@ def inputs_differ(a: dict, b: dict) -> str | None:
 
 
 def aggregate(payloads: list[dict], label: str | None = None, metric: str = "accuracy") -> Row:
-    """One row from several runs of the same config that differ only in RNG_SEED: per cell the mean and the
-    sample standard deviation over runs; the mean column is each run's mean of its cells, averaged.
+    """One row from several runs of the same config that differ only in RNG_SEED and TEST.ORDER_SEED: per cell the
+    mean and the sample standard deviation over runs; the mean column is each run's mean of its cells, averaged.
+    Where some run set TEST.ORDER_SEED, also the tail (``tail_mean``) per cell and of the runs' means.
 
     A run that has not finished every task of its setting leaves its missing cells empty: a cell is shown only
     when every run has it, and the row has no mean (``row.incomplete`` names those runs)."""
@@ -217,12 +254,18 @@ def aggregate(payloads: list[dict], label: str | None = None, metric: str = "acc
     row = Row(label or payloads[0]["method"], "measured", cells, std, _mean(run_means) if run_means else None,
               _std(run_means), len(payloads), seeds, payloads[0]["method"], incomplete=incomplete,
               expected=columns)
+    worse = WORSE_END.get(metric)
+    if worse and orders_chosen(payloads):
+        row.orders = [run_order(p) for p in payloads]
+        row.tail = {c: tail_mean([run[c] for run in per_run], worse) for c in shown}
+        row.mean_tail = tail_mean(run_means, worse) if run_means else None
     return row
 
 
 def merge(payloads: list[dict]) -> dict:
     """One payload from shards of one run (identical configs, seed included): the union of their records, each
-    (domain, severity) once, ordered as CORRUPTION.TYPE; records present in several shards must agree."""
+    (domain, severity) once, ordered as CORRUPTION.TYPE; records present in several shards must agree. The
+    per-class fields of every record are recomputed from its confusion counts (``recounted``)."""
     if not payloads:
         raise CompareError("nothing to merge")
     check_same_experiment(payloads, ignore=())
@@ -238,7 +281,11 @@ def merge(payloads: list[dict]) -> dict:
             if known is not None and (known["n"], known["correct"]) != (record["n"], record["correct"]):
                 raise CompareError(f"{column.domain}@{column.severity}: shards disagree ({known['correct']}/"
                                    f"{known['n']} vs {record['correct']}/{record['n']} in {run_label(p)})")
-            merged.setdefault(column, record)
+            if known is not None and None not in (known.get("confusion"), record.get("confusion")) \
+                    and known["confusion"] != record["confusion"]:
+                raise CompareError(f"{column.domain}@{column.severity}: shards disagree in their confusion counts "
+                                   f"(same {record['correct']}/{record['n']}, other cells in {run_label(p)})")
+            merged.setdefault(column, recounted(record, f"{run_label(p)}: {column.domain}@{column.severity}"))
     order = list((run_config(first).get("CORRUPTION") or {}).get("TYPE") or [])
     rank = {d: i for i, d in enumerate(order)}
     columns = sorted(merged, key=lambda c: rank.get(c.domain, len(rank)))   # stable: keeps severity order
@@ -253,23 +300,41 @@ def merge(payloads: list[dict]) -> dict:
     return result
 
 
+def recounted(record: dict, where: str) -> dict:
+    """The record with its per-class fields computed from its confusion counts, which must count its n images and
+    its correct ones; a record written before these were recorded is returned as it is. The class name is kept
+    where the worst class is the recorded one (merging knows no class names)."""
+    confusion = record.get("confusion")
+    if confusion is None:
+        return record
+    if confusion_totals(confusion) != (record["n"], record["correct"]):
+        images, correct = confusion_totals(confusion)
+        raise CompareError(f"{where}: its confusion counts {correct} correct of {images} images, not its "
+                           f"{record['correct']}/{record['n']}; the file was edited or is damaged")
+    fields = class_fields(confusion)
+    if fields["worst_class"] == record.get("worst_class"):
+        fields["worst_class_name"] = record.get("worst_class_name")
+    return {**record, **fields}
+
+
 def group_runs(payloads: list[dict]) -> list[tuple[str, list[dict]]]:
     """Runs of the same config but for the seed, on the same data and weights, form one group (one row); rows
     labelled by method, with a short config id where one method has several configs and a data id where one config
     ran on several data (``inputs_differ``). Two runs of one seed in one group are refused: pooled, they would
-    count as two seeds."""
+    count as two seeds (a run of TEST.ORDER_SEED -1 streams the order of TEST.ORDER_SEED = its RNG_SEED)."""
     groups: dict[str, list[list[dict]]] = {}
     for p in payloads:
-        key = json.dumps([p["dataset"], sorted(identity_keys(run_config(p), (SEED_KEY,)).items())], default=str)
+        key = json.dumps([p["dataset"], sorted(identity_keys(run_config(p), POOLED_KEYS).items())], default=str)
         subgroups = groups.setdefault(key, [])
         same = next((runs for runs in subgroups if not any(inputs_differ(r, p) for r in runs)), None)
         if same is None:
             subgroups.append([p])
             continue
-        twin = next((r for r in same if run_config(r).get(SEED_KEY) == run_config(p).get(SEED_KEY)), None)
+        twin = next((r for r in same if _pooled_values(r) == _pooled_values(p)), None)
         if twin is not None:
             raise CompareError(f"{run_label(twin)} and {run_label(p)} are runs of one config, seed and data; pooled "
-                               f"they would count as two seeds: give one of them")
+                               f"they would count as two seeds: give one of them (both RNG_SEED "
+                               f"{_pooled_values(p)[0]}, stream order seed {_pooled_values(p)[1]})")
         same.append(p)
     methods = [subgroups[0][0]["method"] for subgroups in groups.values()]
     labelled = []
@@ -284,6 +349,10 @@ def group_runs(payloads: list[dict]) -> list[tuple[str, list[dict]]]:
     return labelled
 
 
+def _pooled_values(payload) -> tuple:
+    return run_config(payload).get(SEED_KEY), run_order(payload)
+
+
 def _data_id(payload) -> str:
     """A short id of what a run read beyond its config (weights and data contents), for row labels."""
     provenance = payload.get("provenance") or {}
@@ -294,5 +363,5 @@ def _data_id(payload) -> str:
 
 
 def _identity_id(payload) -> str:
-    flat = sorted(identity_keys(run_config(payload), (SEED_KEY,)).items())
+    flat = sorted(identity_keys(run_config(payload), POOLED_KEYS).items())
     return hashlib.sha1(repr(flat).encode()).hexdigest()[:6]

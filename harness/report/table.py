@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from harness.report import paper
 from harness.report.model import METRICS, CompareError, Column, Row, Table
-from harness.report.runs import _mean, aggregate, group_runs, run_config
+from harness.report.runs import _mean, aggregate, group_runs, run_config, tail_count
 
 # The record fields of open-set runs' metrics (harness/open_set.py; reporting imports nothing of the running code).
 OOD_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "oscr")
@@ -13,6 +13,18 @@ OOD_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "oscr")
 def _row_mean(row: Row, columns: list[Column]) -> float | None:
     shown = [row.cells[c] for c in columns if c in row.cells]
     return _mean(shown) if shown else None
+
+
+def _tail_row(row: Row) -> Row:
+    """The row of ``row``'s tail statistic: per cell and for the mean, the mean of its worst runs."""
+    worst = tail_count(row.runs)
+    return Row(f"{row.label} (tail: worst {worst} of {row.runs})", "tail", dict(row.tail), mean=row.mean_tail,
+               method=row.method, runs=0, orders=list(row.orders))
+
+
+TAIL_NOTE = ("tail: per cell, the mean of the row's worst ceil(n/10) runs (at least one) of its n runs over stream "
+             "orders (TEST.ORDER_SEED), OGA's expected tail accuracy (Fuchs et al. 2025: the mean accuracy of the "
+             "worst 10% of runs); its mean column is the tail of the runs' means")
 
 
 def _paper_rows(dataset: str, row: Row, runs: list[dict], columns: list[Column]) -> tuple[list[Row], str | None]:
@@ -75,9 +87,10 @@ def build_table(groups: list[tuple[str, list[dict]]], metric: str = "accuracy", 
             row.note = "incomplete, no mean: " + "; ".join(row.incomplete)
         elif set(row.cells) != set(columns):
             row.mean = _row_mean(row, columns)
-            row.mean_std = None
+            row.mean_std = row.mean_tail = None
             row.note = "mean over its own cells only"
         rows.append(row)
+        rows += [_tail_row(row)] if row.tail else []
         if with_paper:
             paper_rows, note = _paper_rows(dataset, row, runs, columns)
             rows += paper_rows
@@ -85,6 +98,8 @@ def build_table(groups: list[tuple[str, list[dict]]], metric: str = "accuracy", 
     first_run = groups[0][1][0]
     table = Table(dataset, columns, rows, metric, first_run.get("domain_label", "corruption"), notes)
     table.incomplete = [run for row in measured for run in row.incomplete]
+    table.with_orders = any(row.orders for row in measured)
+    table.notes += [TAIL_NOTE] if any(row.tail for row in measured) else []
     return table
 
 

@@ -42,7 +42,8 @@ def to_csv(table: Table) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     labels = table.labels
-    writer.writerow(["row", "kind", "method", "metric", "runs", "seeds"] + labels + ["mean"]
+    orders = ["orders"] if table.with_orders else []      # each run's stream order seed (compare.py --orders)
+    writer.writerow(["row", "kind", "method", "metric", "runs", "seeds"] + orders + labels + ["mean"]
                     + [f"{label} std" for label in labels] + ["mean std"])
 
     def num(v):
@@ -50,8 +51,9 @@ def to_csv(table: Table) -> str:
     for row in table.rows:
         values = [num(table.value(row, c)) for c in table.columns] + [num(table.value(row, "mean"))]
         spreads = [num(table.spread(row, c)) for c in table.columns] + [num(table.spread(row, "mean"))]
+        order_seeds = [" ".join(str(o) for o in row.orders)] if orders else []
         writer.writerow([row.label, row.kind, row.method, table.metric, row.runs,
-                         " ".join(str(s) for s in row.seeds)] + values + spreads)
+                         " ".join(str(s) for s in row.seeds)] + order_seeds + values + spreads)
     return buf.getvalue()
 
 
