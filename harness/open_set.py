@@ -277,14 +277,18 @@ def open_set_batches(cfg, id_order: np.ndarray, id_segment: np.ndarray, runs: li
 
 def _per_batch(ids, id_segment, run, batch_size, ood_batch, ood_sizes, rngs, drawn) -> list:
     """CLIPTTA's batches: each chunk of ``batch_size`` ID images, then ``ood_batch`` images of the chunk's segment's
-    companion (the segment of its first image; a run of one segment has one)."""
-    batches = []
-    for s in range(0, len(ids), batch_size):
-        chunk = ids[s:s + batch_size]
-        k = int(id_segment[run[s]])
-        start = sum(len(d) for d in drawn[k])
-        drawn[k].append(ood_rows(ood_sizes[k], [ood_batch], rngs[k]) if ood_batch else np.zeros(0, np.int64))
-        batches.append(chunk + [(k, start + j) for j in range(ood_batch)])
+    companion (the segment of its first image; a run of one segment has one). A segment's OOD batches are drawn in
+    one go, so that they follow one another through each permutation as a drop_last loader's batches do."""
+    owners = [int(id_segment[run[s]]) for s in range(0, len(ids), batch_size)]
+    starts = {}
+    for k in sorted(set(owners)):
+        starts[k] = sum(len(d) for d in drawn[k])
+        drawn[k].append(ood_rows(ood_sizes[k], [ood_batch] * owners.count(k), rngs[k]))
+    batches, taken = [], {k: 0 for k in starts}
+    for s, k in zip(range(0, len(ids), batch_size), owners):
+        first = starts[k] + taken[k]
+        batches.append(ids[s:s + batch_size] + [(k, first + j) for j in range(ood_batch)])
+        taken[k] += ood_batch
     return batches
 
 

@@ -151,6 +151,16 @@ def test_every_id_image_comes_once_in_its_order_with_the_declared_share_of_ood_i
     assert again == batches                                       # seeded: the same stream for every method
 
 
+def test_per_batch_ood_batches_follow_one_another_through_a_permutation():
+    """Segment 1's 6 ID images make 2 batches of 4 ID + 4 OOD images from a companion of 8: one permutation."""
+    batches, rows, _, n_id = _batches("per_batch", ood_sizes=(7, 8))
+    assert sorted(rows[1].tolist()) == list(range(8))
+    # segment 0: 3 batches of 4 from 7 images: the first from one permutation, then a new one for each
+    check = np.random.default_rng([0, 1, 0])
+    first, second, third = check.permutation(7), check.permutation(7), check.permutation(7)
+    assert rows[0].tolist() == first[:4].tolist() + second[:4].tolist() + third[:4].tolist()
+
+
 def test_ood_images_of_a_segment_stay_in_its_run_and_bursts_have_the_declared_length():
     batches, rows, id_order, n_id = _batches("bursts", sizes=(12, 9), burst=3)
     flat = [i for b in batches for i in b]
