@@ -10,7 +10,6 @@ DATA_DIR/Tiny-ImageNet-C/<corruption>/<severity>/<wnid>/<image>.JPEG
 Registers the OOD sets svhn, svhn_c, tiny_imagenet and tiny_imagenet_c; no benchmark data set."""
 from __future__ import annotations
 
-import difflib
 import functools
 import os
 from pathlib import Path
@@ -18,11 +17,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datasets.base import CLEAN, DatasetError, ImageDataset
+from datasets.base import DatasetError, ImageDataset
 from datasets.cifar_c import NpyImages, load_mmap
-from datasets.corruptions import CORRUPTIONS, NUM_SEVERITIES, held_severities
+from datasets.corruptions import held_severities
 from datasets.folders import ImageFiles, check_no_severity, read_class_folders, refuse_repeated_images
-from datasets.ood_sets import OodSet, register_ood_set
+from datasets.ood_sets import CorruptedOodSet, OodSet, check_ood_domain, register_ood_set
 
 SVHN_FILE = "SVHN/test_32x32.mat"
 SVHN_C_FOLDER = "SVHN-C"
@@ -83,18 +82,6 @@ SVHN_LAYOUT = (f"DATA_DIR/{SVHN_FILE}: X uint8 (32, 32, 3, N) and y (N, 1) holdi
 
 def _data_dir(cfg) -> Path:
     return Path(cfg.DATA_DIR).expanduser()
-
-
-def _check_domain(ood: OodSet, domain: str) -> None:
-    if domain not in ood.domains:
-        near = difflib.get_close_matches(str(domain), list(ood.domains), n=3, cutoff=0.4)
-        raise DatasetError(f"'{domain}' is not a domain of the OOD set {ood.name}. Nearest: {near}; "
-                           f"all: {list(ood.domains)}")
-
-
-def _check_severity(ood: OodSet, severity: int) -> None:
-    if not 1 <= severity <= NUM_SEVERITIES:
-        raise DatasetError(f"OOD set {ood.name}: severity {severity} is not in 1..{NUM_SEVERITIES}")
 
 
 def _mat_variables(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -300,7 +287,7 @@ class Svhn(OodSet):
     layout = f"DATA_DIR/{SVHN_FILE} (torchvision's SVHN test split, 26,032 images)"
 
     def build(self, cfg, domain: str, severity: int) -> ImageDataset:
-        _check_domain(self, domain)
+        check_ood_domain(self, domain)
         check_no_severity(self.name, severity)
         return read_svhn_test(cfg)
 
@@ -309,19 +296,16 @@ class Svhn(OodSet):
 
 
 @register_ood_set
-class SvhnC(OodSet):
+class SvhnC(CorruptedOodSet):
     name = "svhn_c"
     class_names = SVHN_CLASSES
-    domains = (CLEAN, *CORRUPTIONS)
-    has_severities = True
     layout = (f"DATA_DIR/{SVHN_C_FOLDER}/<corruption>.npy (CLIPTTA's SVHN-C), labels and domain none from "
               f"DATA_DIR/{SVHN_FILE}")
 
-    def build(self, cfg, domain: str, severity: int) -> ImageDataset:
-        _check_domain(self, domain)
-        if domain == CLEAN:
-            return read_svhn_test(cfg)
-        _check_severity(self, severity)
+    def read_clean(self, cfg) -> ImageDataset:
+        return read_svhn_test(cfg)
+
+    def read_corrupted(self, cfg, domain: str, severity: int) -> ImageDataset:
         return read_svhn_c(cfg, domain, severity)
 
     def describe(self, cfg) -> dict:
@@ -335,7 +319,7 @@ class TinyImageNet(OodSet):
     layout = f"DATA_DIR/{TINY_IMAGENET_FOLDER}/val (the 10,000 images of val/val_annotations.txt)"
 
     def build(self, cfg, domain: str, severity: int) -> ImageDataset:
-        _check_domain(self, domain)
+        check_ood_domain(self, domain)
         check_no_severity(self.name, severity)
         return read_tiny_imagenet_val(cfg)
 
@@ -344,20 +328,17 @@ class TinyImageNet(OodSet):
 
 
 @register_ood_set
-class TinyImageNetC(OodSet):
+class TinyImageNetC(CorruptedOodSet):
+    # Hendrycks' Tiny-ImageNet-C release holds the 15 benchmark corruptions (not the 4 extra ones of CIFAR-10-C).
     name = "tiny_imagenet_c"
     class_names = TINY_IMAGENET_CLASSES
-    # Hendrycks' Tiny-ImageNet-C release holds the 15 benchmark corruptions (not the 4 extra ones of CIFAR-10-C).
-    domains = (CLEAN, *CORRUPTIONS)
-    has_severities = True
     layout = (f"DATA_DIR/{TINY_IMAGENET_C_FOLDER}/<corruption>/<severity>/<wnid>/*.JPEG; domain none: "
               f"DATA_DIR/{TINY_IMAGENET_FOLDER}/val")
 
-    def build(self, cfg, domain: str, severity: int) -> ImageDataset:
-        _check_domain(self, domain)
-        if domain == CLEAN:
-            return read_tiny_imagenet_val(cfg)
-        _check_severity(self, severity)
+    def read_clean(self, cfg) -> ImageDataset:
+        return read_tiny_imagenet_val(cfg)
+
+    def read_corrupted(self, cfg, domain: str, severity: int) -> ImageDataset:
         return read_tiny_imagenet_c(cfg, domain, severity)
 
     def describe(self, cfg) -> dict:

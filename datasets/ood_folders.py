@@ -17,19 +17,16 @@ decoding is a DatasetError naming the path (and, for a list, the line) when the 
 """
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 from datasets.base import CLEAN, DatasetError, ImageDataset
 from datasets.coop_sets import SplitImages, coop_class_names
-from datasets.corruptions import CORRUPTIONS
 from datasets.folders import ImageFiles, check_no_severity, read_class_folders, refuse_repeated_images
-from datasets.ood_sets import OodSet, register_ood_set
+from datasets.ood_sets import CorruptedOodSet, OodSet, check_ood_domain, register_ood_set
 
 # The registered benchmark sets whose classes are ImageNet-1k classes: what a curated ImageNet OOD set (MOS's
 # iNaturalist/SUN/Places, NINCO, OpenOOD's lists) was cleaned against.
 IMAGENET_1K_SETS = ("imagenet_c", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
-SEVERITIES = (1, 2, 3, 4, 5)
 
 # NINCO's 64 class folders as its release (zenodo.org/record/8013288, NINCO_all.tar.gz) names them, sorted as
 # ImageFolder sorts them (j-cb/NINCO data/NINCO_OOD_classes.csv; two hold spaces).
@@ -52,13 +49,6 @@ NINCO_CLASS_FOLDERS = (
 # archive. Named for the overlap check (CIFAR-100's "bridge" is one of them).
 LSUN_SCENES = ("bedroom", "bridge", "church outdoor", "classroom", "conference room", "dining room", "kitchen",
                "living room", "restaurant", "tower")
-
-
-def check_ood_domain(ood: OodSet, domain: str) -> None:
-    if domain not in ood.domains:
-        near = difflib.get_close_matches(str(domain), list(ood.domains), n=3, cutoff=0.4)
-        raise DatasetError(f"'{domain}' is not a domain of the OOD set {ood.name}. Nearest: {near}; all: "
-                           f"{list(ood.domains)}")
 
 
 def present_class_folders(root: Path, what: str, layout: str) -> tuple[str, ...]:
@@ -141,21 +131,16 @@ class ClassFolderOod(OodSet):
         return {"ood_root": str(Path(cfg.DATA_DIR).expanduser() / self.folder)}
 
 
-class CorruptedClassFolderOod(ClassFolderOod):
+class CorruptedClassFolderOod(CorruptedOodSet, ClassFolderOod):
     """Corruptions of a folder set in ``DATA_DIR/<folder>/<corruption>/<severity>/<below>/<class>/<image>``; the
     domain ``none`` is the clean set ``clean_set``, read at no severity."""
     clean_set = ""
     below = ""
-    domains = (CLEAN, *CORRUPTIONS)
-    has_severities = True
 
-    def build(self, cfg, domain: str, severity: int) -> ImageDataset:
-        check_ood_domain(self, domain)
-        if domain == CLEAN:
-            return OOD_FOLDER_SETS[self.clean_set].build(cfg, CLEAN, 0)
-        if severity not in SEVERITIES:
-            raise DatasetError(f"OOD set {self.name}: severity {severity} requested; its corruptions come in "
-                               f"severities {list(SEVERITIES)}")
+    def read_clean(self, cfg) -> ImageDataset:
+        return OOD_FOLDER_SETS[self.clean_set].build(cfg, CLEAN, 0)
+
+    def read_corrupted(self, cfg, domain: str, severity: int) -> ImageDataset:
         root = Path(cfg.DATA_DIR).expanduser() / self.folder / domain / str(severity)
         return self.read_root(root / self.below if self.below else root)
 

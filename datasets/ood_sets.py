@@ -15,7 +15,8 @@ from typing import Sequence
 
 from conf.errors import ConfigError
 from conf.registry import Registry
-from datasets.base import CLEAN, DATASETS, BenchmarkDataset, ImageDataset
+from datasets.base import CLEAN, DATASETS, BenchmarkDataset, DatasetError, ImageDataset
+from datasets.corruptions import CORRUPTIONS, NUM_SEVERITIES
 
 OOD_SETS = Registry("OOD data set", "OPEN_SET.OOD_DATASET")
 
@@ -47,6 +48,39 @@ class OodSet:
         """The class names for the overlap check, when the run is planned; a set that reads them from its
         release (Places365's category file) overrides this."""
         return tuple(self.class_names)
+
+
+def check_ood_domain(ood: OodSet, domain: str) -> None:
+    """A DatasetError naming the OOD set's domains where ``domain`` is not one of them."""
+    if domain not in ood.domains:
+        near = difflib.get_close_matches(str(domain), list(ood.domains), n=3, cutoff=0.4)
+        raise DatasetError(f"'{domain}' is not a domain of the OOD set {ood.name}. Nearest: {near}; all: "
+                           f"{list(ood.domains)}")
+
+
+def check_ood_severity(ood: OodSet, severity: int) -> None:
+    if not 1 <= severity <= NUM_SEVERITIES:
+        raise DatasetError(f"OOD set {ood.name}: severity {severity} is not in 1..{NUM_SEVERITIES}")
+
+
+class CorruptedOodSet(OodSet):
+    """An OOD set with the clean domain ``none`` (no severity) and the 15 corruptions at severities 1..5: ``build``
+    checks the domain and severity, then reads ``read_clean`` or ``read_corrupted``."""
+    domains = (CLEAN, *CORRUPTIONS)
+    has_severities = True
+
+    def build(self, cfg, domain: str, severity: int) -> ImageDataset:
+        check_ood_domain(self, domain)
+        if domain == CLEAN:
+            return self.read_clean(cfg)
+        check_ood_severity(self, severity)
+        return self.read_corrupted(cfg, domain, severity)
+
+    def read_clean(self, cfg) -> ImageDataset:
+        raise NotImplementedError
+
+    def read_corrupted(self, cfg, domain: str, severity: int) -> ImageDataset:
+        raise NotImplementedError
 
 
 def register_ood_set(cls: type[OodSet]) -> type[OodSet]:
