@@ -62,6 +62,14 @@ SUITE_OPTIONS = {
         "ALLOW_DOWNLOAD": True,
         # open_clip's quick_gelu: set for OpenAI weights loaded from a local file into a non -quickgelu arch.
         "FORCE_QUICK_GELU": False,
+        # What a method's softmax-based quantities (probabilities, entropies, confidences) are on a SigLIP model, whose
+        # logits are logit_scale.exp() * cos + logit_bias (sigmoid loss): "softmax" = the softmax over the classes of
+        # those logits, in which the bias cancels (every quantity is that of the scaled cosines, as on a CLIP).
+        # "sigmoid" (per-class sigmoids normalised over the classes) is not implemented. Left out of the run's
+        # identity at "softmax" (harness/identity.py); docs/architecture.md, "Backbones".
+        "SIGLIP_PROBABILITIES": Option("softmax", valid=lambda v: v == "softmax",
+                                       expected="'softmax' (the softmax of the biased logits, where the bias cancels; "
+                                                "'sigmoid' is not implemented)"),
         # The one plug-in key: Python modules (dotted names or .py paths) that register methods, data sets or
         # settings of their own.
         "EXTRA_MODULES": [],
@@ -126,6 +134,14 @@ SUITE_OPTIONS = {
         # Seed of the stream order alone (both STREAM_ORDERs and the OOD mixing; the images chosen and the method's
         # randomness stay on RNG_SEED): -1 = RNG_SEED, today's streams. scripts/compare.py --orders K sets 1..K.
         "ORDER_SEED": Option(-1, within="[-1, 4294967295]"),
+        # Forgetting (harness/forgetting.py): after the stream, the frozen end state's accuracy on the data set's
+        # clean domain "none" against the reset state's. Only for settings with one stream (no reset after the
+        # first domain). At False the key stays out of the run's identity (harness/identity.py).
+        "FORGETTING": False,
+        # StatA's effective classes per batch: > 0 = every batch of TEST.BATCH_SIZE images drawn from that many
+        # classes (STREAM_ORDER suite, seeded by the order seed; harness.stream.classes_per_batch_order); 0 = off,
+        # left out of the run's identity.
+        "CLASSES_PER_BATCH": Option(0, within="[0, inf)"),
         "DEBUG": False,
     },
     "CUDNN": {

@@ -20,7 +20,7 @@ import methods
 from conf import ConfigError
 from conf.files import check_writable_folder
 from conf.defaults import AUTHORS_DEFAULTS
-from datasets.base import ImageDataset
+from datasets.base import CLEAN, ImageDataset
 from harness import open_set
 from harness.identity import config_hash, data_fingerprint, file_sha256, flatten
 from harness.settings import SETTINGS, Segment, SettingError, Task, build_tasks, tasks_to_run
@@ -146,6 +146,77 @@ def check_config(cfg) -> None:
         raise ConfigError(f"RUN_DOMAINS / --domains {unknown} are not in CORRUPTION.TYPE {list(cfg.CORRUPTION.TYPE)}")
     conf.check_values(cfg, conf.declared_options(methods.own_nodes(cls)))
     open_set.check_open_set(cfg, dataset)
+    check_forgetting(cfg, dataset)
+    check_classes_per_batch(cfg, dataset)
+
+
+# TEST.FORGETTING's clean set (harness/forgetting.py measures it).
+CLEAN_DOMAIN = CLEAN
+
+
+class ForgettingError(ConfigError):
+    """TEST.FORGETTING True where forgetting means nothing or cannot be measured."""
+
+
+def check_forgetting(cfg, dataset) -> None:
+    """Refuse TEST.FORGETTING True, in one line and before any model loads, where it means nothing: a data set
+    without a clean domain, a setting that resets the method after its first domain (the end state has not seen
+    the whole stream), MODEL.EPISODIC (nothing carries over), an open-set stream, or RUN_DOMAINS running only part
+    of the stream."""
+    if not cfg.TEST.FORGETTING:
+        return
+    prefix = f"TEST.FORGETTING True on {cfg.CORRUPTION.DATASET} with SETTING {cfg.SETTING}"
+    if CLEAN_DOMAIN not in dataset.domains:
+        raise ForgettingError(f"{prefix}: data set {dataset.name} has no clean domain '{CLEAN_DOMAIN}' to measure "
+                              f"forgetting on; expected a corruption benchmark with one (cifar10_c, cifar100_c, "
+                              f"imagenet_c)")
+    tasks = build_tasks(cfg, dataset)
+    resets = [task.segments[0] for task in tasks[1:] if task.reset]
+    if resets:
+        raise ForgettingError(f"{prefix}: the setting resets the method again at {resets[0].domain}, so its end "
+                              f"state has seen only the last domain; expected a setting with one stream (continual, "
+                              f"gradual, mixed_domains, correlated, ...)")
+    if cfg.MODEL.EPISODIC:
+        raise ForgettingError(f"{prefix}: MODEL.EPISODIC True resets the method before every batch, so nothing of "
+                              f"the stream reaches the clean set; expected MODEL.EPISODIC False")
+    if open_set.is_open_set(cfg):
+        raise ForgettingError(f"{prefix}: an open-set stream (OPEN_SET.OOD_DATASET {cfg.OPEN_SET.OOD_DATASET}) is "
+                              f"not supported; expected OPEN_SET.OOD_DATASET ''")
+    outside = sorted({s.domain for task in tasks for s in task.segments} - set(cfg.RUN_DOMAINS))
+    if cfg.RUN_DOMAINS and outside:
+        raise ForgettingError(f"{prefix}: RUN_DOMAINS {list(cfg.RUN_DOMAINS)} leaves out {outside}; the state after "
+                              f"the whole stream exists only in a process that runs it all (drop RUN_DOMAINS)")
+
+
+def clean_segment(cfg, dataset) -> Segment:
+    """The clean set as a segment: domain ``none`` at the run's first severity (the clean readers ignore it; it is
+    recorded as a stream segment's severity is)."""
+    severity = int(cfg.CORRUPTION.SEVERITY[0]) if getattr(dataset, "has_severities", True) else 0
+    return Segment(CLEAN_DOMAIN, severity)
+
+
+def check_classes_per_batch(cfg, dataset) -> None:
+    """TEST.CLASSES_PER_BATCH > 0 (StatA's effective classes per batch) against what its batches need: the suite's
+    stream order, a setting without its own class order, a closed-set stream, no more classes than the data set
+    has, and at least one image of each class in a batch."""
+    wanted = int(cfg.TEST.CLASSES_PER_BATCH)
+    if wanted == 0:
+        return
+    prefix = f"TEST.CLASSES_PER_BATCH {wanted}"
+    if cfg.TEST.STREAM_ORDER != "suite":
+        raise ConfigError(f"{prefix}: the authors' suite has no stream order with a set number of classes per batch; "
+                          f"set TEST.STREAM_ORDER suite")
+    if any(task.correlation != "none" for task in build_tasks(cfg)):
+        raise ConfigError(f"{prefix} with SETTING {cfg.SETTING}: a correlated setting orders the classes itself; "
+                          f"use its uncorrelated setting, or TEST.CLASSES_PER_BATCH 0")
+    if cfg.OPEN_SET.OOD_DATASET:
+        raise ConfigError(f"{prefix} with OPEN_SET.OOD_DATASET {cfg.OPEN_SET.OOD_DATASET}: the OOD images mixed into "
+                          f"the stream have no class of the data set; use a closed-set run")
+    if wanted > len(dataset.class_names):
+        raise ConfigError(f"{prefix}: {dataset.name} has {len(dataset.class_names)} classes; expected at most that")
+    if wanted > int(cfg.TEST.BATCH_SIZE):
+        raise ConfigError(f"{prefix} with TEST.BATCH_SIZE {cfg.TEST.BATCH_SIZE}: a batch holds at least one image of "
+                          f"each of its classes; expected at most the batch size")
 
 
 def check_method(cfg, spec: ModelSpec | None = None, class_names=None, cls: type | None = None) -> None:
@@ -154,6 +225,10 @@ def check_method(cfg, spec: ModelSpec | None = None, class_names=None, cls: type
     if class_names is None:
         class_names = datasets.get_dataset(cfg.CORRUPTION.DATASET).class_names
     cls = cls or method_class(cfg)
+    if int(cfg.TEST.CLASSES_PER_BATCH) > 0 and getattr(cls, "episode", "batch") == "image" and cfg.MODEL.EPISODIC:
+        raise ConfigError(f"TEST.CLASSES_PER_BATCH {cfg.TEST.CLASSES_PER_BATCH} with {cfg.MODEL.ADAPTATION} and "
+                          f"MODEL.EPISODIC True: each image is its own episode, so the classes of its batch cannot "
+                          f"change its results; expected TEST.CLASSES_PER_BATCH 0")
     cls.check_setup(cfg, spec or model_spec(cfg.MODEL.ARCH), list(class_names))
     open_set.check_open_set_method(cfg, cls)
 
@@ -291,6 +366,8 @@ class RunPlan:
     source: ImageDataset | None = None
     # Open-set runs (OPEN_SET.OOD_DATASET): every segment this process may run -> its OOD companion, checked.
     ood: dict = field(default_factory=dict)
+    # TEST.FORGETTING: the clean segment (harness/forgetting.py) -> its images, checked; empty where it is off.
+    clean: dict = field(default_factory=dict)
 
     @property
     def class_names(self) -> list[str]:
@@ -331,6 +408,7 @@ def build_plan(cfg, keys_set: frozenset[str] | None = None) -> RunPlan:
         warnings.append(renamed)
     data, fingerprints = task_data(cfg, dataset, tasks, tasks_to_run(tasks, set(wanted)))
     ood = open_set.companions(cfg, list(data)) if open_set.is_open_set(cfg) else {}
+    clean = clean_data(cfg, dataset) if cfg.TEST.FORGETTING else {}
     if ood:
         fingerprints = {index: ood_fingerprint(cfg, fingerprints[index], [ood[s] for s in tasks[index].segments])
                         for index in fingerprints}
@@ -340,7 +418,7 @@ def build_plan(cfg, keys_set: frozenset[str] | None = None) -> RunPlan:
     weights_sha256 = file_sha256(weights.path) if weights.path else None
     plan = RunPlan(cfg, cls.method_name, cls, dataset, tasks, wanted, data, templates, spec, weights, device,
                    save_dir, warnings, fingerprints, weights_sha256, input_files(cfg, dataset, cls, source), auxiliary,
-                   source, ood)
+                   source, ood, clean=clean)
     if cfg.RESUME:   # records of another config, other data or other weights are refused now, before any load
         read_tasks(save_dir, tasks, config_hash(cfg), cfg.dump(), plan.identity_of)
     return plan
@@ -361,6 +439,15 @@ def task_data(cfg, dataset, tasks: list[Task], indices, check_files: bool = True
                     data[segment].check_files()
         fingerprints[index] = _task_fingerprint(cfg, [data[s] for s in tasks[index].segments])
     return data, fingerprints
+
+
+def clean_data(cfg, dataset) -> dict:
+    """TEST.FORGETTING's clean set (harness/forgetting.py): {its segment: its images}, read and checked as a task of
+    that one segment is; a reader's refusal names the key that asked for it."""
+    try:
+        return task_data(cfg, dataset, [Task([clean_segment(cfg, dataset)], reset=True)], [0])[0]
+    except datasets.DatasetError as err:
+        raise type(err)(f"TEST.FORGETTING True reads the clean set '{CLEAN_DOMAIN}': {err}") from None
 
 
 def records_identity(cfg, cache: dict | None = None):

@@ -17,9 +17,12 @@ NON_RESULT_KEYS = {"DATA_DIR", "SAVE_DIR", "RUN_NAME", "LOG_DEST", "LOG_TIME", "
                    "RESUME", "RUN_DOMAINS"}
 # Nested keys alike.
 NON_RESULT_NESTED = {"TEST.NUM_WORKERS"}
-# TEST keys left out where they hold these values: keys added after runs were recorded, whose value here does what
-# those runs did, so their arrival moved no config's hash or keys (TEST.ORDER_SEED -1: the order seeded by RNG_SEED).
-LEFT_OUT_AT = {"TEST.ORDER_SEED": -1}
+# Nested keys left out where they hold these values: keys added after runs were recorded, whose value here does what
+# those runs did, so their arrival moved no config's hash or keys (TEST.ORDER_SEED -1: the order seeded by RNG_SEED;
+# TEST.CLASSES_PER_BATCH 0: batches of any classes; TEST.FORGETTING False: no clean-set measurement after the stream;
+# MODEL.SIGLIP_PROBABILITIES softmax: what every method computed before SigLIP models were served).
+LEFT_OUT_AT = {"TEST.ORDER_SEED": -1, "TEST.CLASSES_PER_BATCH": 0, "TEST.FORGETTING": False,
+               "MODEL.SIGLIP_PROBABILITIES": "softmax"}
 
 
 def _left_out_nested(key: str, value) -> bool:
@@ -72,7 +75,8 @@ def config_hash(cfg) -> str:
     """Eight hex digits identifying the config's result-relevant keys (the run folder's name)."""
     left_out = NON_RESULT_KEYS | unread_default_nodes(cfg) | closed_set_node(cfg)
     identity = {k: v for k, v in cfg.items() if k not in left_out}
-    identity["TEST"] = {k: v for k, v in cfg.TEST.items() if not _left_out_nested(f"TEST.{k}", v)}
+    for node in {key.split(".")[0] for key in (*NON_RESULT_NESTED, *LEFT_OUT_AT)}:
+        identity[node] = {k: v for k, v in cfg[node].items() if not _left_out_nested(f"{node}.{k}", v)}
     return hashlib.sha1(repr(sorted(_plain(identity).items())).encode()).hexdigest()[:8]
 
 

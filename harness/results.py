@@ -29,6 +29,9 @@ _PACKAGES = ["torch", "torchvision", "open_clip_torch", "timm", "numpy", "yacs",
 
 # Calibration fields of a record (harness/calibration.py) and their summary keys.
 CALIBRATION_FIELDS = {"ece": "mean_ece", "nll": "mean_nll", "mean_confidence": "mean_confidence"}
+# The numbers of a record's "cost" (harness/cost.py), in results.csv's column order; summary["cost"] has their means.
+COST_FIELDS = ("seconds_per_image", "adapt_seconds_per_image", "predict_seconds_per_image", "forward_images_per_image",
+               "backward_passes_per_image", "peak_memory_mib")
 
 
 def make_record(domain: str, severity: int, n: int, correct: int, calibration: dict | None = None) -> dict:
@@ -54,6 +57,8 @@ def summarise(records: list[dict]) -> dict:
             summary[key] = sum(r[field] for r in records) / len(records)
     if all("n_ood" in r for r in records):
         summary["n_ood_total"] = sum(r["n_ood"] for r in records)
+    if all("cost" in r for r in records):       # harness/cost.py; results written before it have none
+        summary["cost"] = {field: sum(r["cost"][field] for r in records) / len(records) for field in COST_FIELDS}
     return summary
 
 
@@ -88,14 +93,14 @@ def write_results(save_dir: Path, payload: dict) -> None:
     open_set = any("n_ood" in r for r in payload["records"])    # closed-set files keep their columns
     ood_columns = ["ood_domain", "ood_severity", "n_ood", *OOD_FIELDS] if open_set else []
     fields = ["method", "dataset", "domain", "severity", "n", "correct", "accuracy", "error", *CALIBRATION_FIELDS,
-              *CLASS_FIELDS, *ood_columns, "seed", "config_hash"]
+              *CLASS_FIELDS, *ood_columns, "seed", "config_hash", *COST_FIELDS, "peak_memory_kind"]
     provenance = payload.get("provenance", {})
     run = {"method": payload["method"], "dataset": payload["dataset"], "seed": provenance.get("seed", ""),
            "config_hash": provenance.get("config_hash", "")}
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for r in payload["records"]:
-        writer.writerow({**run, **r})
+        writer.writerow({**run, **r, **r.get("cost", {})})
     summary = payload["summary"]
     # The mean row only for a complete run: a mean over the finished domains is not the run's mean.
     complete = payload.get("complete", True)
@@ -106,7 +111,15 @@ def write_results(save_dir: Path, payload: dict) -> None:
                      **{field: summary.get(key, "") if complete else ""
                         for field, key in {**CALIBRATION_FIELDS, **CLASS_FIELDS,
                                            **(OOD_FIELDS if open_set else {})}.items()},
-                     **({"n_ood": summary.get("n_ood_total", "")} if open_set else {})})
+                     **({"n_ood": summary.get("n_ood_total", "")} if open_set else {}),
+                     **(summary.get("cost", {}) if complete else {})})
+    # TEST.FORGETTING (harness/forgetting.py): the clean set's two frozen records after the mean row, as domains
+    # "none (zero-shot)" and "none (after)"; their accuracy difference is results.json's forgetting.forgetting.
+    forgetting = payload.get("forgetting") or {}
+    for label, key in (("zero-shot", "zero_shot_record"), ("after", "after_record")):
+        if key in forgetting:
+            record = forgetting[key]
+            writer.writerow({**run, **record, **record.get("cost", {}), "domain": f"{record['domain']} ({label})"})
     atomic_write_text(save_dir / "results.csv", buf.getvalue())
 
 
@@ -129,7 +142,8 @@ def run_provenance(plan: RunPlan, method, model_info: dict, device_name: str,
         "git": git_commit(),
         "versions": package_versions(),
         "model": model_info,
-        "model_spec": {"image_tower": plan.model_spec.image_tower, "vision_layers": plan.model_spec.vision_layers,
+        "model_spec": {"family": plan.model_spec.family, "image_tower": plan.model_spec.image_tower,
+                       "text_tower": plan.model_spec.text_tower, "vision_layers": plan.model_spec.vision_layers,
                        "context_length": plan.model_spec.context_length},
         "adapted_parameters": method.num_trainable_params(),
         "method_precision": method.precision_info(),
@@ -162,15 +176,16 @@ def run_provenance(plan: RunPlan, method, model_info: dict, device_name: str,
 
 
 def results_payload(plan: RunPlan, done: dict, provenance: dict, resumed: list[int],
-                    scaler_skipped_steps: int | None) -> dict:
+                    scaler_skipped_steps: int | None, forgetting: dict | None = None) -> dict:
     """results.json's content from every finished task (``done``: task index -> records, seconds, images), in
-    the setting's order, with the run's provenance and its counts so far."""
+    the setting's order, with the run's provenance and its counts so far; ``forgetting``: TEST.FORGETTING's entry
+    (harness/forgetting.py), a top-level key only where given."""
     cfg = plan.cfg
     finished = sorted(done)
     records = [r for i in finished for r in done[i]["records"]]
     seconds = sum(done[i]["wall_time_s"] for i in finished)
     images = sum(done[i]["images"] for i in finished)
-    return {
+    payload = {
         "method": plan.method_name,
         "dataset": cfg.CORRUPTION.DATASET,
         "setting": cfg.SETTING,
@@ -194,3 +209,6 @@ def results_payload(plan: RunPlan, done: dict, provenance: dict, resumed: list[i
             "finished_at": utc_now(),
         },
     }
+    if forgetting is not None:
+        payload["forgetting"] = forgetting
+    return payload

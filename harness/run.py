@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,14 +17,13 @@ from conf.errors import UserError
 from conf.files import WriteError, remove_orphans
 from datasets.transforms import clip_image_transform
 from harness.build import RunPlan, build_plan
-from harness import open_set
+from harness import forgetting
 from harness.identity import config_hash
 from harness.report import paper
 from harness.report.text import format_table
-from harness.results import make_record, results_payload, run_provenance, write_results
-from harness.calibration import CalibrationCounts
-from harness.class_counts import ClassCounts
-from harness.stream import SegmentStream, make_loader, task_stream_order
+from harness.results import results_payload, run_provenance, write_results
+from harness.stream import SegmentStream
+from harness.task_run import images_until_reset, run_task
 from harness.logs import file_logging
 from harness.progress import Progress
 from harness.task_records import TASKS_DIR, clear_tasks, read_tasks, results_lock, task_locks, write_task
@@ -56,6 +54,7 @@ class RunState:
     resumed: list[int]              # finished tasks read back instead of run
     device_name: str
     model_info: dict = field(default_factory=dict)
+    forgetting: dict | None = None  # TEST.FORGETTING: results.json's entry (harness/forgetting.py)
 
 
 def evaluate(cfg_or_plan, progress: bool = True, label: str | None = None) -> dict:
@@ -78,7 +77,9 @@ def evaluate(cfg_or_plan, progress: bool = True, label: str | None = None) -> di
             logger.info("Removed %s, left by an interrupted write", orphan)
         with task_locks(plan.save_dir, tasks_to_run(plan.tasks, set(plan.wanted))):
             state = prepare(plan)
+            zero_shot = forgetting.before_stream(plan, state)      # TEST.FORGETTING; the method is left as it is
             run_tasks(plan, state, progress, label)
+            state.forgetting = forgetting.after_stream(plan, state, zero_shot)
             return finish(plan, state)
     except UserError as err:
         err.log_path = log_path
@@ -167,91 +168,12 @@ def run_tasks(plan: RunPlan, state: RunState, progress: bool, label: str | None 
                 seed_everything(cfg)
             if task.reset or index == state.run_now[0]:
                 state.method.begin_stream(images_until_reset(plan, state.run_now, index))
-            records, seconds, images = run_task(plan, state, index, bar)
+            records, seconds, images = run_task(plan, state.method, state.transform, index, bar)
             write_task(plan.save_dir, index, task, records, seconds, images, cfg_hash, config_dump,
                        state.device_name, plan.identity_of(index))
             state.done[index] = {"records": records, "wall_time_s": seconds, "images": images}
             _write_payload(plan, state)
         bar.set_postfix_str("")         # the last line names the domain only where the run stopped
-
-
-def images_until_reset(plan: RunPlan, run_now: list[int], index: int) -> int:
-    """The images the method is given from task ``index`` on, up to the next task that resets it."""
-    total = 0
-    for later in run_now[run_now.index(index):]:
-        if later != index and plan.tasks[later].reset:
-            break
-        total += sum(len(plan.data[s]) for s in plan.tasks[later].segments)
-    return total
-
-
-def run_task(plan: RunPlan, state: RunState, index: int,
-             bar: Progress | None = None) -> tuple[list[dict], float, int]:
-    """One task's stream through the method, counted on ``bar``; returns (records per segment, seconds, images)."""
-    cfg, task = plan.cfg, plan.tasks[index]
-    parts = [plan.data[s] for s in task.segments]
-    order = task_stream_order(cfg, task, index, parts)
-    scores = open_set.OodScores(len(parts)) if plan.ood else None
-    if scores is None:
-        loader = make_loader(SegmentStream(parts, order, state.transform), cfg, plan.device)
-    else:       # batches of (images, labels, segments, is_ood): the method gets the images only
-        loader = open_set.open_set_loader(cfg, task, index, parts, [plan.ood[s] for s in task.segments], order,
-                                          state.transform, plan.device)
-    correct = torch.zeros(len(parts), dtype=torch.long)
-    counts = torch.zeros(len(parts), dtype=torch.long)
-    calibration = CalibrationCounts(len(parts))
-    classes = ClassCounts(len(parts), plan.class_names)
-    bar = bar or Progress(0, "", enabled=False)
-    bar.set_postfix_str(", ".join(f"{s.domain}@{s.severity}" for s in task.segments[:3])
-                        + (" ..." if len(task.segments) > 3 else ""))
-    start, streamed_ood = time.perf_counter(), 0
-    try:
-        for images, labels_batch, segment, *is_ood in loader:
-            logits = state.method(images.to(plan.device, non_blocking=True))
-            predicted = logits.argmax(1).cpu()
-            hits = (predicted == labels_batch).long()
-            if scores is not None:      # accuracy, calibration and class counts: the ID images only
-                scores.add(open_set.declared_scores(logits, cfg, state.method), is_ood[0], hits, segment)
-                known = ~is_ood[0]
-                streamed_ood += int(is_ood[0].sum())
-                logits, labels_batch, segment, hits, predicted = logits[known.to(logits.device)], \
-                    labels_batch[known], segment[known], hits[known], predicted[known]
-            correct.index_add_(0, segment, hits)
-            counts.index_add_(0, segment, torch.ones_like(hits))
-            calibration.add(logits, labels_batch, segment)
-            classes.add(labels_batch, predicted, segment)
-            bar.update(len(labels_batch))
-    except UserError as err:
-        raise _without_worker_traceback(err) from None
-    seconds = time.perf_counter() - start
-    streamed = int(counts.sum())
-    planned = sum(len(p) for p in parts)
-    if streamed != planned:         # a stream that samples fewer images than its segments hold
-        bar.set_total(bar.total - planned + streamed)
-    records = []
-    for k, seg in enumerate(task.segments):
-        fields = {**calibration.fields(k), **classes.fields(k)}
-        if scores is not None:
-            companion = plan.ood[seg]
-            fields.update({**scores.fields(k), "ood_domain": companion.domain, "ood_severity": companion.severity})
-        record = make_record(seg.domain, seg.severity, int(counts[k]), int(correct[k]), fields)
-        records.append(record)
-        logger.info("%s severity %d: accuracy %.2f%% (error %.2f%%, n=%d)%s", seg.domain, seg.severity,
-                    100 * record["accuracy"], 100 * record["error"], record["n"],
-                    "" if scores is None else f"; AUROC {100 * record['auroc']:.2f}%, FPR95 "
-                    f"{100 * record['fpr95']:.2f}%, OSCR {100 * record['oscr']:.2f}% (n_ood={record['n_ood']})")
-    return records, seconds, streamed + streamed_ood
-
-
-def _without_worker_traceback(err: UserError) -> UserError:
-    """A UserError raised in a DataLoader worker comes back with the worker's traceback in its message; keep the
-    original message (the traceback's last line) so that it stays one line."""
-    text = str(err)
-    if not text.startswith("Caught ") or "Original Traceback" not in text:
-        return err
-    last = [line for line in text.splitlines() if line.strip()][-1]
-    name = f"{type(err).__module__}.{type(err).__qualname__}: "
-    return type(err)(last[len(name):] if last.startswith(name) else last)
 
 
 # ------------------------------------------------------------------------------------------------ finish
@@ -293,6 +215,6 @@ def _write_payload(plan: RunPlan, state: RunState) -> dict:
 def _payload_written(plan: RunPlan, state: RunState) -> dict:
     scaler = state.method.scaler
     payload = results_payload(plan, state.done, state.provenance, state.resumed,
-                              state.method.scaler_skipped_steps if scaler else None)
+                              state.method.scaler_skipped_steps if scaler else None, state.forgetting)
     write_results(plan.save_dir, payload)
     return payload

@@ -44,8 +44,12 @@ def task_stream_order(cfg, task, index: int, parts: list[Dataset]) -> np.ndarray
     """The order of a task's samples (positions in its concatenated segments) by TEST.STREAM_ORDER: "authors",
     their loaders' order (authors_stream_order); "suite", this suite's own permutation (stream_order); both
     seeded by ``order_seed``. The authors' NUM_EX subset is drawn with RNG_SEED and keeps its draw's order where
-    the order seed is RNG_SEED; another order seed shuffles that subset as their loader shuffles a list."""
-    labels = np.concatenate([segment_labels(p) for p in parts]) if task.correlation != "none" else None
+    the order seed is RNG_SEED; another order seed shuffles that subset as their loader shuffles a list.
+    TEST.CLASSES_PER_BATCH > 0 (suite order only, checked before): batches of that many classes each
+    (classes_per_batch_order)."""
+    classes_per_batch = int(cfg.TEST.get("CLASSES_PER_BATCH", 0))
+    needs_labels = task.correlation != "none" or classes_per_batch > 0
+    labels = np.concatenate([segment_labels(p) for p in parts]) if needs_labels else None
     sizes = [len(p) for p in parts]
     seed = order_seed(cfg)
     if cfg.TEST.STREAM_ORDER == "authors":
@@ -54,18 +58,21 @@ def task_stream_order(cfg, task, index: int, parts: list[Dataset]) -> np.ndarray
                                     presampled=subset_drawn and seed == int(cfg.RNG_SEED),
                                     file_order=[bool(getattr(p, "authors_file_order", False)) for p in parts])
     return stream_order(sizes, task.order, seed, index, labels=labels, correlation=task.correlation,
-                        dirichlet_delta=task.dirichlet_delta, batch_size=int(cfg.TEST.BATCH_SIZE))
+                        dirichlet_delta=task.dirichlet_delta, batch_size=int(cfg.TEST.BATCH_SIZE),
+                        classes_per_batch=classes_per_batch)
 
 
 def stream_order(sizes: list[int], order: str, seed: int, task_index: int = 0, labels: np.ndarray | None = None,
-                 correlation: str = "none", dirichlet_delta: float = 0.0, batch_size: int = 1) -> np.ndarray:
+                 correlation: str = "none", dirichlet_delta: float = 0.0, batch_size: int = 1,
+                 classes_per_batch: int = 0) -> np.ndarray:
     """Sequential: each segment shuffled on its own, segments one after another. Shuffled: all samples of all
     segments in one permutation. Seeded by RNG_SEED only (and, for "shuffled", the task index), so every method
     sees the identical stream.
 
     correlation "label" / "dirichlet" then reorders the shuffled samples by their class ``labels`` (one label per
     sample of the concatenated segments): per segment for "sequential", over the whole task for "shuffled", as the
-    anchor suite sorts each loader's (possibly mixed) sample list."""
+    anchor suite sorts each loader's (possibly mixed) sample list. ``classes_per_batch`` > 0 (with no correlation)
+    regroups them alike into batches of ``batch_size`` from that many classes each (classes_per_batch_order)."""
     rng_seed = [int(seed) & 0xFFFFFFFF, 0x5EED]
     offsets = np.cumsum([0] + list(sizes))
     if order == "sequential":
@@ -73,12 +80,19 @@ def stream_order(sizes: list[int], order: str, seed: int, task_index: int = 0, l
         if correlation != "none":
             pieces = [correlate(piece, labels, correlation, dirichlet_delta, rng_seed + [k], batch_size)
                       for k, piece in enumerate(pieces)]
+        elif classes_per_batch > 0:
+            pieces = [piece[classes_per_batch_order(labels[piece], classes_per_batch, batch_size,
+                                                    np.random.default_rng(rng_seed + [k, 2]))]
+                      for k, piece in enumerate(pieces)]
         return np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, dtype=np.int64)
     if order == "shuffled":
         flat = np.random.default_rng(rng_seed + [task_index]).permutation(int(offsets[-1]))
         if correlation != "none":
             flat = correlate(flat, labels, correlation, dirichlet_delta, rng_seed + [task_index, 1],
                              batch_size)
+        elif classes_per_batch > 0:
+            flat = flat[classes_per_batch_order(labels[flat], classes_per_batch, batch_size,
+                                                np.random.default_rng(rng_seed + [task_index, 2]))]
         return flat
     if order == "as_is":
         return np.arange(int(offsets[-1]))
@@ -165,6 +179,46 @@ def stata_online_order(labels: np.ndarray, gamma: float, batch_size: int, rng: n
         for slot, part in zip(slots, np.split(members, cuts)):
             slot.extend(part.tolist())
     return np.concatenate([rng.permutation(np.asarray(slot, dtype=np.int64)) for slot in slots])
+
+
+def classes_per_batch_order(labels: np.ndarray, classes_per_batch: int, batch_size: int,
+                            rng: np.random.Generator) -> np.ndarray:
+    """Positions 0..N-1 of ``labels`` in batches of ``batch_size`` drawn from ``classes_per_batch`` classes each:
+    StatA's "effective classes per batch" (Zanella et al., CVPR 2025; their BatchSampler draws K classes uniformly
+    without replacement, then the batch uniformly without replacement from all images of those classes, then
+    shuffles it), as one pass over the stream: each image comes exactly once (StatA draws every batch anew from the
+    whole set, so images repeat across batches), so a row's accuracy is over the same images as without the key.
+    Per batch: K classes drawn uniformly among those with images left (all of them where fewer are left); one image
+    of each, so that all K are in the batch (effective); the rest drawn uniformly from the images left of those
+    classes; the batch shuffled. Where those classes hold fewer than ``batch_size`` images between them (classes
+    run out near the end), further classes with images left, in random order, join until the batch is full: such
+    a batch holds more than K classes. The last batch holds what is left."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if classes_per_batch < 1 or batch_size < classes_per_batch:
+        raise ValueError(f"classes per batch must be in 1..batch size ({batch_size}), got {classes_per_batch}")
+    left = {int(c): rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)}
+    batches = []
+    while left:
+        available = np.asarray(sorted(left))
+        picked = [int(c) for c in rng.choice(available, size=min(classes_per_batch, len(available)), replace=False)]
+        size = min(batch_size, sum(len(v) for v in left.values()))
+        joining = iter(int(c) for c in rng.permutation(available) if int(c) not in picked)
+        while sum(len(left[c]) for c in picked) < size:
+            picked.append(next(joining))
+        firsts = [left[c][0] for c in picked]
+        pool = np.concatenate([left[c][1:] for c in picked])
+        owners = np.repeat(picked, [len(left[c]) - 1 for c in picked])
+        drawn = rng.choice(len(pool), size=size - len(picked), replace=False)
+        batches.append(rng.permutation(np.concatenate([firsts, pool[drawn]]).astype(np.int64)))
+        kept = np.ones(len(pool), dtype=bool)
+        kept[drawn] = False
+        for c in picked:
+            rest = pool[kept & (owners == c)]
+            if len(rest):
+                left[c] = rest
+            else:
+                del left[c]
+    return np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
 
 
 # The anchor suite redraws the class split until every chunk holds at least this many samples.

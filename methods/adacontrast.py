@@ -30,7 +30,7 @@ import torchvision.transforms.functional as TF
 
 from conf.errors import ConfigError
 from conf.options import Option
-from methods.base import ADAPT_THEN_PREDICT
+from methods.base import ADAPT_THEN_PREDICT, backbone_refusal
 from methods.frames import free_weights_and_biases, trainable_weights_and_biases
 from methods.registry import register_method
 from methods.teachers import MeanTeacher
@@ -161,6 +161,9 @@ class AdaContrast(MeanTeacher):
     @classmethod
     def check_setup(cls, cfg, model_spec, class_names) -> None:
         super().check_setup(cfg, model_spec, class_names)
+        if model_spec.image_tower == "timm":
+            raise backbone_refusal(cls.method_name, cfg, model_spec, "its MoCo queue is sized by the image tower's "
+                                   "output_dim, which open_clip's timm towers do not expose")
         if not cfg.CLIP.FREEZE_TEXT_ENCODER:
             raise ConfigError("adacontrast adapts the image tower, its head the frozen text features; "
                               "CLIP.FREEZE_TEXT_ENCODER must be True, got False")

@@ -18,6 +18,8 @@ import logging
 import torch
 import torch.nn as nn
 
+from conf import ConfigError
+
 logger = logging.getLogger(__name__)
 
 # How a method reports the logits of a test batch (a declared class attribute, ``protocol``):
@@ -28,6 +30,13 @@ PREDICT_BEFORE_UPDATE = "predict_before_update"
 ADAPT_THEN_PREDICT = "adapt_then_predict"   # after adapting on the batch, or on each image's views (WATT, TPT)
 TRAINING_FREE = "training_free"             # nothing is trained; one pass per batch (zero-shot, VTE, StatA)
 PROTOCOLS = (PREDICT_THEN_ADAPT, PREDICT_BEFORE_UPDATE, ADAPT_THEN_PREDICT, TRAINING_FREE)
+
+
+def backbone_refusal(method_name: str, cfg, model_spec, why: str) -> ConfigError:
+    """The one-line refusal of an architecture a method cannot serve (``check_setup``; docs/architecture.md,
+    "Backbones"): the method, MODEL.ARCH, its family and towers (models.ModelSpec), and why."""
+    return ConfigError(f"{method_name} cannot serve MODEL.ARCH={cfg.MODEL.ARCH} (family {model_spec.family}: "
+                       f"{model_spec.image_tower} image tower, {model_spec.text_tower} text tower): {why}")
 
 
 class TTAMethod(nn.Module):

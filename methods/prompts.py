@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from conf.errors import ConfigError
 from conf.options import Option
 from methods.augmentations import VIEW_AUGMENTATIONS
-from methods.base import ADAPT_THEN_PREDICT
+from methods.base import ADAPT_THEN_PREDICT, backbone_refusal
 from methods.frames import ViewsMethod, lowest_entropy_views
 
 
@@ -122,6 +122,10 @@ class PromptTuningViews(ViewsMethod):
     @classmethod
     def check_setup(cls, cfg, model_spec, class_names) -> None:
         super().check_setup(cfg, model_spec, class_names)
+        if model_spec.text_tower != "clip":
+            raise backbone_refusal(cls.method_name, cfg, model_spec, "its learnt prompt embeddings enter open_clip "
+                                   "CLIP's own causal text transformer (token_embedding, attn_mask), which a "
+                                   "custom-text model (EVA, SigLIP) does not have")
         node = cfg[cls.views_node]
         context_prompt_tokens(model_spec.tokenizer(), node.CTX_INIT, node.N_CTX, class_names, cls.views_node)
 

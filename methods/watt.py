@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from conf.errors import ConfigError
 from conf.options import Option
-from methods.base import ADAPT_THEN_PREDICT, TTAMethod
+from methods.base import ADAPT_THEN_PREDICT, TTAMethod, backbone_refusal
 from methods.frames import configure_image_layernorms
 from methods.losses import clipartt_loss
 from methods.registry import register_method
@@ -84,6 +84,9 @@ class WATT(TTAMethod):
 
     @classmethod
     def check_setup(cls, cfg, model_spec, class_names) -> None:
+        if model_spec.image_tower == "resnet":
+            raise backbone_refusal(cls.method_name, cfg, model_spec, "it adapts the image tower's LayerNorms, and a "
+                                   "ModifiedResNet tower has none (BatchNorm only)")
         if cfg.OPTIM.STEPS != 1:
             raise ConfigError(f"{cls.method_name}: OPTIM.STEPS must be 1 (got {cfg.OPTIM.STEPS}); WATT's own loop "
                               f"runs WATT.REPEATS x len(WATT.TEMPLATES) x WATT.ITERATIONS steps per batch")

@@ -3,6 +3,7 @@ project's own tiny configs in models/model_configs/ registered), read into a ``M
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -20,9 +21,12 @@ class WeightsError(UserError):
 
 
 def register_model_configs() -> None:
-    """Register the project's own open_clip model configs (tiny CLIPs for tests and the demo)."""
+    """Register the project's own open_clip model configs (tiny CLIPs for tests and the demo) and the tiny timm
+    towers two of them name (models/tiny_towers.py)."""
     global _registered
     if not _registered:
+        from models.tiny_towers import register_tiny_timm_towers
+        register_tiny_timm_towers()
         open_clip.add_model_config(CONFIG_DIR)
         _registered = True
 
@@ -35,6 +39,13 @@ class ModelSpec:
     vision_layers: int | None         # residual blocks of a ViT image tower (None for the others)
     image_size: int
     context_length: int
+    family: str = "vit"               # one of FAMILIES: the image tower's, or "siglip" for a sigmoid-loss model
+    text_tower: str = "clip"          # one of TEXT_TOWERS
+
+    @property
+    def has_logit_bias(self) -> bool:
+        """SigLIP's logits are logit_scale.exp() * cos + logit_bias (models/clip.py adds the bias)."""
+        return self.family == "siglip"
 
     @property
     def image_tower_has_batchnorm(self) -> bool:
@@ -42,6 +53,16 @@ class ModelSpec:
 
     def tokenizer(self):
         return tokenizer_for(self.arch)
+
+
+# The families of CLIP-style models the suite serves (docs/architecture.md, "Backbones"): the image tower's kind for a
+# CLIP trained with the softmax contrastive loss; "siglip" for a model with a logit bias (sigmoid loss), whatever
+# its image tower.
+FAMILIES = ("vit", "resnet", "timm", "siglip")
+# The text towers: "clip" is open_clip CLIP's own causal transformer pooled at the end-of-text token
+# (clip.transformer, clip.token_embedding: what prompt learners feed embeddings into); "custom" is open_clip's
+# CustomTextCLIP text model (``custom_text`` configs: EVA, SigLIP), reached only through encode_text.
+TEXT_TOWERS = ("clip", "custom")
 
 
 def check_arch(arch: str) -> None:
@@ -67,7 +88,28 @@ def model_spec(arch: str) -> ModelSpec:
         tower, blocks = "vit", int(layers) if layers is not None else None
     size = vision.get("image_size", 224)
     size = int(size[0] if isinstance(size, (list, tuple)) else size)
-    return ModelSpec(arch, tower, blocks, size, int(config.get("text_cfg", {}).get("context_length", 77)))
+    family = "siglip" if config.get("init_logit_bias") is not None else tower
+    text_tower = "custom" if config.get("custom_text") or config.get("text_cfg", {}).get("hf_model_name") else "clip"
+    return ModelSpec(arch, tower, blocks, size, int(config.get("text_cfg", {}).get("context_length", 77)), family,
+                     text_tower)
+
+
+def hf_tokenizer_name(arch: str) -> str | None:
+    """The Hugging Face tokenizer open_clip.get_tokenizer takes for ``arch`` (SigLIP's and other custom-text models'),
+    or None for open_clip's own CLIP tokenizer (which ships with open_clip)."""
+    text = (open_clip.get_model_config(arch) or {}).get("text_cfg", {})
+    if text.get("hf_tokenizer_name"):
+        return text["hf_tokenizer_name"]
+    return f"SigLIP's ({arch})" if "siglip" in arch.lower() else None   # open_clip picks it by the name
+
+
+def check_tokenizer(arch: str) -> None:
+    """Refuse, before any model loads, an architecture whose tokenizer needs a package that is not installed."""
+    name = hf_tokenizer_name(arch)
+    if name is not None and importlib.util.find_spec("transformers") is None:
+        raise WeightsError(f"MODEL.ARCH={arch} tokenizes with the Hugging Face tokenizer {name}, which needs the "
+                           f"package transformers (not installed) and the tokenizer's files in the Hugging Face "
+                           f"cache: install transformers and run once with network access")
 
 
 @lru_cache(maxsize=None)

@@ -1,5 +1,6 @@
 """CLIP as a zero-shot classifier: class names x prompt templates -> text features, and
-logits = logit_scale.exp() * cos(image feature, text feature).
+logits = logit_scale.exp() * cos(image feature, text feature), + logit_bias for a model that has one (SigLIP; what
+methods' softmax-based quantities then are: MODEL.SIGLIP_PROBABILITIES, docs/architecture.md "Backbones").
 
 Images enter as [0, 1] tensors of the model's input size; the CLIP mean/std normalisation happens
 here, inside the model, as in the authors' suite. The model carries its tokenizer, so methods that build

@@ -20,7 +20,7 @@ from pathlib import Path
 import open_clip
 from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
-from models.architectures import WeightsError, check_arch
+from models.architectures import WeightsError, check_arch, check_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +103,10 @@ class WeightsSource:
 
 def resolve_weights(arch: str, weights: str, *, cache_dir: str = "", allow_download: bool = True) -> WeightsSource:
     """Check that ``weights`` can be loaded into ``arch`` (see module docstring) without loading them: a file
-    exists, a tag is known for the architecture and cached, or may be downloaded and the hub answers."""
+    exists, a tag is known for the architecture and cached, or may be downloaded and the hub answers; and the
+    architecture's tokenizer can be built."""
     check_arch(arch)
+    check_tokenizer(arch)
     weights = str(weights)
     if weights.lower() == "none":
         return WeightsSource(weights, "random", None)

@@ -20,6 +20,8 @@ tabulate it:
 
 The table is printed as Markdown; with --out (always, for a run of methods) it is also written as Markdown, CSV,
 LaTeX and a PNG figure. The paper's row and the difference per cell follow every method the paper reports.
+--html [PATH] also writes the results page: one self-contained HTML file with a sortable table per metric the
+results have, the figures, and each cell's provenance (default: comparison.html beside the other outputs).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import comparison, report  # noqa: E402
+from harness.report import html  # noqa: E402
 from harness.cli import entry_point, parse_command_line  # noqa: E402
 from harness.logs import console_logging  # noqa: E402
 from conf.files import atomic_write_text  # noqa: E402
@@ -55,6 +58,9 @@ def parse_args(argv):
     parser.add_argument("--no-paper", action="store_true", help="leave out the paper's rows")
     parser.add_argument("--figure", choices=["bars", "heatmap", "none"], default="bars")
     parser.add_argument("--out", help="folder for comparison.md/.csv/.tex/.png (and the merged results.json)")
+    parser.add_argument("--html", nargs="?", const="", metavar="PATH",
+                        help="also write the results page, one self-contained HTML file (default: comparison.html in "
+                             "the folder of the other outputs; for --results without --out, the current folder)")
     parser.add_argument("--restart", action="store_true", help="start every run over instead of resuming")
     parser.add_argument("--domains", nargs="+", metavar="DOMAIN", help="run only these domains (RUN_DOMAINS)")
     parser.add_argument("--no-progress", action="store_true",
@@ -99,6 +105,17 @@ def _print_and_write(tables, out, figure) -> None:
                 print(f"wrote {path}")
 
 
+def _write_html(args, groups_per_dataset, out, notes=()) -> None:
+    """The results page of these row groups (--html), every metric their runs have; ``notes`` go under every
+    table, as they do under the Markdown ones."""
+    pages = html.pages_for(groups_per_dataset, args.metric, not args.no_paper)
+    for page in pages:
+        page.table.notes += list(notes)
+    path = Path(args.html) if args.html else Path(out or ".") / "comparison.html"
+    datasets = ", ".join(dict.fromkeys(page.table.dataset for page in pages))
+    print(f"wrote {html.write_page(path, f'comparison: {datasets}', pages, figure=args.figure)}")
+
+
 @entry_point
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -113,6 +130,11 @@ def main(argv=None) -> int:
             for table in tables:
                 table.notes.append(f"left out {line}")
         _print_and_write(tables, args.out, args.figure)
+        if args.html is not None:
+            datasets = dict.fromkeys(p["dataset"] for p in payloads)
+            by_dataset = [[p for p in payloads if p["dataset"] == d] for d in datasets]
+            _write_html(args, [report.group_runs(runs) for runs in by_dataset], args.out,
+                        [f"left out {line}" for line in left_out])
     elif args.merge:
         merged = report.merge(report.load_results(args.merge))
         out = Path(args.out) if args.out else Path(merged["provenance"]["save_dir"])
@@ -121,6 +143,8 @@ def main(argv=None) -> int:
               + ("" if merged["complete"] else " (some domains of CORRUPTION.TYPE are still missing)"))
         table = report.build_table([(merged["method"], [merged])], args.metric, with_paper)
         _print_and_write([table], args.out, args.figure)
+        if args.html is not None:
+            _write_html(args, [[(merged["method"], [merged])]], out)
     else:
         overrides = {}
         if args.restart:
@@ -133,6 +157,8 @@ def main(argv=None) -> int:
         table = report.build_table(groups, args.metric, with_paper)
         out = args.out or comparison.comparison_dir(configs[0][1][0].cfg, [label for label, _ in configs])
         _print_and_write([table], out, args.figure)
+        if args.html is not None:
+            _write_html(args, [groups], out)
     return 0
 
 

@@ -24,6 +24,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ
 
 from harness import grid as grids  # noqa: E402
 from harness import launch, report  # noqa: E402
+from harness.report import html  # noqa: E402
 from harness.cli import entry_point, parse_command_line  # noqa: E402
 from harness.logs import console_logging  # noqa: E402
 
@@ -62,6 +63,10 @@ def parse_args(argv):
                              "balanced_accuracy, worst_class; open set: auroc, fpr95, aupr_in, aupr_out, oscr")
     parser.add_argument("--no-paper", action="store_true", help="report: leave out the paper's rows")
     parser.add_argument("--figure", choices=["bars", "heatmap", "none"], default="bars")
+    parser.add_argument("--html", nargs="?", const="", metavar="PATH",
+                        help="report: also write the results page, one self-contained HTML file with every metric's "
+                             "table, the figures and each cell's provenance (default: <grid name>.html beside the "
+                             "tables)")
     if "-h" in argv or "--help" in argv:
         parser.print_help()
         sys.exit(0)
@@ -74,6 +79,8 @@ def parse_args(argv):
         given += ["--launcher"] if any(t.split("=")[0] == "--launcher" for t in argv[2:]) else []
         if given:
             parser.error(f"{given[0]} is a flag of 'run', not of '{args.command}'")
+    if args.command == "status" and args.html is not None:
+        parser.error("--html is a flag of 'report' (and 'run', which reports at its end), not of 'status'")
     params = {}
     for item in args.slurm_param:
         key, sep, value = item.partition("=")
@@ -108,12 +115,49 @@ def print_status(grid, statuses) -> dict:
 
 
 def write_tables(grid, args) -> None:
+    """The tables of ``args.metric`` (Markdown, CSV, LaTeX, figure), the figures against the grid's batch-size and
+    classes-per-batch axes, and with --html the results page."""
     grids.claim_folder(grid)
     out = grid.folder / "tables"
     for table in grids.grid_tables(grid, args.metric, not args.no_paper):
         print(report.to_markdown(table))
         for path in report.write_table(table, out, table.dataset, args.figure):
             print(f"wrote {path}")
+    axis_figures = write_axis_figures(grid, args.metric, out)
+    if args.html is not None:
+        page = Path(args.html) if args.html else out / f"{grid.name}.html"
+        print(f"wrote {write_page(grid, args, page, axis_figures)}")
+
+
+def write_axis_figures(grid, metric: str, out: Path) -> dict[str, list[tuple[str, Path]]]:
+    """Per data set, the metric against each axis (batch_sizes, classes_per_batch) whose cells take several values:
+    <out>/<data set>_<axis>.png, a line per method; returns {data set: [(title, path)]}."""
+    from harness.grid.tables import grid_axis_points, plotted_axes
+    from harness.report.axis_figure import draw_axis_figure
+    written: dict[str, list[tuple[str, Path]]] = {}
+    for axis in plotted_axes(grid):
+        for dataset, lines in grid_axis_points(grid, axis, metric).items():
+            title = f"{dataset}: {metric} against {axis}"
+            path = draw_axis_figure(lines, axis, out / f"{dataset}_{axis}.png", title, metric)
+            if path is None:
+                print(f"no figure of {metric} against {axis}: matplotlib is not installed")
+                return written
+            print(f"wrote {path}")
+            written.setdefault(dataset, []).append((title, path))
+    return written
+
+
+def write_page(grid, args, path: Path, axis_figures: dict[str, list[tuple[str, Path]]]) -> Path:
+    """The grid's results page: the tables of every metric its results have (one per data set, rows as the tables'
+    rows), each cell with the provenance of the runs pooled in it, and the figures against the grid's axes."""
+    groups = [rows for _, rows in grids.grid_row_groups(grid)]
+    pages = html.pages_for(groups, args.metric, not args.no_paper)
+    payloads = [p for rows in groups for _, runs in rows for p in runs]
+    done = sum(bool(p["records"]) for p in payloads)
+    embedded = {dataset: [(title, png.read_bytes()) for title, png in figures]
+                for dataset, figures in axis_figures.items()}
+    return html.write_page(path, f"{grid.name}: results", pages,
+                           [f"grid {grid.path}: {len(grid.cells)} cells, {done} with results"], args.figure, embedded)
 
 
 def run(grid, args) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from conf.compose import composed_layers
-from tests.synthetic import write_cifar_c
+from tests.synthetic import without_cost, write_cifar_c
 
 ROOT = Path(__file__).resolve().parent.parent
 DOMAINS = ["gaussian_noise", "fog"]
@@ -103,12 +103,12 @@ def grid_command(*args, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def task_records(save_dir: Path) -> dict:
     """{(method, task file): its records} of every run below SAVE_DIR (one config per method in these grids; the
-    config hashes of two grids differ by the plug-in's path, and wall times are left out)."""
+    config hashes of two grids differ by the plug-in's path; wall times and the records' cost are left out)."""
     found = {}
     for path in sorted(Path(save_dir).rglob("tasks/task_*.json")):
         stored = json.loads(path.read_text())
         run = path.parent.parent
-        found[(run.parent.name, path.name)] = stored["records"]
+        found[(run.parent.name, path.name)] = without_cost(stored["records"])
     return found
 
 

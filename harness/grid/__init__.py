@@ -13,10 +13,10 @@ from harness.grid.jobs import (check_inputs, claim, finished_tasks, lock_held, l
 from harness.grid.spec import (AXES, GRID_KEYS, MANAGED, SPLITS, WHERE_KEYS, Cell, Grid, GridError, GridJob,
                                claim_folder, load_grid, read_grid_file, split_by_domain)
 from harness.grid.status import JOB_STATES, JobStatus, QueueState, SchedulerState, job_statuses
-from harness.grid.tables import cell_payload, compute_summary, grid_tables
+from harness.grid.tables import cell_payload, compute_summary, grid_row_groups, grid_tables
 
 __all__ = ["AXES", "GRID_KEYS", "JOB_STATES", "MANAGED", "SPLITS", "WHERE_KEYS", "Cell", "Grid", "GridError",
            "GridJob", "JobStatus", "QueueState", "SchedulerState", "cell_payload", "check_inputs", "claim",
-           "claim_folder",
-           "compute_summary", "finished_tasks", "grid_tables", "job_statuses", "load_grid", "lock_held", "lock_path",
+           "claim_folder", "compute_summary", "finished_tasks", "grid_row_groups", "grid_tables", "job_statuses",
+           "load_grid", "lock_held", "lock_path",
            "read_grid_file", "read_state", "run_job", "split_by_domain", "state_path", "write_state"]

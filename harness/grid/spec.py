@@ -7,6 +7,9 @@ A grid file (YAML; grids/*.yaml are examples)::
     methods: [source, tent, batclip]  # shipped configs (conf/<dataset>/<name>.yaml) or config files
     seeds: [1, 2, 3]                  # RNG_SEED; absent: each config's own
     settings: [reset_each_shift]      # SETTING; absent: each config's own
+    batch_sizes: [1, 16, 64, 200]     # TEST.BATCH_SIZE; absent: each config's own
+    classes_per_batch: [0, 2, 5]      # TEST.CLASSES_PER_BATCH (StatA's effective classes; 0 = any); absent: 0
+    orders: [1, 2, 3]                 # TEST.ORDER_SEED (stream orders, pooled in a row as seeds are); absent: -1
     overrides: {MODEL.ARCH: ViT-B-16, DATA_DIR: /data}     # every cell
     exclude: [{dataset: imagenet_c, method: watt_p}]       # cells left out
     split: domain                     # domain (default): a job per domain where domains are independent; cell
@@ -17,8 +20,10 @@ A grid file (YAML; grids/*.yaml are examples)::
 The file's ``methods`` (and ``method`` in ``where``/``exclude``) name configs: a shipped config's name or a config
 file, whose stem names it; in the code that name is a cell's ``config_name``, and ``method`` is the registered
 method its MODEL.ADAPTATION names. A cell's config is that config, then ``overrides``, the matching ``cells`` in
-order, the command line's ``KEY VALUE`` pairs, and the cell's seed and setting. The grid owns the keys that say
-which runs exist and where (the axes, RESUME, RUN_DOMAINS, RUN_NAME): they are refused in overrides.
+order, the command line's ``KEY VALUE`` pairs, and the cell's seed, setting, batch size, classes per batch and
+order seed. The grid owns the keys that say which runs exist and where (the axes, RESUME, RUN_DOMAINS, RUN_NAME):
+they are refused in overrides; the keys of batch_sizes, classes_per_batch and orders only where the file lists that
+axis (configs set their own batch size, and grids written before these axes set it in overrides).
 
 A cell becomes one job per domain where its setting resets at every domain and keeps each domain in its own
 tasks (reset_each_shift: the domains are independent), else one job; ``split: cell`` makes every cell one job
@@ -29,6 +34,7 @@ as YAML, so where it runs it runs what was expanded and checked here."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,16 +51,21 @@ from harness.build import (LoadedConfig, check_config, config_from_text, read_co
 from harness.identity import config_hash, unread_default_nodes
 from harness.settings import build_tasks
 
-GRID_KEYS = ("name", "datasets", "methods", "seeds", "settings", "overrides", "exclude", "cells", "split")
+GRID_KEYS = ("name", "datasets", "methods", "seeds", "settings", "batch_sizes", "classes_per_batch", "orders",
+             "overrides", "exclude", "cells", "split")
 SPLITS = ("domain", "cell")
 # The grid's axes: set by the grid for each cell, never by an override.
-AXES = {"CORRUPTION.DATASET": "datasets", "MODEL.ADAPTATION": "methods", "RNG_SEED": "seeds", "SETTING": "settings"}
+AXES = {"CORRUPTION.DATASET": "datasets", "MODEL.ADAPTATION": "methods", "RNG_SEED": "seeds", "SETTING": "settings",
+        "TEST.BATCH_SIZE": "batch_sizes", "TEST.CLASSES_PER_BATCH": "classes_per_batch", "TEST.ORDER_SEED": "orders"}
+# Axes whose key an override may set where the grid file does not list the axis: (smallest value, its ``where`` key).
+NUMBER_AXES = {"batch_sizes": (1, "batch_size"), "classes_per_batch": (0, "classes_per_batch"),
+               "orders": (0, "order")}
 # Keys the grid sets itself: which tasks a job runs, that it resumes, and where its run folder is.
 MANAGED = {"RESUME": "a grid always resumes from the finished tasks; delete a run folder to compute it again",
            "RUN_DOMAINS": "the grid gives each job its domains",
            "RUN_NAME": "a grid finds its runs by their config hash; two cells with one RUN_NAME would share a folder"}
 # What ``where`` and ``exclude`` match, in the grid file's words ("method": a config name).
-WHERE_KEYS = ("dataset", "method", "seed", "setting")
+WHERE_KEYS = ("dataset", "method", "seed", "setting", "batch_size", "classes_per_batch", "order")
 
 
 class GridError(UserError):
@@ -65,7 +76,8 @@ class GridError(UserError):
 class GridJob:
     """One unit of work: a cell's config and the domains it runs. Pickled to where it runs, as plain strings: the
     config travels as YAML, so an edit to a config file after the expansion does not change a submitted job."""
-    id: str                          # <dataset>.<config name>.<setting>.seed<seed>.<config hash>[.<domain>]
+    id: str                          # <dataset>.<config name>.<setting>.seed<seed>[.batch<b>][.k<k>][.order<o>]
+    #                                  .<config hash>[.<domain>]: the bracketed axes where the grid file lists them
     dataset: str
     config_name: str                 # the grid's name for its config (a shipped config's name, a file's stem)
     seed: int
@@ -105,6 +117,14 @@ class Cell:
     tasks: list
     jobs: list[GridJob] = field(default_factory=list)
 
+    @property
+    def batch_size(self) -> int:
+        return int(self.cfg.TEST.BATCH_SIZE)
+
+    @property
+    def classes_per_batch(self) -> int:
+        return int(self.cfg.TEST.CLASSES_PER_BATCH)
+
 
 @dataclass
 class Grid:
@@ -139,6 +159,7 @@ class _GridFile:
     configs: list[str]               # the file's 'methods': shipped config names or config files
     seeds: list[int] | None
     settings: list[str] | None
+    numbers: dict[str, list[int]]    # the NUMBER_AXES the file lists: their values
     split: str
     shared: dict
     cell_overrides: list[tuple[dict, dict]]
@@ -171,9 +192,10 @@ def _flat_overrides(mapping, where: str) -> dict:
     return flat
 
 
-def _check_owned_keys(keys, where: str) -> None:
+def _check_owned_keys(keys, where: str, listed: dict) -> None:
+    """Refuse the keys the grid sets: its axes (those of NUMBER_AXES where ``listed`` has them) and MANAGED."""
     for key in keys:
-        if key in AXES:
+        if key in AXES and (AXES[key] not in NUMBER_AXES or AXES[key] in listed):
             raise GridError(f"{where}: {key} is an axis of the grid; list its values under '{AXES[key]}' instead")
         if key in MANAGED:
             raise GridError(f"{where}: {key} is set by the grid ({MANAGED[key]})")
@@ -194,18 +216,23 @@ def _str_list(data: dict, key: str, path: Path, required: bool) -> list[str] | N
     return values
 
 
-def _seeds(data: dict, path: Path) -> list[int] | None:
-    seeds = data.get("seeds")
-    if seeds is None:
+def _int_list(data: dict, key: str, path: Path, least: int = 0, noun: str = "a value") -> list[int] | None:
+    """The file's list of integers >= ``least`` under ``key`` (an axis), or None where absent."""
+    values = data.get(key)
+    if values is None:
         return None
-    if isinstance(seeds, int):
-        seeds = [seeds]
-    if (not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                             and s >= 0 for s in seeds)):
-        raise GridError(f"{path}: 'seeds' must be a non-empty list of integers >= 0, got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        raise GridError(f"{path}: 'seeds' lists a seed twice: {seeds}")
-    return seeds
+    if isinstance(values, int):
+        values = [values]
+    if (not isinstance(values, list) or not values or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                               and v >= least for v in values)):
+        raise GridError(f"{path}: '{key}' must be a non-empty list of integers >= {least}, got {values!r}")
+    if len(set(values)) != len(values):
+        raise GridError(f"{path}: '{key}' lists {noun} twice: {values}")
+    return values
+
+
+def _seeds(data: dict, path: Path) -> list[int] | None:
+    return _int_list(data, "seeds", path, noun="a seed")
 
 
 def _where(entry, where: str) -> dict:
@@ -239,7 +266,7 @@ def read_grid_file(path) -> dict:
     return data
 
 
-def _cell_overrides(data: dict, path: Path) -> list[tuple[dict, dict]]:
+def _cell_overrides(data: dict, path: Path, listed: dict) -> list[tuple[dict, dict]]:
     """The file's ``cells``: (which cells, their overrides) in order."""
     found = []
     for i, entry in enumerate(data.get("cells") or []):
@@ -247,7 +274,7 @@ def _cell_overrides(data: dict, path: Path) -> list[tuple[dict, dict]]:
         if not isinstance(entry, dict) or set(entry) != {"where", "overrides"}:
             raise GridError(f"{where}: expected 'where' (which cells) and 'overrides' (their keys)")
         values = _flat_overrides(entry["overrides"], where)
-        _check_owned_keys(values, where)
+        _check_owned_keys(values, where, listed)
         found.append((_where(entry["where"], f"{where}.where"), values))
     return found
 
@@ -260,19 +287,21 @@ def _read_spec(path: Path, cli_opts) -> _GridFile:
         raise GridError(f"{path}: 'name' must be a folder name, got {name!r}")
     axes = (_str_list(data, "datasets", path, required=True), _str_list(data, "methods", path, required=True),
             _seeds(data, path), _str_list(data, "settings", path, required=False))
+    numbers = {axis: values for axis, (least, _) in NUMBER_AXES.items()
+               for values in [_int_list(data, axis, path, least)] if values is not None}
     split = data.get("split", "domain")
     if split not in SPLITS:
         raise GridError(f"{path}: 'split' is one of {', '.join(SPLITS)} (a job per domain, or per cell); "
                         f"got {split!r}")
     shared = _flat_overrides(data.get("overrides"), f"{path}: overrides")
-    _check_owned_keys(shared, f"{path}: overrides")
+    _check_owned_keys(shared, f"{path}: overrides", numbers)
     cli_opts = [str(o) for o in cli_opts]
     if len(cli_opts) % 2:
         raise GridError(f"command-line overrides come in KEY VALUE pairs; got {cli_opts}")
-    _check_owned_keys(cli_opts[0::2], "the command line")
+    _check_owned_keys(cli_opts[0::2], "the command line", numbers)
     excludes = [_where(e, f"{path}: exclude[{i}]") for i, e in enumerate(data.get("exclude") or [])]
-    cell_overrides = _cell_overrides(data, path)
-    return _GridFile(path, name, *axes, split, shared, cell_overrides, excludes, cli_opts,
+    cell_overrides = _cell_overrides(data, path, numbers)
+    return _GridFile(path, name, *axes, numbers, split, shared, cell_overrides, excludes, cli_opts,
                      used=[False] * len(cell_overrides), excluded_any=[False] * len(excludes))
 
 
@@ -280,8 +309,10 @@ def load_grid(path, cli_opts=()) -> Grid:
     """The grid file at ``path`` expanded with the command line's ``KEY VALUE`` overrides: every cell's config
     checked (check_config: names, keys, values), its tasks and jobs. Reads no data and loads no model."""
     spec = _read_spec(Path(path), cli_opts)
+    combinations = [dict(zip(spec.numbers, values)) for values in itertools.product(*spec.numbers.values())]
     cells = [cell for dataset in spec.datasets for name in spec.configs for seed in (spec.seeds or [None])
-             for setting in (spec.settings or [None]) for cell in _expand_cell(spec, dataset, name, seed, setting)]
+             for setting in (spec.settings or [None]) for numbers in combinations
+             for cell in _expand_cell(spec, dataset, name, seed, setting, numbers)]
     for i, hit in enumerate(spec.used):
         if not hit:
             raise GridError(f"{spec.path}: cells[{i}].where matches no cell of the grid: {spec.cell_overrides[i][0]}")
@@ -366,7 +397,11 @@ def _config_file(config: str, dataset: str, path: Path) -> str:
     return f"conf/{dataset}/{config}.yaml"
 
 
-def _cell_opts(spec: _GridFile, probe: dict, seed, setting) -> list[str]:
+def _axis_key(axis: str) -> str:
+    return next(key for key, name in AXES.items() if name == axis)
+
+
+def _cell_opts(spec: _GridFile, probe: dict, seed, setting, numbers: dict) -> list[str]:
     """A cell's ``KEY VALUE`` overrides after its config file, in the order they apply."""
     opts = [x for key, value in spec.shared.items() for x in (key, _opt_value(value))]
     for i, (where, values) in enumerate(spec.cell_overrides):
@@ -378,6 +413,8 @@ def _cell_opts(spec: _GridFile, probe: dict, seed, setting) -> list[str]:
         opts += ["RNG_SEED", str(seed)]
     if setting is not None:
         opts += ["SETTING", setting]
+    for axis, value in numbers.items():
+        opts += [_axis_key(axis), str(value)]
     return opts
 
 
@@ -388,13 +425,21 @@ def _excluded(spec: _GridFile, probe: dict) -> bool:
     return bool(hit)
 
 
-def _expand_cell(spec: _GridFile, dataset: str, config: str, seed, setting) -> list[Cell]:
-    """The cell of (dataset, config, seed, setting) with its jobs, its config checked once; none if excluded."""
+def _axis_tags(numbers: dict) -> str:
+    """The values of a cell's number axes, for its name in messages and its jobs' ids: ".batch16.k4.order2"."""
+    short = {"batch_sizes": "batch", "classes_per_batch": "k", "orders": "order"}
+    return "".join(f".{short[axis]}{value}" for axis, value in numbers.items())
+
+
+def _expand_cell(spec: _GridFile, dataset: str, config: str, seed, setting, numbers: dict) -> list[Cell]:
+    """The cell of (dataset, config, seed, setting, number axes' values) with its jobs, its config checked once;
+    none if excluded."""
     config_file = _config_file(config, dataset, spec.path)
     config_name = Path(config).stem if _is_file(config) else config
     probe = {"dataset": dataset, "method": config_name, "seed": seed, "setting": setting}
-    opts = _cell_opts(spec, probe, seed, setting)
-    where = f"{spec.path}: cell ({config_name}, {dataset}, seed {seed})"
+    probe.update({where_key: numbers.get(axis) for axis, (_, where_key) in NUMBER_AXES.items()})
+    opts = _cell_opts(spec, probe, seed, setting, numbers)
+    where = f"{spec.path}: cell ({config_name}, {dataset}, seed {seed}{_axis_tags(numbers).replace('.', ', ')})"
     try:
         loaded = read_config(config_file, opts)
     except UserError as err:
@@ -403,7 +448,8 @@ def _expand_cell(spec: _GridFile, dataset: str, config: str, seed, setting) -> l
     if cfg.CORRUPTION.DATASET != dataset:
         raise GridError(f"{spec.path}: {config_file} is a config for {cfg.CORRUPTION.DATASET}, listed here under "
                         f"{dataset}")
-    probe.update(seed=int(cfg.RNG_SEED), setting=str(cfg.SETTING))
+    probe.update(seed=int(cfg.RNG_SEED), setting=str(cfg.SETTING), batch_size=int(cfg.TEST.BATCH_SIZE),
+                 classes_per_batch=int(cfg.TEST.CLASSES_PER_BATCH), order=int(cfg.TEST.ORDER_SEED))
     if _excluded(spec, probe):
         return []
     cfg.RESUME = True
@@ -414,14 +460,15 @@ def _expand_cell(spec: _GridFile, dataset: str, config: str, seed, setting) -> l
     cfg.freeze()
     cell = Cell(dataset, config_name, methods.method_declarations().canonical(cfg.MODEL.ADAPTATION),
                 int(cfg.RNG_SEED), str(cfg.SETTING), cfg, build_tasks(cfg))
-    cell.jobs = _cell_jobs(cell, loaded, config_file, opts, spec.split)
+    cell.jobs = _cell_jobs(cell, loaded, config_file, opts, spec.split, _axis_tags(numbers))
     return [cell]
 
 
-def _cell_jobs(cell: Cell, loaded: LoadedConfig, config_file: str, opts: list[str], split: str) -> list[GridJob]:
+def _cell_jobs(cell: Cell, loaded: LoadedConfig, config_file: str, opts: list[str], split: str,
+               tags: str = "") -> list[GridJob]:
     cfg = cell.cfg
     hash_ = config_hash(cfg)
-    base_id = f"{cell.dataset}.{cell.config_name}.{cell.setting}.seed{cell.seed}.{hash_}"
+    base_id = f"{cell.dataset}.{cell.config_name}.{cell.setting}.seed{cell.seed}{tags}.{hash_}"
     common = dict(dataset=cell.dataset, config_name=cell.config_name, seed=cell.seed, setting=cell.setting,
                   config_file=config_file, opts=tuple(opts), config_hash=hash_, run_dir=str(run_dir(cfg, cell.method)),
                   config_text=_config_text(cfg), keys_set=tuple(sorted(loaded.keys_set)))

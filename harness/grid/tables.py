@@ -42,16 +42,22 @@ def cell_payload(grid: Grid, cell: Cell) -> dict:
 def grid_tables(grid: Grid, metric: str = "accuracy", with_paper: bool = True) -> list:
     """One comparison table per data set: a row per config name (and setting, and other overrides) with its seeds
     pooled, the paper's rows beside; cells a job has not finished are empty and their row has no mean."""
+    return [report.build_table(rows, metric, with_paper) for _, rows in grid_row_groups(grid)]
+
+
+def grid_row_groups(grid: Grid) -> list[tuple[str, list[tuple[str, list[dict]]]]]:
+    """Per data set, the (label, runs) of each row of its table (what ``report.build_table`` takes): the cells that
+    differ only in seed and order seed pooled, a row's runs with results first."""
     tables = []
     for dataset in dict.fromkeys(cell.dataset for cell in grid.cells):
         groups: dict[str, list] = {}
         labels: dict[str, str] = {}
-        several_settings = len({c.setting for c in grid.cells if c.dataset == dataset}) > 1
-        for cell in (c for c in grid.cells if c.dataset == dataset):
+        cells = [c for c in grid.cells if c.dataset == dataset]
+        for cell in cells:
             identity = sorted(identity_keys(cell.cfg, POOLED_KEYS).items())
             key = json.dumps(identity, default=str)
             groups.setdefault(key, []).append(cell_payload(grid, cell))
-            labels[key] = cell.config_name + (f" [{cell.setting}]" if several_settings else "")
+            labels[key] = cell_label(cell, cells)
         named = list(labels.values())
         rows = []
         for key, payloads in groups.items():
@@ -60,8 +66,46 @@ def grid_tables(grid: Grid, metric: str = "accuracy", with_paper: bool = True) -
                 label += f" [{hashlib.sha1(key.encode()).hexdigest()[:6]}]"
             # runs with results first: the paper's row is matched on the first run's records
             rows.append((label, sorted(payloads, key=lambda p: not p["records"])))
-        tables.append(report.build_table(rows, metric, with_paper))
+        tables.append((dataset, rows))
     return tables
+
+
+# The axes a grid table's rows and its figures tell apart: (their word in a label, a cell's value).
+AXIS_VALUES = {"batch_sizes": ("batch", lambda cell: cell.batch_size),
+               "classes_per_batch": ("classes per batch", lambda cell: cell.classes_per_batch)}
+
+
+def cell_label(cell: Cell, cells: list[Cell], leave_out: str = "") -> str:
+    """A cell's row label among ``cells`` (one data set's): its config name, with its setting, batch size and
+    classes per batch where those differ among the cells, e.g. "tent (batch 16, 4 classes per batch)";
+    ``leave_out`` names an AXIS_VALUES axis not to show (the figure's x)."""
+    label = cell.config_name
+    if len({c.setting for c in cells}) > 1:
+        label += f" [{cell.setting}]"
+    shown = [f"{name} {value(cell)}" if name == "batch" else f"{value(cell) or 'any'} classes per batch"
+             for axis, (name, value) in AXIS_VALUES.items()
+             if axis != leave_out and len({value(c) for c in cells}) > 1]
+    return label + (f" ({', '.join(shown)})" if shown else "")
+
+
+def plotted_axes(grid: Grid) -> list[str]:
+    """The AXIS_VALUES axes over which some data set's cells take more than one value: each gets a figure."""
+    return [axis for axis, (_, value) in AXIS_VALUES.items()
+            if any(len({value(c) for c in grid.cells if c.dataset == d}) > 1 for d in {c.dataset for c in grid.cells})]
+
+
+def grid_axis_points(grid: Grid, axis: str, metric: str = "accuracy") -> dict[str, dict]:
+    """{data set: {line label: [AxisPoint]}}: the mean ``metric`` of each config (with its setting and other axis)
+    against the cells' values of ``axis`` (an AXIS_VALUES axis), its runs over seeds and orders pooled as a table's
+    row pools them (harness.report.axis_figure.axis_points)."""
+    from harness.report.axis_figure import axis_points
+    _, value = AXIS_VALUES[axis]
+    figures = {}
+    for dataset in dict.fromkeys(cell.dataset for cell in grid.cells):
+        cells = [c for c in grid.cells if c.dataset == dataset]
+        runs = [(cell_label(cell, cells, leave_out=axis), value(cell), cell_payload(grid, cell)) for cell in cells]
+        figures[dataset] = axis_points(runs, metric)
+    return figures
 
 
 def compute_summary(statuses: list[JobStatus]) -> str:

@@ -1,6 +1,7 @@
 """Reporting: side-by-side comparison of results, apart from running them. Reading results.json files, pooling
 seeds, merging shards (runs), the table model (model), building tables with the BATCLIP paper's rows beside the
-measured ones (table, paper), and writing them as Markdown, CSV, LaTeX and a PNG figure (writers); the table a
+measured ones (table, paper), and writing them as Markdown, CSV, LaTeX and a PNG figure (writers) or as one
+self-contained HTML results page with every metric's table and each cell's provenance (html); the table a
 single run logs (text). Nothing here runs a method: harness/comparison.py does, and hands its payloads here.
 
 A results payload is what harness.run.evaluate returns and writes as results.json."""

@@ -60,15 +60,31 @@ METRICS = {"accuracy": ("accuracy", 100.0, "accuracy (%)"),
            "fpr95": ("fpr95", 100.0, "FPR at 95% TPR (%, lower is better)"),
            "aupr_in": ("aupr_in", 100.0, "AUPR-in (%)"),
            "aupr_out": ("aupr_out", 100.0, "AUPR-out (%)"),
-           "oscr": ("oscr", 100.0, "OSCR (%)")}
+           "oscr": ("oscr", 100.0, "OSCR (%)"),
+           # the cost of the method's calls (harness/cost.py), under each record's "cost"
+           "seconds_per_image": ("cost.seconds_per_image", 1000.0, "wall time of the method per image (ms)"),
+           "adapt_seconds_per_image": ("cost.adapt_seconds_per_image", 1000.0,
+                                       "wall time of backward passes and optimizer steps per image (ms)"),
+           "predict_seconds_per_image": ("cost.predict_seconds_per_image", 1000.0,
+                                         "wall time of the method per image, adaptation's gradient work left out "
+                                         "(ms)"),
+           "peak_memory": ("cost.peak_memory_mib", 1.0, "peak memory of the task (MiB)")}
+
+
+def record_value(record: dict, field: str):
+    """A record's value of a METRICS field: a key of the record, or "cost.<key>" of its "cost" (None where absent,
+    e.g. results written before the cost was recorded)."""
+    if field.startswith("cost."):
+        return (record.get("cost") or {}).get(field[len("cost."):])
+    return record.get(field)
 
 
 def payload_cells(payload, metric: str = "accuracy") -> dict[Column, float]:
     """{column: value} of one run's finished records in ``metric`` (accuracy % for accuracy and error); a record
     without the metric's field (results written before calibration was recorded) gives no cell."""
     field, scale, _ = METRICS[metric]
-    return {c: scale * r[field] for c, r in zip(record_columns(payload["records"]), payload["records"])
-            if field in r}
+    return {c: scale * record_value(r, field) for c, r in zip(record_columns(payload["records"]), payload["records"])
+            if record_value(r, field) is not None}
 
 
 def expected_columns(payload) -> list[Column]:
@@ -97,6 +113,8 @@ class Row:
     orders: list = field(default_factory=list)       # each run's stream order seed, where a run set TEST.ORDER_SEED
     tail: dict = field(default_factory=dict)         # Column -> mean of the worst runs (runs.tail_mean)
     mean_tail: float | None = None                   # the same over each run's mean
+    extra: dict = field(default_factory=dict)        # extra column name -> mean over runs (Table.extra_columns)
+    extra_std: dict = field(default_factory=dict)    # extra column name -> standard deviation over runs (>= 2 runs)
 
 
 @dataclass
@@ -109,6 +127,9 @@ class Table:
     notes: list[str] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list)   # runs with missing cells (their rows show no mean)
     with_orders: bool = False           # some row pools runs over stream orders (its tail row, an orders column)
+    # Columns right of the mean, by name (Row.extra): TEST.FORGETTING's, where some run of the table has them.
+    # Each is "level" (accuracy %, shown as error under metric error) or "difference" (points, shown as it is).
+    extra_columns: dict = field(default_factory=dict)
 
     @property
     def labels(self) -> list[str]:
@@ -116,6 +137,11 @@ class Table:
 
     def value(self, row: Row, column) -> float | None:
         """The shown value of a cell (None for an empty cell), in the table's metric; column may be "mean"."""
+        if column in self.extra_columns:
+            v = row.extra.get(column)
+            if v is not None and self.metric == "error" and self.extra_columns[column] == "level":
+                return 100.0 - v
+            return v
         v = row.mean if column == "mean" else row.cells.get(column)
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return None
@@ -126,4 +152,6 @@ class Table:
         return v
 
     def spread(self, row: Row, column) -> float | None:
+        if column in self.extra_columns:
+            return row.extra_std.get(column)
         return row.mean_std if column == "mean" else row.std.get(column)

@@ -25,7 +25,9 @@ POOLED_KEYS = (SEED_KEY, ORDER_KEY)
 # 10% of runs): which end of each metric is the worse one; a metric without one (confidence) shows no tail.
 WORSE_END = {"accuracy": "low", "error": "low",        # both tabled as accuracy: the worst are the lowest
              "ece": "high", "nll": "high", "fpr95": "high", "balanced_accuracy": "low", "worst_class": "low",
-             "auroc": "low", "aupr_in": "low", "aupr_out": "low", "oscr": "low"}
+             "auroc": "low", "aupr_in": "low", "aupr_out": "low", "oscr": "low",
+             "seconds_per_image": "high", "adapt_seconds_per_image": "high", "predict_seconds_per_image": "high",
+             "peak_memory": "high"}
 
 
 def load_results(paths, left_out: list[str] | None = None) -> list[dict]:

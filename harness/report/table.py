@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from harness.report import paper
 from harness.report.model import METRICS, CompareError, Column, Row, Table
-from harness.report.runs import _mean, aggregate, group_runs, run_config, tail_count
+from harness.report.runs import _mean, _std, aggregate, group_runs, run_config, tail_count
 
 # The record fields of open-set runs' metrics (harness/open_set.py; reporting imports nothing of the running code).
 OOD_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "oscr")
@@ -20,6 +20,25 @@ def _tail_row(row: Row) -> Row:
     worst = tail_count(row.runs)
     return Row(f"{row.label} (tail: worst {worst} of {row.runs})", "tail", dict(row.tail), mean=row.mean_tail,
                method=row.method, runs=0, orders=list(row.orders))
+
+
+# TEST.FORGETTING's columns (results.json's "forgetting", harness/forgetting.py) right of the mean: name -> (the
+# entry's field, Table.extra_columns' kind). Accuracy and error tables only: the entry is in accuracy.
+FORGETTING_COLUMNS = {"clean (after)": ("accuracy_after", "level"), "forgetting": ("forgetting", "difference")}
+FORGETTING_NOTE = ("clean (after): accuracy on the clean set (domain none) of the method's state at the end of the "
+                   "stream, frozen; forgetting: the clean set's zero-shot accuracy minus clean (after), in points "
+                   "(TEST.FORGETTING); '-' where a run of the row has no such measurement")
+
+
+def _forgetting_cells(runs: list[dict]) -> tuple[dict, dict]:
+    """(column -> mean over runs, column -> std over runs) of TEST.FORGETTING's columns, in accuracy % / points;
+    empty where some run lacks the measurement (as a cell is shown only where every run has it)."""
+    entries = [p.get("forgetting") or {} for p in runs]
+    if not all(all(key in e for key, _ in FORGETTING_COLUMNS.values()) for e in entries):
+        return {}, {}
+    values = {name: [100.0 * e[key] for e in entries] for name, (key, _) in FORGETTING_COLUMNS.items()}
+    return ({name: _mean(v) for name, v in values.items()},
+            {name: _std(v) for name, v in values.items()} if len(runs) > 1 else {})
 
 
 TAIL_NOTE = ("tail: per cell, the mean of the row's worst ceil(n/10) runs (at least one) of its n runs over stream "
@@ -83,6 +102,8 @@ def build_table(groups: list[tuple[str, list[dict]]], metric: str = "accuracy", 
     rows: list[Row] = []
     notes: list[str] = []
     for (_, runs), row in zip(groups, measured):
+        if metric in ("accuracy", "error"):
+            row.extra, row.extra_std = _forgetting_cells(runs)
         if row.incomplete:
             row.note = "incomplete, no mean: " + "; ".join(row.incomplete)
         elif set(row.cells) != set(columns):
@@ -100,6 +121,9 @@ def build_table(groups: list[tuple[str, list[dict]]], metric: str = "accuracy", 
     table.incomplete = [run for row in measured for run in row.incomplete]
     table.with_orders = any(row.orders for row in measured)
     table.notes += [TAIL_NOTE] if any(row.tail for row in measured) else []
+    if any(row.extra for row in measured):
+        table.extra_columns = {name: kind for name, (_, kind) in FORGETTING_COLUMNS.items()}
+        table.notes.append(FORGETTING_NOTE)
     return table
 
 

@@ -27,11 +27,11 @@ def _caption(table: Table) -> str:
 
 
 def to_markdown(table: Table) -> str:
-    header = ["method"] + table.labels + ["mean"]
+    header = ["method"] + table.labels + ["mean"] + list(table.extra_columns)
     lines = [f"**{_caption(table)}**", "", "| " + " | ".join(header) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row in table.rows:
-        cells = [_cell_text(table, row, c) for c in table.columns] + [_cell_text(table, row, "mean")]
+        cells = [_cell_text(table, row, c) for c in [*table.columns, "mean", *table.extra_columns]]
         label = row.label + (f" (n={row.runs})" if row.runs > 1 else "")
         lines.append("| " + " | ".join([label] + cells) + " |")
     lines += [""] + [f"- {n}" for n in table.notes + [r.label + ": " + r.note for r in table.rows if r.note]]
@@ -43,17 +43,20 @@ def to_csv(table: Table) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     labels = table.labels
     orders = ["orders"] if table.with_orders else []      # each run's stream order seed (compare.py --orders)
+    extra = list(table.extra_columns)       # TEST.FORGETTING's columns, after the existing ones
     writer.writerow(["row", "kind", "method", "metric", "runs", "seeds"] + orders + labels + ["mean"]
-                    + [f"{label} std" for label in labels] + ["mean std"])
+                    + [f"{label} std" for label in labels] + ["mean std"] + extra + [f"{name} std" for name in extra])
 
     def num(v):
         return "" if v is None else f"{v:.4f}"
     for row in table.rows:
         values = [num(table.value(row, c)) for c in table.columns] + [num(table.value(row, "mean"))]
         spreads = [num(table.spread(row, c)) for c in table.columns] + [num(table.spread(row, "mean"))]
+        extra_values = [num(table.value(row, name)) for name in extra]
+        extra_values += [num(table.spread(row, name)) for name in extra]
         order_seeds = [" ".join(str(o) for o in row.orders)] if orders else []
         writer.writerow([row.label, row.kind, row.method, table.metric, row.runs,
-                         " ".join(str(s) for s in row.seeds)] + order_seeds + values + spreads)
+                         " ".join(str(s) for s in row.seeds)] + order_seeds + values + spreads + extra_values)
     return buf.getvalue()
 
 
@@ -66,13 +69,14 @@ def _latex_escape(text: str) -> str:
 
 
 def to_latex(table: Table) -> str:
-    header = ["Method"] + [_latex_escape(label) for label in table.labels] + ["Mean"]
+    header = ["Method"] + [_latex_escape(label) for label in table.labels] + ["Mean"] + \
+        [_latex_escape(name) for name in table.extra_columns]
     lines = [r"\begin{table}[t]", r"\centering", r"\resizebox{\linewidth}{!}{%",
              r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule", " & ".join(header) + r" \\",
              r"\midrule"]
     for row in table.rows:
         cells = [_cell_text(table, row, c, pm=r" $\pm$ ") for c in table.columns]
-        cells.append(_cell_text(table, row, "mean", pm=r" $\pm$ "))
+        cells += [_cell_text(table, row, c, pm=r" $\pm$ ") for c in ["mean", *table.extra_columns]]
         label = _latex_escape(row.label)
         if row.kind == "paper":
             label = r"\textit{" + label + "}"
@@ -119,6 +123,12 @@ def to_figure(table: Table, path: Path, kind: str = "bars") -> Path | None:
     else:
         raise CompareError(f"figure kind must be 'bars' or 'heatmap', got '{kind}'")
     ax.set_title(_caption(table), fontsize=10)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """A matplotlib figure laid out, written to ``path`` (its folder made) at the report's resolution, and closed."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
