@@ -75,7 +75,7 @@ def config_hash(cfg) -> str:
     """Eight hex digits identifying the config's result-relevant keys (the run folder's name)."""
     left_out = NON_RESULT_KEYS | unread_default_nodes(cfg) | closed_set_node(cfg)
     identity = {k: v for k, v in cfg.items() if k not in left_out}
-    for node in {key.split(".")[0] for key in (*NON_RESULT_NESTED, *LEFT_OUT_AT)}:
+    for node in {key.split(".")[0] for key in (*NON_RESULT_NESTED, *LEFT_OUT_AT)} & set(identity):
         identity[node] = {k: v for k, v in cfg[node].items() if not _left_out_nested(f"{node}.{k}", v)}
     return hashlib.sha1(repr(sorted(_plain(identity).items())).encode()).hexdigest()[:8]
 

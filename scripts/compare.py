@@ -54,7 +54,9 @@ def parse_args(argv):
                                                        "the table adds each row's tail, the mean of its worst 10%%")
     parser.add_argument("--metric", choices=list(report.METRICS), default="accuracy",
                         help="accuracy, error; calibration: ece (15 equal-width bins), nll, confidence; per class: "
-                             "balanced_accuracy, worst_class; open set: auroc, fpr95, aupr_in, aupr_out, oscr")
+                             "balanced_accuracy, worst_class; open set: auroc, fpr95, aupr_in, aupr_out, oscr; cost: "
+                             "seconds_per_image, adapt_seconds_per_image, predict_seconds_per_image (ms per image), "
+                             "peak_memory (MiB)")
     parser.add_argument("--no-paper", action="store_true", help="leave out the paper's rows")
     parser.add_argument("--figure", choices=["bars", "heatmap", "none"], default="bars")
     parser.add_argument("--out", help="folder for comparison.md/.csv/.tex/.png (and the merged results.json)")

@@ -60,7 +60,9 @@ def parse_args(argv):
     parser.add_argument("--dry-run", action="store_true", help="run: list the jobs that would be submitted")
     parser.add_argument("--metric", choices=list(report.METRICS), default="accuracy",
                         help="accuracy, error; calibration: ece (15 equal-width bins), nll, confidence; per class: "
-                             "balanced_accuracy, worst_class; open set: auroc, fpr95, aupr_in, aupr_out, oscr")
+                             "balanced_accuracy, worst_class; open set: auroc, fpr95, aupr_in, aupr_out, oscr; cost: "
+                             "seconds_per_image, adapt_seconds_per_image, predict_seconds_per_image (ms per image), "
+                             "peak_memory (MiB)")
     parser.add_argument("--no-paper", action="store_true", help="report: leave out the paper's rows")
     parser.add_argument("--figure", choices=["bars", "heatmap", "none"], default="bars")
     parser.add_argument("--html", nargs="?", const="", metavar="PATH",
