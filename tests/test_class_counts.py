@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import harness.run
+import harness.task_run
 from harness import report
 from harness.calibration import CalibrationCounts
 from harness.class_counts import ClassCounts, class_fields
@@ -128,7 +128,7 @@ def seen_pairs(monkeypatch):
         def add(self, logits, labels, segment):
             pairs.extend(zip(segment.tolist(), labels.tolist(), logits.argmax(1).tolist()))
             super().add(logits, labels, segment)
-    monkeypatch.setattr(harness.run, "CalibrationCounts", Spy)
+    monkeypatch.setattr(harness.task_run, "CalibrationCounts", Spy)
     return pairs
 
 

@@ -169,7 +169,7 @@ def test_mixed_and_correlated_streams_end_to_end_are_the_same_for_every_method(t
     assert [(r["domain"], r["n"], r["correct"]) for r in mixed["records"]] == \
         [(r["domain"], r["n"], r["correct"]) for r in separate["records"]]
 
-    import harness.run as run
+    import harness.task_run as run     # where a task's stream is ordered and counted
     seen = []
     original = run.task_stream_order
 
