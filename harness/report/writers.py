@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -127,8 +128,12 @@ def to_figure(table: Table, path: Path, kind: str = "bars") -> Path | None:
 
 
 def save_figure(fig, path: Path) -> Path:
-    """A matplotlib figure laid out, written to ``path`` (its folder made) at the report's resolution, and closed."""
+    """A matplotlib figure laid out, written to ``path`` (its folder made) at the report's resolution, and closed.
+    Titles are wrapped to the figure's width (a metric's caption is longer than one line of a 6-inch figure)."""
     import matplotlib.pyplot as plt
+    for ax in fig.axes:
+        if ax.get_title():
+            ax.set_title(textwrap.fill(ax.get_title(), 70), fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
