@@ -54,6 +54,16 @@ def write_cifar_c(root: Path, corruptions, per_severity: int = 20, num_classes: 
     return out
 
 
+class LabelledPart:
+    """A segment's stand-in for the stream order (harness.stream.task_stream_order reads its length and labels)."""
+
+    def __init__(self, labels):
+        self.labels = list(labels)
+
+    def __len__(self):
+        return len(self.labels)
+
+
 def without_cost(records: list[dict]) -> list[dict]:
     """Records without their "cost" (harness/cost.py: wall times and peak memory, the only fields that differ between
     two runs of one config), to compare the records of two runs."""

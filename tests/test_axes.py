@@ -16,7 +16,7 @@ from harness.identity import config_hash, identity_keys
 from harness.report.axis_figure import AxisPoint, axis_points, draw_axis_figure
 from harness.stream import classes_per_batch_order, stream_order, task_stream_order
 from tests.grid_support import DOMAINS, write_shapes
-from tests.synthetic import tiny_cfg
+from tests.synthetic import LabelledPart, tiny_cfg
 from tests.test_compare import fake_payload
 from tests.test_grid import grid_main
 
@@ -70,15 +70,7 @@ def test_unbalanced_classes_follow_the_protocol(k, batch):
         assert not np.array_equal(order, classes_per_batch_order(labels, k, batch, np.random.default_rng(4)))
 
 
-class _Part:
-    def __init__(self, labels):
-        self.labels = list(labels)
-
-    def __len__(self):
-        return len(self.labels)
-
-
-PARTS = [_Part(np.arange(48) % 6), _Part(np.arange(36) % 6)]
+PARTS = [LabelledPart(np.arange(48) % 6), LabelledPart(np.arange(36) % 6)]
 
 
 @pytest.mark.parametrize("order", ["sequential", "shuffled"])

@@ -13,7 +13,7 @@ from harness.identity import config_hash, identity_keys
 from harness.report import CompareError
 from harness.report.runs import group_runs, tail_count, tail_mean
 from harness.stream import authors_stream_order, stream_order, task_stream_order
-from tests.synthetic import tiny_cfg, write_cifar_c
+from tests.synthetic import LabelledPart, tiny_cfg, write_cifar_c
 from tests.test_compare import DOMAINS, _cli, fake_payload
 
 
@@ -98,15 +98,7 @@ def test_a_run_at_order_seed_minus_one_is_the_run_of_order_seed_equal_to_its_see
 
 # ------------------------------------------------------------------------------------------------ the key
 
-class _Part:
-    def __init__(self, labels):
-        self.labels = list(labels)
-
-    def __len__(self):
-        return len(self.labels)
-
-
-PARTS = [_Part(np.arange(40) % 4), _Part(np.arange(30) % 4)]
+PARTS = [LabelledPart(np.arange(40) % 4), LabelledPart(np.arange(30) % 4)]
 SIZES = [40, 30]
 
 

@@ -101,8 +101,7 @@ def add_figures(pages: list[PageTable], kind: str = "bars") -> None:
 def _shown_columns(table: Table) -> list[tuple[str, object]]:
     """(header, column) of every shown column, as the Markdown writer orders them: the domains, the mean, then the
     table's named columns right of it (TEST.FORGETTING's, where a table has them)."""
-    named = list(getattr(table, "extra_columns", {}))
-    return list(zip(table.labels, table.columns)) + [("mean", "mean")] + [(name, name) for name in named]
+    return list(zip(table.labels, table.columns)) + [("mean", "mean")] + [(name, name) for name in table.extra_columns]
 
 
 def _esc(value) -> str:

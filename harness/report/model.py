@@ -83,8 +83,8 @@ def payload_cells(payload, metric: str = "accuracy") -> dict[Column, float]:
     """{column: value} of one run's finished records in ``metric`` (accuracy % for accuracy and error); a record
     without the metric's field (results written before calibration was recorded) gives no cell."""
     field, scale, _ = METRICS[metric]
-    return {c: scale * record_value(r, field) for c, r in zip(record_columns(payload["records"]), payload["records"])
-            if record_value(r, field) is not None}
+    values = [record_value(r, field) for r in payload["records"]]
+    return {c: scale * v for c, v in zip(record_columns(payload["records"]), values) if v is not None}
 
 
 def expected_columns(payload) -> list[Column]:
